@@ -1,0 +1,32 @@
+# distill: two commands for a new user (see README): `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+RECIPE ?= recipes/tiny.yaml
+
+.PHONY: setup demo test test-fast lint lock clean
+
+setup:  ## create .venv and .venv-quant (idempotent; fast when up to date)
+	@bash packaging/setup.sh all
+
+demo: setup  ## prepare the corpus, pretrain (or reuse) the embedded teacher, summarise
+	$(BIN)/distill run $(RECIPE)
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint  ## lint, then the whole test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lock:  ## regenerate the pins from the current environments
+	@{ head -3 packaging/constraints-cpu.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^vllm(==| @)'; \
+	   grep -E '^torch(vision|audio|codec)==' packaging/constraints-cpu.txt; } > packaging/constraints-cpu.txt.new
+	@mv packaging/constraints-cpu.txt.new packaging/constraints-cpu.txt
+	@{ head -1 packaging/constraints-quant.txt; .venv-quant/bin/python -m pip freeze; } > packaging/constraints-quant.txt.new
+	@mv packaging/constraints-quant.txt.new packaging/constraints-quant.txt
+
+clean:
+	rm -rf $(VENV) .venv-quant .pytest_cache .ruff_cache

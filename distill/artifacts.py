@@ -1,0 +1,165 @@
+"""Files between stages: atomic writes, content hashes, and the run manifest.
+
+Every write goes to a temporary name in the same directory, is fsynced, then renamed over the target,
+so a stage killed mid-write leaves the previous good file (or directory) in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (sorted keys), for cache keys and input hashes."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def hash_tree(root: Path) -> str:
+    """Hash of every file's relative path and content under `root`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it is fsynced and renamed to `target`.
+
+    An existing `target` is replaced only after the new one is complete. If the body raises (or the
+    process dies), `target` is untouched and the temporary directory is left for `remove_stale_temps`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    yield tmp
+    fsync_tree(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Delete leftovers of writes that died (`.name.tmp-PID`, `.name.old-PID`)."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and prove we can write there, or raise a one-line error."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DistillError(f"{what} {path} is not writable: {exc.strerror or exc}") from exc
+    return path
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+class RunManifest:
+    """`runs/<name>/manifest.json`: per stage its status, inputs hash, outputs, duration, versions."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "manifest.json"
+        self.data: dict[str, Any] = read_json(self.path) if self.path.exists() else {"stages": {}}
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(name)
+
+    def record(self, name: str, status: str, inputs_hash: str, outputs: dict[str, Any], seconds: float) -> None:
+        self.data["stages"][name] = {
+            "status": status,
+            "inputs_hash": inputs_hash,
+            "outputs": outputs,
+            "seconds": round(seconds, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": package_versions(),
+        }
+        atomic_write_json(self.path, self.data)
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for name in ("distill", "torch", "transformers", "vllm", "accelerate", "deepspeed", "peft", "lm-eval"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,167 @@
+"""The `distill` command. Stages are plain functions; this module only parses arguments and calls them.
+
+Errors are one line on stderr with a non-zero exit status; `--debug` (anywhere on the line) shows the
+full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distill import __version__
+from distill.errors import DistillError, NotImplementedYet
+
+NOT_BUILT = {
+    "generate": "teacher generation into the teacher store (issue #3)",
+    "eval": "lm-eval evaluation and the quality gate (issue #6)",
+    "report": "the evaluation report (issue #6)",
+    "quantize": "llm-compressor quantization (issue #7)",
+    "serve": "vLLM serving of the student and as a draft (issue #7)",
+    "bench": "serving benchmarks (issue #7)",
+    "promote": "promotion to the registry (issue #7)",
+}
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier checkpoints and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Distil a large language model into a small student: teacher generation (vLLM), "
+        "training (Accelerate/DeepSpeed/PEFT), quantization (llm-compressor), gating (lm-eval), serving (vLLM).",
+    )
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = sub.add_parser("config", help="inspect recipes").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved recipe (defaults and overrides applied)")
+    _recipe_args(show)
+    show.set_defaults(func=cmd_config_show)
+    config.add_parser("fields", help="every recipe field with its default and meaning").set_defaults(
+        func=cmd_config_fields
+    )
+
+    p = sub.add_parser("prepare", help="build the corpus, tokenizer and token arrays")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="pretrain (or reuse) the embedded tiny teacher")
+    _recipe_args(p)
+    _training_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="train the student (train.loss=ce: the SFT baseline)")
+    _recipe_args(p)
+    _training_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="run every stage of a recipe")
+    _recipe_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    for name, what in NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{what} [not implemented yet]")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, what=what: _not_built(what))
+    return parser
+
+
+def _load(args):
+    from distill.config import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_config_show(args) -> int:
+    from distill.config import recipe_to_yaml
+
+    print(recipe_to_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_config_fields(args) -> int:
+    from distill.config import field_docs
+
+    for path, default, doc in field_docs():
+        print(f"{path:<40} {default:<22} {doc}" if default else f"{path:<40} {'':<22} [{doc}]")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from distill.prepare import prepare
+
+    data = prepare(_load(args))
+    for key, value in data.summary().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from distill.pretrain import pretrain
+
+    t = pretrain(_load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"teacher: {t.path}{' (reused)' if t.reused else ''}")
+    print(f"held-out loss {t.test_loss:.3f} (perplexity {t.test_perplexity:.1f}); uniform {t.uniform_loss:.3f}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from distill.student import train_student
+
+    r = train_student(_load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from distill.pipeline import run
+
+    summary = run(_load(args), progress=not args.no_progress)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _not_built(what: str) -> int:
+    raise NotImplementedYet(what)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DistillError as exc:
+        if debug:
+            raise
+        print(f"distill: error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("distill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still reads as one line; --debug shows where
+        if debug:
+            raise
+        print(f"distill: error: {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Typed, strict recipes: YAML -> nested config classes, with dotted-key overrides.
+
+Every field is documented once, in its `Field(description=...)`; `distill config fields` prints them.
+Unknown keys, wrong types and out-of-range values fail with the file and the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import DistillError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """A Llama-architecture model built from a config (the CPU stand-in for Llama 3 sizes)."""
+
+    hidden_size: int = Field(256, gt=0, description="Model width.")
+    num_layers: int = Field(4, gt=0, description="Number of decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (hidden_size / num_heads is the head dim).")
+    num_kv_heads: int = Field(4, gt=0, description="Key/value heads (grouped-query attention when fewer).")
+    intermediate_size: int = Field(768, gt=0, description="MLP width.")
+    max_position_embeddings: int = Field(512, gt=0, description="Longest sequence the model accepts.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    tie_word_embeddings: bool = Field(False, description="Share input and output embeddings.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.",
+    )
+
+
+class TeacherConfig(Section):
+    model: str | None = Field(
+        None, description="Hugging Face model directory of the teacher (e.g. /models/Meta-Llama-3-8B-Instruct)."
+    )
+    tiny: TinyModelConfig | None = Field(
+        None, description="Build and pretrain a tiny teacher on the corpus instead (distill pretrain)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on GPUs, float32 on CPUs."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.model is None) == (self.tiny is None):
+            raise ValueError("set exactly one of teacher.model (a model directory) or teacher.tiny (pretrain one)")
+        return self
+
+
+class StudentConfig(Section):
+    model: str | None = Field(None, description="Hugging Face model directory to start the student from.")
+    tiny: TinyModelConfig | None = Field(None, description="Build the student from this config instead.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training dtype; auto = bfloat16 on GPUs, float32 on CPUs."
+    )
+    lora: LoraConfig | None = Field(None, description="Train PEFT LoRA adapters instead of all weights.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.model is None) == (self.tiny is None):
+            raise ValueError("set exactly one of student.model (a model directory) or student.tiny")
+        return self
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "embedded",
+        description="'embedded' (the corpus built from Python's own docs) or a directory of "
+        "train/validation/test/prompts .jsonl files with a 'text' field.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory; default: the teacher's, or one trained on the corpus."
+    )
+    vocab_size: int = Field(4096, ge=256, description="Vocabulary of the tokenizer trained on the corpus.")
+    validation_percent: int = Field(5, ge=1, le=40, description="Share of documents held out for validation.")
+    test_percent: int = Field(5, ge=1, le=40, description="Share of documents held out for testing.")
+    num_prompts: int = Field(512, gt=0, description="Prompts drawn from the train split for generation.")
+    prompt_chars: int = Field(160, gt=0, description="Approximate length of a prompt in characters.")
+    seq_len: int = Field(256, gt=1, description="Training sequence length in tokens.")
+
+
+class GenerateConfig(Section):
+    mode: Literal["sample", "score"] = Field(
+        "sample", description="sample: the teacher writes completions; score: top-k on given sequences."
+    )
+    top_k: int = Field(32, gt=0, le=1024, description="Teacher logprobs kept per position (k).")
+    samples_per_prompt: int = Field(1, gt=0, description="Completions per prompt (sample mode).")
+    max_new_tokens: int = Field(128, gt=0, description="Completion length cap (sample mode).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Base seed; each prompt gets its own seed derived from it.")
+    rows_per_shard: int = Field(1024, gt=0, description="Rows per Parquet shard of the teacher store.")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments passed through (tensor_parallel_size, max_model_len, ...).",
+    )
+
+
+class DistributedConfig(Section):
+    backend: Literal["none", "ddp", "deepspeed"] = Field("none", description="How training is distributed.")
+    num_processes: int = Field(1, gt=0, description="Processes per node (one per GPU).")
+    num_machines: int = Field(1, gt=0, description="Nodes.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (backend deepspeed).")
+
+
+class TrainConfig(Section):
+    loss: Literal[
+        "ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"
+    ] = Field("forward_kl", description="Training objective; ce is the SFT baseline on the same sequences.")
+    mode: Literal["offline", "on_policy"] = Field(
+        "offline", description="offline: learn from the teacher store; on_policy: from the student's samples."
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD interpolation (jsd).")
+    alpha: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (skew_*).")
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature applied to both sides.")
+    ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label CE mixed into the KD loss.")
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket", description="Missing top-k tail mass: one extra bucket, or renormalise the top-k."
+    )
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a fraction of lr.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms and biases).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+    eval_every: int = Field(50, gt=0, description="Validation loss every N steps (and at the end).")
+    eval_batches: int = Field(8, gt=0, description="Validation micro-batches per evaluation.")
+    save_every: int = Field(50, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    log_every: int = Field(10, gt=0, description="Metrics log interval in steps.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distribution.")
+
+
+class GateCriterion(Section):
+    task: str = Field(description="lm-eval task name.")
+    metric: str = Field(description="Metric name as lm-eval reports it (acc, acc_norm, word_perplexity, ...).")
+    min_retention: float | None = Field(None, gt=0, description="student >= min_retention x teacher.")
+    max_drop: float | None = Field(None, ge=0, description="student >= teacher - max_drop.")
+    min_value: float | None = Field(None, description="student >= min_value (absolute floor).")
+    lower_is_better: bool = Field(False, description="For perplexity-like metrics: the comparisons flip.")
+
+
+class GateConfig(Section):
+    criteria: list[GateCriterion] = Field(default_factory=list, description="Student vs teacher criteria.")
+    quant_min_retention: float = Field(
+        0.99, gt=0, le=1, description="Quantized student's minimum retention of the unquantized student."
+    )
+    min_acceptance_rate: float | None = Field(
+        None, ge=0, le=1, description="Minimum speculative-decoding acceptance rate as the teacher's draft."
+    )
+
+
+class EvalConfig(Section):
+    backend: Literal["vllm", "hf", "local-completions"] = Field("vllm", description="lm-eval model backend.")
+    tasks: list[str] = Field(default_factory=lambda: ["distill_ppl"], description="lm-eval task names.")
+    batch_size: int = Field(8, gt=0, description="Evaluation batch size (identical for every model).")
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples.")
+    limit: int | None = Field(None, gt=0, description="Cap on examples per task.")
+    seed: int = Field(1234, description="lm-eval seed.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The quality gate.")
+
+
+class QuantizeConfig(Section):
+    schemes: list[Literal["w8a8", "w4a16", "fp8"]] = Field(
+        default_factory=lambda: ["w8a8"], description="llm-compressor schemes to produce."
+    )
+    calibration_samples: int = Field(64, gt=0, description="Calibration sequences.")
+    calibration_seq_len: int = Field(256, gt=0, description="Calibration sequence length.")
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Address the vLLM server binds.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port the vLLM server binds.")
+    num_speculative_tokens: int = Field(4, gt=0, description="Draft tokens per step (speculative decoding).")
+    api_key_env: str = Field("DISTILL_API_KEY", description="Environment variable holding the API key.")
+    max_model_len: int | None = Field(None, gt=0, description="Context length the server allows.")
+    engine: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM server arguments.")
+
+
+class TrackingConfig(Section):
+    wandb: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="wandb mode; offline writes a local run you can `wandb sync` later."
+    )
+    project: str = Field("distill", description="wandb project.")
+    entity: str | None = Field(None, description="wandb entity (team or user).")
+
+
+class RecipeConfig(Section):
+    name: str = Field(description="Run name; the run directory is <runs_dir>/<name>.")
+    runs_dir: str = Field("runs", description="Parent directory of run directories.")
+    cache_dir: str | None = Field(
+        None,
+        description="Shared cache of corpora, tokenizers and pretrained tiny teachers, keyed by content "
+        "hash; default $DISTILL_CACHE_DIR or ~/.cache/distill.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+    seed: int = Field(0, description="Global seed.")
+    teacher: TeacherConfig = Field(description="The teacher model.")
+    student: StudentConfig = Field(description="The student model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and prompts.")
+    pretrain: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(loss="ce"), description="Pretraining of a tiny teacher (CE)."
+    )
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher generation.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and the gate.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Quantization.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("DISTILL_CACHE_DIR", "~/.cache/distill")).expanduser()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Load a YAML recipe, apply `a.b.c=value` overrides, and validate it strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DistillError(f"{where}: malformed YAML: {problem}") from exc
+    if not isinstance(raw, dict):
+        raise DistillError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> RecipeConfig:
+    try:
+        return RecipeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(describe_error(err) for err in exc.errors())
+        raise DistillError(f"{source}: {problems}") from exc
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted `key=value` overrides applied (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise DistillError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as exc:
+            raise DistillError(f"override {item!r}: value is not valid YAML") from exc
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise DistillError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def recipe_to_yaml(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- error text
+
+
+_TYPE_WORDS = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+}
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    """One pydantic error as `dotted.path: what was expected, got what`."""
+    loc = [str(part) for part in err["loc"] if not str(part).startswith("function-after")]
+    dotted = ".".join(loc) or "(top level)"
+    kind, got = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        hint = _closest_key(loc)
+        return f"{dotted}: unknown key" + (f" (did you mean '{hint}'?)" if hint else "")
+    if kind == "missing":
+        return f"{dotted}: required field is missing"
+    prefix = kind.split("_")[0]
+    if kind.endswith(("_type", "_parsing")) and prefix in _TYPE_WORDS:
+        return f"{dotted}: expected {_TYPE_WORDS[prefix]}, got {got!r}"
+    if kind == "literal_error":
+        return f"{dotted}: expected {err['ctx']['expected']}, got {got!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{dotted}: {err['msg'].replace('Input should be', 'must be')}, got {got!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{dotted}: {msg}"
+
+
+def _closest_key(loc: list[str]) -> str | None:
+    model: Any = RecipeConfig
+    for part in loc[:-1]:
+        if part.isdigit():  # an index into a list of sections
+            continue
+        field = _section_fields(model).get(part)
+        if field is None:
+            return None
+        model = _section_type(field.annotation)
+        if model is None:
+            return None
+    matches = difflib.get_close_matches(loc[-1], list(_section_fields(model)), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _section_fields(model: Any) -> dict[str, Any]:
+    return model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config class inside `X`, `X | None` or `list[X]`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def field_docs(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted path, default, description) for every field, for `distill config fields`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        nested = _section_type(field.annotation)
+        if nested is not None and typing.get_origin(field.annotation) is not list:
+            rows.append((path, "", field.description or ""))
+            rows.extend(field_docs(nested, f"{path}."))
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((path, default, field.description or ""))
+    return rows

@@ -1,0 +1,67 @@
+"""Stage `prepare`: corpus, tokenizer and token arrays for a recipe (all cached by content hash)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.artifacts import RunManifest, ensure_writable_dir, hash_json
+from distill.config import RecipeConfig
+from distill.corpus import Corpus, prepare_corpus
+from distill.models import check_model_dir
+from distill.tokenizer import tokenize_corpus, tokenizer_hash, train_tokenizer
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    corpus: Corpus
+    tokenizer_dir: Path
+    tokens_dir: Path
+
+    def summary(self) -> dict:
+        manifest = self.corpus.manifest
+        return {
+            "corpus": str(self.corpus.root),
+            "corpus_hash": manifest["content_hash"],
+            "documents": manifest["documents"],
+            "prompts": manifest["prompts"],
+            "tokenizer": str(self.tokenizer_dir),
+            "tokenizer_hash": tokenizer_hash(self.tokenizer_dir),
+            "tokens": str(self.tokens_dir),
+        }
+
+
+def resolve_tokenizer_dir(recipe: RecipeConfig, corpus: Corpus) -> Path:
+    """data.tokenizer if set; else the teacher's own tokenizer; else one trained on the corpus."""
+    if recipe.data.tokenizer:
+        return check_model_dir_or_tokenizer(recipe.data.tokenizer, "data.tokenizer")
+    if recipe.teacher.model:
+        return check_model_dir(recipe.teacher.model, "teacher.model")
+    max_len = recipe.teacher.tiny.max_position_embeddings if recipe.teacher.tiny else 4096
+    return train_tokenizer(corpus, recipe.data.vocab_size, recipe.cache_path, model_max_length=max_len)
+
+
+def check_model_dir_or_tokenizer(path: str, field: str) -> Path:
+    from distill.errors import DistillError
+
+    p = Path(path)
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        raise DistillError(f"{field}: no tokenizer at {p} (expected tokenizer.json)")
+    return p
+
+
+def prepare(recipe: RecipeConfig) -> PreparedData:
+    """Build or reuse the corpus, tokenizer and tokens; record them in the run manifest."""
+    started = time.perf_counter()
+    run_dir = ensure_writable_dir(recipe.run_dir, "run directory")
+    ensure_writable_dir(recipe.cache_path, "cache directory")
+    corpus = prepare_corpus(recipe.data, recipe.cache_path)
+    tokenizer_dir = resolve_tokenizer_dir(recipe, corpus)
+    tokens_dir = tokenize_corpus(corpus, tokenizer_dir, recipe.cache_path)
+    data = PreparedData(corpus, tokenizer_dir, tokens_dir)
+    summary = data.summary()
+    RunManifest(run_dir).record(
+        "prepare", "done", hash_json(recipe.data.model_dump()), summary, time.perf_counter() - started
+    )
+    return data

@@ -1,0 +1,132 @@
+"""Stage `pretrain`: train the embedded tiny teacher on the corpus (CE), cached by content hash.
+
+The cache key covers the corpus, the tokenizer, the model config and the training settings that change
+the weights, so a second run (or another run directory) reuses the same teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.artifacts import RunManifest, atomic_write_json, hash_json, read_json
+from distill.config import RecipeConfig
+from distill.errors import DistillError
+from distill.models import build_tiny_llama, count_parameters, resolve_device
+from distill.prepare import PreparedData, prepare
+from distill.tokenizer import load_tokenizer, tokenizer_hash
+from distill.train import TokenBlocks, TrainJob, evaluate_loss, train
+
+# Fields that only change logging or bookkeeping, not the weights.
+_BOOKKEEPING = {"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "distributed"}
+
+
+@dataclass(frozen=True)
+class TeacherSummary:
+    path: Path
+    parameters: int
+    vocab_size: int
+    test_loss: float
+    uniform_loss: float
+    steps: int
+    tokens: int
+    reused: bool
+
+    @property
+    def test_perplexity(self) -> float:
+        return math.exp(self.test_loss)
+
+
+def teacher_key(recipe: RecipeConfig, data: PreparedData) -> str:
+    train_settings = recipe.pretrain.model_dump(exclude=_BOOKKEEPING)
+    return hash_json(
+        {
+            "corpus": data.corpus.content_hash,
+            "tokenizer": tokenizer_hash(data.tokenizer_dir),
+            "model": recipe.teacher.tiny.model_dump(),
+            "train": train_settings,
+            "seq_len": recipe.data.seq_len,
+        }
+    )[:16]
+
+
+def pretrain(recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    """Train (or reuse) the tiny teacher; returns a TeacherSummary. Its model is `<cache>/teachers/<key>/final`."""
+    if recipe.teacher.tiny is None:
+        raise DistillError("teacher.model is set, so there is no teacher to pretrain (pretrain builds teacher.tiny)")
+    started = time.perf_counter()
+    data = prepare(recipe)
+    key = teacher_key(recipe, data)
+    out_dir = recipe.cache_path / "teachers" / key
+    summary_path = out_dir / "teacher.json"
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    reused = summary_path.exists()
+    if not reused:
+        _train_teacher(recipe, data, out_dir, resume, progress)
+    summary = TeacherSummary(**{**read_json(summary_path), "path": out_dir / "final", "reused": reused})
+    RunManifest(recipe.run_dir).record(
+        "pretrain",
+        "done",
+        key,
+        {"teacher": str(summary.path), "test_loss": summary.test_loss, "parameters": summary.parameters},
+        time.perf_counter() - started,
+    )
+    return summary
+
+
+def _train_teacher(recipe: RecipeConfig, data: PreparedData, out_dir: Path, resume: bool, progress: bool) -> None:
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    device = resolve_device(recipe.device)
+    if recipe.data.seq_len > recipe.teacher.tiny.max_position_embeddings:
+        raise DistillError(
+            f"data.seq_len {recipe.data.seq_len} exceeds teacher.tiny.max_position_embeddings "
+            f"{recipe.teacher.tiny.max_position_embeddings}"
+        )
+    job = TrainJob(
+        name=f"{recipe.name}-teacher",
+        out_dir=out_dir,
+        cfg=recipe.pretrain,
+        tracking=recipe.tracking,
+        tokenizer_dir=data.tokenizer_dir,
+        tokens_dir=data.tokens_dir,
+        seq_len=recipe.data.seq_len,
+        build_model=lambda: build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=recipe.pretrain.seed),
+        device=device,
+        mixed_precision="bf16" if device == "cuda" else "no",
+        resume=resume,
+        progress=progress,
+        config_dump=recipe.model_dump(mode="json"),
+    )
+    result = train(job)
+    test_loss = held_out_loss(result.final_dir, data.tokens_dir / "test.npy", recipe.data.seq_len, device)
+    atomic_write_json(
+        out_dir / "teacher.json",
+        {
+            "parameters": count_parameters_of(result.final_dir),
+            "vocab_size": len(tokenizer),
+            "test_loss": test_loss,
+            "uniform_loss": math.log(len(tokenizer)),
+            "steps": result.steps,
+            "tokens": result.tokens,
+        },
+    )
+
+
+def held_out_loss(model_dir: Path, tokens_path: Path, seq_len: int, device: str, batch_size: int = 8) -> float:
+    """Mean next-token CE of a saved model over every block of a held-out split."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+    blocks = TokenBlocks(tokens_path, seq_len)
+    return evaluate_loss(model, blocks, batch_size, max_batches=10**9, device=device)
+
+
+def count_parameters_of(model_dir: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return count_parameters(AutoModelForCausalLM.from_pretrained(str(model_dir)))

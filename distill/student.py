@@ -1,0 +1,71 @@
+"""Stage `train`: train the student on the corpus token blocks.
+
+Today this is the SFT baseline (train.loss=ce); the distillation losses arrive with the teacher store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from distill.artifacts import RunManifest, hash_json
+from distill.config import RecipeConfig
+from distill.errors import NotImplementedYet
+from distill.models import build_tiny_llama, check_model_dir, load_causal_lm, resolve_device
+from distill.prepare import prepare
+from distill.tokenizer import load_tokenizer
+from distill.train import TrainJob, TrainResult, train
+
+
+def train_student(
+    recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> TrainResult:
+    if recipe.train.loss != "ce":
+        raise NotImplementedYet(f"train.loss={recipe.train.loss} (distillation from the teacher store)")
+    if recipe.train.mode != "offline":
+        raise NotImplementedYet(f"train.mode={recipe.train.mode}")
+    if recipe.train.distributed.backend != "none" or recipe.student.lora is not None:
+        raise NotImplementedYet("distributed and LoRA student training")
+    started = time.perf_counter()
+    if recipe.student.model:  # fail on a bad path before any data work
+        check_model_dir(recipe.student.model, "student.model")
+    data = prepare(recipe)
+    out_dir = recipe.run_dir / "student"
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    device = resolve_device(recipe.device)
+
+    def build():
+        import torch
+
+        if recipe.student.model:
+            return load_causal_lm(
+                recipe.student.model, "student.model", torch.float32, recipe.student.trust_remote_code
+            )
+        return build_tiny_llama(recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed)
+
+    result = train(
+        TrainJob(
+            name=f"{recipe.name}-student",
+            out_dir=out_dir,
+            cfg=recipe.train,
+            tracking=recipe.tracking,
+            tokenizer_dir=data.tokenizer_dir,
+            tokens_dir=data.tokens_dir,
+            seq_len=recipe.data.seq_len,
+            build_model=build,
+            device=device,
+            mixed_precision="bf16" if device == "cuda" else "no",
+            resume=resume,
+            progress=progress,
+            config_dump=recipe.model_dump(mode="json"),
+        )
+    )
+    RunManifest(recipe.run_dir).record(
+        "train",
+        "done",
+        hash_json({"train": recipe.train.model_dump(), "student": recipe.student.model_dump()}),
+        {"student": str(result.final_dir), "val_loss": result.val_loss, "steps": result.steps},
+        time.perf_counter() - started,
+    )
+    return result

@@ -1,0 +1,80 @@
+"""A byte-level BPE tokenizer trained locally on the corpus, saved in Hugging Face format.
+
+Byte-level BPE (the kind Llama 3 uses) never meets an unknown character. Special tokens follow Llama 3's
+names so chat-free code paths treat our tiny models and real Llama 3 the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from distill.artifacts import atomic_directory, hash_json, remove_stale_temps, sha256_file
+from distill.corpus import Corpus
+
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+PAD = "<|finetune_right_pad_id|>"
+TOKENIZER_FORMAT = 1
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, model_max_length: int = 4096) -> Path:
+    """Train (or reuse) a BPE tokenizer on the train split; returns its directory."""
+    key = hash_json({"format": TOKENIZER_FORMAT, "corpus": corpus.content_hash, "vocab": vocab_size})[:16]
+    root = Path(cache_dir) / "tokenizers" / key
+    remove_stale_temps(root.parent)
+    if (root / "tokenizer.json").exists():
+        return root
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.texts("train"), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=model_max_length
+    )
+    with atomic_directory(root) as tmp:
+        fast.save_pretrained(tmp)
+    return root
+
+
+def load_tokenizer(path: Path | str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenizer_hash(path: Path) -> str:
+    return sha256_file(Path(path) / "tokenizer.json")
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path, cache_dir: Path) -> Path:
+    """Token ids of each split as one flat array: BOS doc EOS BOS doc EOS ... (`<split>.npy`)."""
+    key = hash_json({"corpus": corpus.content_hash, "tokenizer": tokenizer_hash(tokenizer_dir)})[:16]
+    root = Path(cache_dir) / "tokens" / key
+    remove_stale_temps(root.parent)
+    if (root / "test.npy").exists():
+        return root
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.model_max_length = 1 << 62  # whole documents here; blocks are cut later
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
+    with atomic_directory(root) as tmp:
+        for split in ("train", "validation", "test"):
+            encoded = tokenizer(corpus.texts(split), add_special_tokens=True)["input_ids"]
+            flat = np.fromiter(
+                (t for ids in encoded for t in (*ids, tokenizer.eos_token_id)), dtype=dtype
+            )
+            np.save(tmp / f"{split}.npy", flat)
+    return root

@@ -1,0 +1,275 @@
+"""The training loop: one function, read top to bottom (data, forward, loss, backward, step, log, save).
+
+Today it trains with cross-entropy on token blocks of the corpus: the tiny teacher's pretraining and the
+students' SFT baseline. Distillation losses and distributed launch extend this same loop.
+
+Exact resume: the micro-batch at global index g is a pure function of (seed, g), and a checkpoint holds
+model, optimizer, scheduler and RNG states, so a resumed run computes what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.artifacts import atomic_directory, atomic_write_json, read_json, remove_stale_temps
+from distill.config import TrackingConfig, TrainConfig
+from distill.errors import DistillError
+from distill.losses import cross_entropy
+from distill.tracking import MetricsLog, make_tracker
+
+
+@dataclass
+class TrainJob:
+    """One run of the loop: what to train, on what, and where its files go."""
+
+    name: str
+    out_dir: Path  # checkpoints/step-N/, final/, metrics.jsonl, wandb/
+    cfg: TrainConfig
+    tracking: TrackingConfig
+    tokenizer_dir: Path
+    tokens_dir: Path  # train.npy, validation.npy (flat token ids)
+    seq_len: int
+    build_model: Callable[[], Any]  # returns the initial model (fp32) when not resuming
+    device: str = "cpu"
+    mixed_precision: str = "no"
+    resume: bool = False
+    progress: bool = True
+    config_dump: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    tokens: int
+    val_loss: float
+    seconds: float
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TokenBlocks:
+    """Non-overlapping blocks of `seq_len` tokens cut from one flat token array."""
+
+    def __init__(self, path: Path, seq_len: int):
+        tokens = np.load(path, mmap_mode="r")
+        self.num_blocks = len(tokens) // seq_len
+        if self.num_blocks == 0:
+            raise DistillError(f"{path}: {len(tokens)} tokens is less than one block of {seq_len}")
+        self.blocks = tokens[: self.num_blocks * seq_len].reshape(self.num_blocks, seq_len)
+
+    def batch(self, indices):
+        import torch
+
+        return torch.from_numpy(self.blocks[np.asarray(indices)].astype(np.int64))  # (B, T)
+
+
+class BlockOrder:
+    """Global position p -> block index: a fresh seeded permutation per epoch."""
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks, self.seed, self._perms = num_blocks, seed, {}
+
+    def indices(self, start: int, count: int) -> list[int]:
+        out = []
+        for pos in range(start, start + count):
+            epoch, offset = divmod(pos, self.num_blocks)
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)}
+            out.append(int(self._perms[epoch][offset]))
+        return out
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once trainer_state.json is inside)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, out_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
+    target = Path(out_dir) / "checkpoints" / f"step-{state['step']:06d}"
+    # NOTE: written under a temporary name and renamed when complete: a kill mid-write never
+    # replaces or hides the last good checkpoint.
+    with atomic_directory(target) as tmp:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        atomic_write_json(tmp / "trainer_state.json", state)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return target
+
+
+@dataclass
+class _Window:
+    loss_sum: float = 0.0
+    tokens: int = 0
+
+
+def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, max_batches: int, device) -> float:
+    """Mean next-token CE over the first `max_batches` validation micro-batches."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(min(max_batches, math.ceil(blocks.num_blocks / batch_size))):
+            ids = blocks.batch(range(b * batch_size, min((b + 1) * batch_size, blocks.num_blocks))).to(device)
+            loss_sum, n = cross_entropy(model(input_ids=ids).logits, ids)
+            total, count = total + loss_sum.item(), count + n
+    model.train()
+    return total / count
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(job: TrainJob) -> TrainResult:
+    """Train `job.build_model()` (or resume from `job.out_dir`), then export `out_dir/final` in HF format."""
+    import torch
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg, out_dir = job.cfg, Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir / "checkpoints")
+    checkpoints = list_checkpoints(out_dir)
+    if checkpoints and not job.resume:
+        raise DistillError(
+            f"{out_dir} has checkpoints (last: {checkpoints[-1].name}); pass --resume to continue "
+            "or --overwrite to start over"
+        )
+    resume_from = checkpoints[-1] if (checkpoints and job.resume) else None
+
+    # ---- setup
+    accelerator = Accelerator(cpu=job.device == "cpu", mixed_precision=job.mixed_precision)
+    torch.manual_seed(cfg.seed)
+    model = job.build_model()
+    model.config.use_cache = False
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by us once per optimizer step; accelerate only saves and restores it.
+    accelerator.register_for_checkpointing(scheduler)
+
+    train_blocks = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
+    val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
+    order = BlockOrder(train_blocks.num_blocks, cfg.seed)
+
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None, "val_loss": None}
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = read_json(resume_from / "trainer_state.json")
+        accelerator.print(f"resuming from {resume_from} (step {state['step']})")
+    tracker = make_tracker(job.tracking, job.name, out_dir, job.config_dump, resume_id=state["wandb_id"])
+    state["wandb_id"] = getattr(tracker, "id", None)
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+
+    # ---- loop
+    model.train()
+    started, window_started = time.perf_counter(), time.perf_counter()
+    tokens_at_window = state["tokens"]
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], unit="step", disable=not job.progress, desc=job.name)
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        window = _Window()
+        micro_ids = [
+            train_blocks.batch(order.indices((step * cfg.grad_accum + m) * cfg.batch_size, cfg.batch_size))
+            for m in range(cfg.grad_accum)
+        ]
+        # NOTE: every micro-batch's summed loss is divided by the token count of the whole window, so
+        # batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same gradient.
+        window_tokens = sum(int(ids[:, 1:].numel()) for ids in micro_ids)
+        for ids in micro_ids:
+            ids = ids.to(accelerator.device)
+            loss_sum, n = cross_entropy(model(input_ids=ids).logits, ids)
+            accelerator.backward(loss_sum / window_tokens)
+            window.loss_sum += loss_sum.item()
+            window.tokens += n
+        loss = window.loss_sum / window.tokens
+        if not math.isfinite(loss):
+            last = list_checkpoints(out_dir)
+            raise DistillError(
+                f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
+                f"{last[-1] if last else 'none'} (lower train.lr or check the data)"
+            )
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        state["tokens"] += window.tokens
+        bar.update(1)
+
+        row: dict[str, Any] = {}
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_started
+            row.update(
+                loss=loss,
+                lr=scheduler.get_last_lr()[0],
+                grad_norm=float(grad_norm),
+                tokens=state["tokens"],
+                tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
+            )
+            window_started, tokens_at_window = time.perf_counter(), state["tokens"]
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            state["val_loss"] = evaluate_loss(model, val_blocks, cfg.batch_size, cfg.eval_batches, accelerator.device)
+            row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50)))
+        if row:
+            row["step"] = step
+            log.write(row)
+            tracker.log(row, step=step)
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            save_checkpoint(accelerator, out_dir, dict(state), cfg.keep_last)
+    bar.close()
+
+    # ---- export
+    final_dir = out_dir / "final"
+    with atomic_directory(final_dir) as tmp:
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(job.tokenizer_dir, tmp)
+    tracker.finish()
+    return TrainResult(final_dir, state["step"], state["tokens"], state["val_loss"], time.perf_counter() - started)
+
+
+def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
+    from distill.tokenizer import load_tokenizer
+
+    load_tokenizer(tokenizer_dir).save_pretrained(dest)

@@ -1,0 +1,128 @@
+from pathlib import Path
+
+import pytest
+
+from distill.config import RecipeConfig, apply_overrides, field_docs, load_recipe, recipe_to_yaml
+from distill.errors import DistillError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates_and_opens_with_a_header(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, RecipeConfig)
+    lines = path.read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert len(header) >= 2, f"{path.name} must open with a comment saying what it does and on what hardware"
+    assert any(line.startswith("# Run:") for line in header), f"{path.name}: the header names the command"
+
+
+def test_recipes_directory_is_not_empty():
+    assert any(p.name == "tiny.yaml" for p in RECIPES)
+
+
+def test_overrides_apply_with_yaml_types():
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["train.max_steps=20", "train.lr=1e-4", "eval.tasks=[a, b]"])
+    assert recipe.train.max_steps == 20
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.eval.tasks == ["a", "b"]
+
+
+def test_override_creates_nested_section():
+    raw = apply_overrides({"name": "x"}, ["student.lora.r=8"])
+    assert raw["student"]["lora"]["r"] == 8
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["train.max_steps=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    assert load_recipe(path) == recipe
+
+
+def _error(tmp_path, text: str, overrides=()) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(DistillError) as info:
+        load_recipe(path, overrides)
+    return str(info.value)
+
+
+BASE = "name: t\nteacher: {tiny: {}}\nstudent: {tiny: {}}\n"
+
+
+def test_wrong_type_names_file_and_dotted_path(tmp_path):
+    msg = _error(tmp_path, BASE, ["train.lr=fast"])
+    assert msg == f"{tmp_path / 'r.yaml'}: train.lr: expected a number, got 'fast'"
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    msg = _error(tmp_path, BASE + "train: {lrr: 0.1}\n")
+    assert "train.lrr: unknown key (did you mean 'lr'?)" in msg
+
+
+def test_unknown_key_inside_a_list_item(tmp_path):
+    msg = _error(tmp_path, BASE + "eval: {gate: {criteria: [{task: a, metrc: acc}]}}\n")
+    assert "eval.gate.criteria.0.metrc: unknown key (did you mean 'metric'?)" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    msg = _error(tmp_path, BASE + "trian: {}\n")
+    assert "trian: unknown key (did you mean 'train'?)" in msg
+
+
+def test_out_of_range_value(tmp_path):
+    msg = _error(tmp_path, BASE, ["train.max_steps=0"])
+    assert "train.max_steps: must be greater than 0, got 0" in msg
+
+
+def test_choice_field(tmp_path):
+    msg = _error(tmp_path, BASE, ["train.loss=kl"])
+    assert "train.loss: expected 'ce', 'forward_kl'" in msg and "got 'kl'" in msg
+
+
+def test_integer_field_rejects_text(tmp_path):
+    assert "train.batch_size: expected an integer, got 'eight'" in _error(tmp_path, BASE, ["train.batch_size=eight"])
+
+
+def test_cross_field_rule(tmp_path):
+    msg = _error(tmp_path, "name: t\nteacher: {model: /m, tiny: {}}\nstudent: {tiny: {}}\n")
+    assert "teacher: set exactly one of teacher.model" in msg
+    msg = _error(tmp_path, BASE, ["teacher.tiny.num_heads=3"])
+    assert "teacher.tiny: hidden_size 256 is not divisible by num_heads 3" in msg
+
+
+def test_missing_required_field(tmp_path):
+    assert "name: required field is missing" in _error(tmp_path, "teacher: {tiny: {}}\nstudent: {tiny: {}}\n")
+
+
+def test_malformed_yaml_reports_the_line(tmp_path):
+    msg = _error(tmp_path, "name: t\nteacher:\n  tiny: {hidden_size: 4\nstudent: {}\n")
+    assert f"{tmp_path / 'r.yaml'}:4:" in msg and "malformed YAML" in msg
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(DistillError, match="recipe not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_override_must_be_key_value(tmp_path):
+    assert "expected dotted.key=value" in _error(tmp_path, BASE, ["train.lr"])
+
+
+def test_override_into_a_scalar_is_refused(tmp_path):
+    assert "name is not a section" in _error(tmp_path, BASE, ["name.x=1"])
+
+
+def test_every_field_is_documented():
+    rows = field_docs()
+    undocumented = [path for path, _, doc in rows if not doc]
+    assert not undocumented, undocumented
+    paths = {path for path, _, _ in rows}
+    assert {"train.lr", "teacher.tiny.hidden_size", "eval.gate.quant_min_retention", "serve.port"} <= paths
