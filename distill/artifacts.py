@@ -141,7 +141,9 @@ class RunManifest:
     def stage(self, name: str) -> dict[str, Any] | None:
         return self.data["stages"].get(name)
 
-    def record(self, name: str, status: str, inputs_hash: str, outputs: dict[str, Any], seconds: float) -> None:
+    def record(
+        self, name: str, status: str, inputs_hash: str, outputs: dict[str, Any], seconds: float
+    ) -> None:
         self.data["stages"][name] = {
             "status": status,
             "inputs_hash": inputs_hash,

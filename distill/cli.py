@@ -7,6 +7,7 @@ full traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distill import __version__
@@ -113,14 +114,18 @@ def cmd_pretrain(args) -> int:
 
     t = pretrain(_load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"teacher: {t.path}{' (reused)' if t.reused else ''}")
-    print(f"held-out loss {t.test_loss:.3f} (perplexity {t.test_perplexity:.1f}); uniform {t.uniform_loss:.3f}")
+    print(
+        f"held-out loss {t.test_loss:.3f} (perplexity {t.test_perplexity:.1f}); uniform {t.uniform_loss:.3f}"
+    )
     return 0
 
 
 def cmd_train(args) -> int:
     from distill.student import train_student
 
-    r = train_student(_load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    r = train_student(
+        _load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f})")
     return 0
 
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    # Our own bar shows training progress; the per-file bars of model loading and saving are noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except DistillError as exc:
@@ -155,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure still reads as one line; --debug shows where
         if debug:
             raise
-        print(f"distill: error: {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)", file=sys.stderr)
+        print(
+            f"distill: error: {type(exc).__name__}: {_one_line(str(exc))} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

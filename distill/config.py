@@ -41,7 +41,9 @@ class TinyModelConfig(Section):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
+            )
         return self
 
 
@@ -57,7 +59,8 @@ class LoraConfig(Section):
 
 class TeacherConfig(Section):
     model: str | None = Field(
-        None, description="Hugging Face model directory of the teacher (e.g. /models/Meta-Llama-3-8B-Instruct)."
+        None,
+        description="Hugging Face model directory of the teacher (e.g. /models/Meta-Llama-3-8B-Instruct).",
     )
     tiny: TinyModelConfig | None = Field(
         None, description="Build and pretrain a tiny teacher on the corpus instead (distill pretrain)."
@@ -70,7 +73,9 @@ class TeacherConfig(Section):
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
         if (self.model is None) == (self.tiny is None):
-            raise ValueError("set exactly one of teacher.model (a model directory) or teacher.tiny (pretrain one)")
+            raise ValueError(
+                "set exactly one of teacher.model (a model directory) or teacher.tiny (pretrain one)"
+            )
         return self
 
 
@@ -132,9 +137,9 @@ class DistributedConfig(Section):
 
 
 class TrainConfig(Section):
-    loss: Literal[
-        "ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"
-    ] = Field("forward_kl", description="Training objective; ce is the SFT baseline on the same sequences.")
+    loss: Literal["ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = (
+        Field("forward_kl", description="Training objective; ce is the SFT baseline on the same sequences.")
+    )
     mode: Literal["offline", "on_policy"] = Field(
         "offline", description="offline: learn from the teacher store; on_policy: from the student's samples."
     )
@@ -166,7 +171,9 @@ class TrainConfig(Section):
 
 class GateCriterion(Section):
     task: str = Field(description="lm-eval task name.")
-    metric: str = Field(description="Metric name as lm-eval reports it (acc, acc_norm, word_perplexity, ...).")
+    metric: str = Field(
+        description="Metric name as lm-eval reports it (acc, acc_norm, word_perplexity, ...)."
+    )
     min_retention: float | None = Field(None, gt=0, description="student >= min_retention x teacher.")
     max_drop: float | None = Field(None, ge=0, description="student >= teacher - max_drop.")
     min_value: float | None = Field(None, description="student >= min_value (absolute floor).")

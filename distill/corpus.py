@@ -121,12 +121,17 @@ def _docstrings(path: Path, rel: str) -> list[Document]:
     except (SyntaxError, ValueError):
         return []
     found = []
-    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef))]
+    nodes = [
+        tree,
+        *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)),
+    ]
     for node in nodes:
         doc = ast.get_docstring(node, clean=False)
         if doc:
             name = getattr(node, "name", "<module>")
-            found.append(Document(f"stdlib:{rel}:{name}:{getattr(node, 'lineno', 0)}", "stdlib docstrings", doc))
+            found.append(
+                Document(f"stdlib:{rel}:{name}:{getattr(node, 'lineno', 0)}", "stdlib docstrings", doc)
+            )
     return found
 
 
@@ -185,7 +190,9 @@ def make_prompts(train_docs: list[Document], num_prompts: int, prompt_chars: int
     for doc in candidates[:num_prompts]:
         head = doc.text[:prompt_chars]
         cut = head.rfind(" ")
-        prompts.append({"id": f"p{len(prompts):05d}", "doc_id": doc.id, "text": head[:cut] if cut > 0 else head})
+        prompts.append(
+            {"id": f"p{len(prompts):05d}", "doc_id": doc.id, "text": head[:cut] if cut > 0 else head}
+        )
     return prompts
 
 

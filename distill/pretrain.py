@@ -56,7 +56,9 @@ def teacher_key(recipe: RecipeConfig, data: PreparedData) -> str:
 def pretrain(recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True):
     """Train (or reuse) the tiny teacher; returns a TeacherSummary. Its model is `<cache>/teachers/<key>/final`."""
     if recipe.teacher.tiny is None:
-        raise DistillError("teacher.model is set, so there is no teacher to pretrain (pretrain builds teacher.tiny)")
+        raise DistillError(
+            "teacher.model is set, so there is no teacher to pretrain (pretrain builds teacher.tiny)"
+        )
     started = time.perf_counter()
     data = prepare(recipe)
     key = teacher_key(recipe, data)
@@ -78,7 +80,9 @@ def pretrain(recipe: RecipeConfig, resume: bool = False, overwrite: bool = False
     return summary
 
 
-def _train_teacher(recipe: RecipeConfig, data: PreparedData, out_dir: Path, resume: bool, progress: bool) -> None:
+def _train_teacher(
+    recipe: RecipeConfig, data: PreparedData, out_dir: Path, resume: bool, progress: bool
+) -> None:
     tokenizer = load_tokenizer(data.tokenizer_dir)
     device = resolve_device(recipe.device)
     if recipe.data.seq_len > recipe.teacher.tiny.max_position_embeddings:
@@ -116,7 +120,9 @@ def _train_teacher(recipe: RecipeConfig, data: PreparedData, out_dir: Path, resu
     )
 
 
-def held_out_loss(model_dir: Path, tokens_path: Path, seq_len: int, device: str, batch_size: int = 8) -> float:
+def held_out_loss(
+    model_dir: Path, tokens_path: Path, seq_len: int, device: str, batch_size: int = 8
+) -> float:
     """Mean next-token CE of a saved model over every block of a held-out split."""
     import torch
     from transformers import AutoModelForCausalLM

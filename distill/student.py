@@ -42,7 +42,9 @@ def train_student(
             return load_causal_lm(
                 recipe.student.model, "student.model", torch.float32, recipe.student.trust_remote_code
             )
-        return build_tiny_llama(recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed)
+        return build_tiny_llama(
+            recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed
+        )
 
     result = train(
         TrainJob(

@@ -73,8 +73,6 @@ def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path, cache_dir: Path) -> Pat
     with atomic_directory(root) as tmp:
         for split in ("train", "validation", "test"):
             encoded = tokenizer(corpus.texts(split), add_special_tokens=True)["input_ids"]
-            flat = np.fromiter(
-                (t for ids in encoded for t in (*ids, tokenizer.eos_token_id)), dtype=dtype
-            )
+            flat = np.fromiter((t for ids in encoded for t in (*ids, tokenizer.eos_token_id)), dtype=dtype)
             np.save(tmp / f"{split}.npy", flat)
     return root

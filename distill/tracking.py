@@ -24,7 +24,9 @@ class NullTracker:
 
 
 class WandbTracker:
-    def __init__(self, cfg: TrackingConfig, name: str, out_dir: Path, config: dict[str, Any], resume_id: str | None):
+    def __init__(
+        self, cfg: TrackingConfig, name: str, out_dir: Path, config: dict[str, Any], resume_id: str | None
+    ):
         import wandb
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,9 @@ class WandbTracker:
         self.run.finish()
 
 
-def make_tracker(cfg: TrackingConfig, name: str, out_dir: Path, config: dict[str, Any], resume_id: str | None = None):
+def make_tracker(
+    cfg: TrackingConfig, name: str, out_dir: Path, config: dict[str, Any], resume_id: str | None = None
+):
     if cfg.wandb == "disabled":
         return NullTracker()
     os.environ.setdefault("WANDB_SILENT", "true")

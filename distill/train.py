@@ -205,7 +205,9 @@ def train(job: TrainJob) -> TrainResult:
     model.train()
     started, window_started = time.perf_counter(), time.perf_counter()
     tokens_at_window = state["tokens"]
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], unit="step", disable=not job.progress, desc=job.name)
+    bar = tqdm(
+        total=cfg.max_steps, initial=state["step"], unit="step", disable=not job.progress, desc=job.name
+    )
     while state["step"] < cfg.max_steps:
         step = state["step"]
         window = _Window()
@@ -250,7 +252,9 @@ def train(job: TrainJob) -> TrainResult:
             window_started, tokens_at_window = time.perf_counter(), state["tokens"]
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            state["val_loss"] = evaluate_loss(model, val_blocks, cfg.batch_size, cfg.eval_batches, accelerator.device)
+            state["val_loss"] = evaluate_loss(
+                model, val_blocks, cfg.batch_size, cfg.eval_batches, accelerator.device
+            )
             row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50)))
         if row:
             row["step"] = step
@@ -266,7 +270,9 @@ def train(job: TrainJob) -> TrainResult:
         accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(job.tokenizer_dir, tmp)
     tracker.finish()
-    return TrainResult(final_dir, state["step"], state["tokens"], state["val_loss"], time.perf_counter() - started)
+    return TrainResult(
+        final_dir, state["step"], state["tokens"], state["val_loss"], time.perf_counter() - started
+    )
 
 
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:

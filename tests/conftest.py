@@ -41,7 +41,9 @@ def micro(cache_dir, tmp_path):
     from distill.config import load_recipe
 
     def make(*overrides: str):
-        return load_recipe(TINY, [*MICRO, f"runs_dir={tmp_path / 'runs'}", f"cache_dir={cache_dir}", *overrides])
+        return load_recipe(
+            TINY, [*MICRO, f"runs_dir={tmp_path / 'runs'}", f"cache_dir={cache_dir}", *overrides]
+        )
 
     return make
 

@@ -28,7 +28,9 @@ def test_recipes_directory_is_not_empty():
 
 
 def test_overrides_apply_with_yaml_types():
-    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["train.max_steps=20", "train.lr=1e-4", "eval.tasks=[a, b]"])
+    recipe = load_recipe(
+        ROOT / "recipes/tiny.yaml", ["train.max_steps=20", "train.lr=1e-4", "eval.tasks=[a, b]"]
+    )
     assert recipe.train.max_steps == 20
     assert recipe.train.lr == pytest.approx(1e-4)
     assert recipe.eval.tasks == ["a", "b"]
@@ -88,7 +90,9 @@ def test_choice_field(tmp_path):
 
 
 def test_integer_field_rejects_text(tmp_path):
-    assert "train.batch_size: expected an integer, got 'eight'" in _error(tmp_path, BASE, ["train.batch_size=eight"])
+    assert "train.batch_size: expected an integer, got 'eight'" in _error(
+        tmp_path, BASE, ["train.batch_size=eight"]
+    )
 
 
 def test_cross_field_rule(tmp_path):

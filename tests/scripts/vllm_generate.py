@@ -23,7 +23,9 @@ def main(model_dir: str, out_path: str) -> None:
                 "prompt_ids": list(out.prompt_token_ids),
                 "token_ids": list(completion.token_ids),
                 "text": completion.text,
-                "logprobs": [step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)],
+                "logprobs": [
+                    step[t].logprob for step, t in zip(completion.logprobs, completion.token_ids, strict=True)
+                ],
             }
         )
     with open(out_path, "w") as fh:

@@ -1,0 +1,171 @@
+"""The `distill` command as a user runs it: a real process, its output and its exit status."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def distill(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "distill", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def test_help_lists_every_stage():
+    out = distill("--help")
+    assert out.returncode == 0
+    for command in (
+        "prepare",
+        "pretrain",
+        "generate",
+        "train",
+        "eval",
+        "quantize",
+        "serve",
+        "bench",
+        "run",
+        "promote",
+        "config",
+    ):
+        assert command in out.stdout
+
+
+def test_version():
+    out = distill("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"distill {__version__}"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "quantize", "serve", "bench", "promote"])
+def test_stages_not_built_yet_exit_2_with_a_clear_message(command):
+    out = distill(command, TINY)
+    assert out.returncode == 2
+    assert out.stderr.startswith("distill: error: ") and "is not implemented yet" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_config_show_prints_the_resolved_recipe_with_overrides():
+    out = distill("config", "show", TINY, "train.max_steps=20", "serve.port=9001")
+    assert out.returncode == 0
+    assert "max_steps: 20" in out.stdout and "port: 9001" in out.stdout
+    assert "min_lr_ratio: 0.1" in out.stdout  # defaults are shown too
+
+
+def test_config_fields_documents_each_field():
+    out = distill("config", "fields")
+    assert out.returncode == 0
+    assert any(
+        line.startswith("train.lr ") and "Peak learning rate" in line for line in out.stdout.splitlines()
+    )
+
+
+def test_bad_recipe_value_is_one_line_and_nonzero():
+    out = distill("config", "show", TINY, "train.lr=fast")
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"distill: error: {TINY}: train.lr: expected a number, got 'fast'"
+
+
+def test_debug_shows_the_traceback():
+    out = distill("--debug", "config", "show", TINY, "train.lr=fast")
+    assert out.returncode != 0
+    assert "Traceback (most recent call last)" in out.stderr and "DistillError" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("config", "show", "missing.yaml"), "distill: error: recipe not found: missing.yaml"),
+        (("config", "show", TINY, "trian.lr=1"), "trian: unknown key (did you mean 'train'?)"),
+    ],
+)
+def test_user_errors(args, expected):
+    out = distill(*args)
+    assert out.returncode == 1 and expected in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_yaml_shows_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nteacher:\n  tiny: [1, 2\n")
+    out = distill("config", "show", str(bad))
+    assert out.returncode == 1 and f"{bad}:4:" in out.stderr and "malformed YAML" in out.stderr
+
+
+def test_missing_student_model_names_the_path(tmp_path, cache_dir):
+    out = distill(
+        "train",
+        TINY,
+        "train.loss=ce",
+        "student.tiny=null",
+        f"student.model={tmp_path}/no-such-model",
+        f"runs_dir={tmp_path}",
+    )
+    assert out.returncode == 1
+    assert (
+        out.stderr.strip()
+        == f"distill: error: student.model: model path does not exist: {tmp_path}/no-such-model"
+    )
+
+
+def test_run_directory_that_cannot_be_written(tmp_path, cache_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = distill("prepare", TINY, f"runs_dir={blocker}")
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"distill: error: run directory {blocker}/tiny is not writable")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_sft_student_from_a_model_directory(cache_dir, tmp_path):
+    """`distill train` with train.loss=ce (the SFT baseline), the student loaded from an HF directory."""
+    from .conftest import MICRO
+
+    first = distill(
+        "train",
+        TINY,
+        *MICRO,
+        "train.loss=ce",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.save_every=3",
+        "train.eval_every=3",
+        f"runs_dir={tmp_path}/a",
+        "--no-progress",
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    student = tmp_path / "a" / "tiny" / "student" / "final"
+    assert (student / "config.json").exists() and (student / "tokenizer.json").exists()
+    second = distill(
+        "train",
+        TINY,
+        *MICRO,
+        "train.loss=ce",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "student.tiny=null",
+        f"student.model={student}",
+        f"runs_dir={tmp_path}/b",
+        "--no-progress",
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "validation loss" in second.stdout
+    assert (tmp_path / "b" / "tiny" / "student" / "final" / "model.safetensors").exists()
+
+
+def test_distillation_losses_are_not_built_yet(cache_dir, tmp_path):
+    out = distill("train", TINY, "train.loss=forward_kl", f"runs_dir={tmp_path}")
+    assert (
+        out.returncode == 2 and "train.loss=forward_kl" in out.stderr and "not implemented yet" in out.stderr
+    )

@@ -1,0 +1,85 @@
+"""The environment `make setup` builds: what ENVIRONMENT.md says breaks by default must work here."""
+
+import importlib.metadata as metadata
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_vllm_reports_its_version():
+    version = metadata.version("vllm")
+    assert version.startswith("0.32.0")
+    if not _cuda():
+        assert version.endswith("+cpu")  # the suffix vLLM uses to pick its CPU platform
+
+
+def test_torchvision_is_absent_or_imports():
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError):
+            import torchvision  # noqa: F401
+    else:
+        subprocess.run([sys.executable, "-c", "import torchvision"], check=True)
+
+
+def test_stage_engines_are_installed():
+    for name in ("lm-eval", "accelerate", "deepspeed", "peft", "datasets", "wandb", "vllm", "torch"):
+        assert metadata.version(name)
+
+
+def test_vllm_serve_command_works():
+    out = subprocess.run(
+        [str(VENV_BIN / "vllm"), "serve", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage: vllm serve" in out.stdout
+
+
+def test_quant_environment_has_llmcompressor_apart_from_vllm():
+    quant_python = ROOT / ".venv-quant" / "bin" / "python"
+    assert quant_python.exists(), "make setup creates .venv-quant"
+    code = (
+        "import importlib.metadata as m, importlib.util as u;"
+        "print(m.version('llmcompressor'), u.find_spec('vllm') is None)"
+    )
+    out = subprocess.run([str(quant_python), "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0.14.0.1", "True"]
+
+
+def test_setup_is_idempotent_and_fast_when_up_to_date():
+    out = subprocess.run(
+        ["bash", "packaging/setup.sh", "all"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ".venv is up to date" in out.stdout and ".venv-quant is up to date" in out.stdout
+
+
+def test_pins_cover_what_is_installed():
+    """Two fresh setups resolve the same versions: every installed distribution is pinned."""
+    if _cuda():
+        pytest.skip("the pins are for machines without CUDA")
+    pins = {}
+    for line in (ROOT / "packaging" / "constraints-cpu.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[_norm(name)] = version
+    for dist in metadata.distributions():
+        name = _norm(dist.metadata["Name"])
+        if name in {"distill", "vllm", "pip", "setuptools", "wheel"}:
+            continue
+        assert pins.get(name) == dist.version, f"{name} {dist.version} is not pinned in constraints-cpu.txt"
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _cuda() -> bool:
+    return os.path.exists("/dev/nvidia0")

@@ -1,0 +1,129 @@
+"""The embedded teacher: pretraining through the real CLI, kill -9 mid-run, --resume, and the cache."""
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distill.tracking import read_metrics
+
+from .conftest import MICRO, TINY
+
+TEACHER = [
+    "pretrain.max_steps=40",
+    "pretrain.batch_size=16",
+    "pretrain.save_every=4",
+    "pretrain.eval_every=10",
+    "pretrain.log_every=1",
+    "pretrain.warmup_steps=4",
+]
+
+
+def data_only_cache(cache_dir: Path, dest: Path) -> Path:
+    """A cache with the session's corpus, tokenizer and tokens but no teachers."""
+    for part in ("corpus", "tokenizers", "tokens"):
+        shutil.copytree(cache_dir / part, dest / part)
+    return dest
+
+
+def pretrain_cmd(cache: Path, runs: Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "distill",
+        "pretrain",
+        str(TINY),
+        *MICRO,
+        *TEACHER,
+        f"cache_dir={cache}",
+        f"runs_dir={runs}",
+        "--no-progress",
+        *flags,
+    ]
+
+
+def teacher_dir(cache: Path) -> Path:
+    (found,) = (cache / "teachers").iterdir()
+    return found
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_an_uninterrupted_run(cache_dir, prepared, tmp_path):
+    killed_cache = data_only_cache(cache_dir, tmp_path / "killed")
+    proc = subprocess.Popen(
+        pretrain_cmd(killed_cache, tmp_path / "runs"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ckpts = list((killed_cache / "teachers").glob("*/checkpoints/step-000008/trainer_state.json"))
+        if ckpts or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, (
+        "pretraining finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    out = teacher_dir(killed_cache)
+    assert not (out / "teacher.json").exists() and not (out / "final").exists()
+    done = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert done and all((out / "checkpoints" / d / "trainer_state.json").exists() for d in done)
+
+    refused = subprocess.run(pretrain_cmd(killed_cache, tmp_path / "runs"), capture_output=True, text=True)
+    assert refused.returncode == 1 and "pass --resume to continue" in refused.stderr
+
+    resumed = subprocess.run(
+        pretrain_cmd(killed_cache, tmp_path / "runs", "--resume"), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+
+    clean_cache = data_only_cache(cache_dir, tmp_path / "clean")
+    clean = subprocess.run(pretrain_cmd(clean_cache, tmp_path / "runs2"), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    killed_rows = read_metrics(out / "metrics.jsonl")
+    clean_rows = read_metrics(teacher_dir(clean_cache) / "metrics.jsonl")
+    assert [r["step"] for r in killed_rows] == list(range(1, 41))
+    assert [r["loss"] for r in killed_rows] == [r["loss"] for r in clean_rows]
+    assert (out / "final" / "model.safetensors").read_bytes() == (
+        teacher_dir(clean_cache) / "final" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_pretrained_teacher_beats_uniform_and_is_reused(micro):
+    from distill.pretrain import pretrain
+
+    recipe = micro(*TEACHER)
+    first = pretrain(recipe, progress=False)
+    assert not first.reused
+    assert first.test_loss < first.uniform_loss - 1.0
+    assert first.uniform_loss == pytest.approx(math.log(4096))
+    weights = first.path / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = pretrain(recipe, progress=False)
+    assert second.reused and second.path == first.path and second.test_loss == first.test_loss
+    assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
+    # bookkeeping settings do not invalidate the cache; training settings do
+    assert pretrain(micro(*TEACHER, "pretrain.log_every=5"), progress=False).reused
+    from distill.prepare import prepare
+    from distill.pretrain import teacher_key
+
+    assert teacher_key(micro(*TEACHER, "pretrain.lr=1e-4"), prepare(recipe)) != teacher_key(
+        recipe, prepare(recipe)
+    )
+    manifest = (recipe.run_dir / "manifest.json").read_text()
+    assert '"pretrain"' in manifest and '"prepare"' in manifest
+
+
+def test_pretrain_refuses_a_recipe_with_a_real_teacher(micro):
+    from distill.errors import DistillError
+    from distill.pretrain import pretrain
+
+    with pytest.raises(DistillError, match="no teacher to pretrain"):
+        pretrain(micro("teacher.tiny=null", "teacher.model=/models/llama"))

@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+
+import distill.train as train_mod
+from distill.config import TinyModelConfig, TrackingConfig, TrainConfig
+from distill.errors import DistillError
+from distill.models import build_tiny_llama
+from distill.tokenizer import load_tokenizer
+from distill.tracking import read_metrics
+from distill.train import BlockOrder, TrainJob, list_checkpoints, lr_factor, train
+
+MODEL = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
+
+
+def job(prepared, out_dir, resume=False, tracking="disabled", **train_overrides) -> TrainJob:
+    settings = dict(
+        loss="ce",
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=12,
+        batch_size=4,
+        eval_every=4,
+        eval_batches=2,
+        save_every=3,
+        keep_last=2,
+        log_every=1,
+        seed=5,
+    )
+    settings.update(train_overrides)
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    return TrainJob(
+        name="t",
+        out_dir=out_dir,
+        cfg=TrainConfig(**settings),
+        tracking=TrackingConfig(wandb=tracking),
+        tokenizer_dir=prepared.tokenizer_dir,
+        tokens_dir=prepared.tokens_dir,
+        seq_len=64,
+        build_model=lambda: build_tiny_llama(MODEL, tok, seed=5),
+        resume=resume,
+        progress=False,
+    )
+
+
+def losses(out_dir):
+    return [row["loss"] for row in read_metrics(out_dir / "metrics.jsonl")]
+
+
+def test_loss_decreases_and_exports_hf_model(prepared, tmp_path):
+    result = train(job(prepared, tmp_path, max_steps=30, lr=5e-3))
+    curve = losses(tmp_path)
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
+    assert result.val_loss < math.log(4096) - 1.0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert model.config.num_hidden_layers == 2
+    assert len(AutoTokenizer.from_pretrained(result.final_dir)) == 4096
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= rows[0].keys()
+    assert "val_loss" in rows[3] and "val_ppl" in rows[3]
+
+
+def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
+    train(job(prepared, tmp_path))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000009", "step-000012"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(prepared, tmp_path, monkeypatch):
+    full = train(job(prepared, tmp_path / "full"))
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(accelerator, out_dir, state, keep_last):
+        path = real_save(accelerator, out_dir, state, keep_last)
+        if state["step"] == 6:
+            raise KeyboardInterrupt  # the process is stopped right after the step-6 checkpoint
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(job(prepared, tmp_path / "cut"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    with pytest.raises(DistillError, match="pass --resume"):
+        train(job(prepared, tmp_path / "cut"))
+    resumed = train(job(prepared, tmp_path / "cut", resume=True))
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bit-identical, every step
+    assert resumed.val_loss == full.val_loss
+    from safetensors.torch import load_file
+
+    wa = load_file(full.final_dir / "model.safetensors")
+    wb = load_file(resumed.final_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_checkpoint_that_dies_mid_write_never_replaces_the_last_good_one(prepared, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+
+    def partial_write(self, output_dir, **kwargs):
+        real(self, output_dir, **kwargs)
+        if "step-000006" in output_dir:
+            raise OSError("disk died mid-checkpoint")  # model files written, trainer_state not yet
+
+    monkeypatch.setattr(Accelerator, "save_state", partial_write)
+    with pytest.raises(OSError):
+        train(job(prepared, tmp_path))
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
+    assert any(".step-000006.tmp-" in p.name for p in (tmp_path / "checkpoints").iterdir())
+    train(job(prepared, tmp_path, resume=True))  # continues from step 3 and cleans the leftover
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000009", "step-000012"]
+    assert not any(".tmp-" in p.name for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_gradient_accumulation_matches_a_larger_batch(prepared, tmp_path):
+    train(job(prepared, tmp_path / "b4", max_steps=4, batch_size=4, grad_accum=1))
+    train(job(prepared, tmp_path / "b2x2", max_steps=4, batch_size=2, grad_accum=2))
+    assert losses(tmp_path / "b4") == pytest.approx(losses(tmp_path / "b2x2"), rel=1e-5)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared, tmp_path, monkeypatch):
+    real = train_mod.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss, n = real(logits, labels)
+        return (loss * float("nan"), n) if calls["n"] > 7 else (loss, n)
+
+    monkeypatch.setattr(train_mod, "cross_entropy", poisoned)
+    with pytest.raises(
+        DistillError, match=r"loss is nan at step \d+; stopped. Last good checkpoint: .*step-000003"
+    ):
+        train(job(prepared, tmp_path))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
+
+
+def test_wandb_offline_records_the_run_and_resumes_it(prepared, tmp_path):
+    train(job(prepared, tmp_path, tracking="offline", max_steps=4, save_every=2, eval_every=2))
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"val_loss" in log and b"grad_norm" in log  # our metrics went through wandb
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def test_block_order_is_a_fresh_permutation_each_epoch():
+    order = BlockOrder(10, seed=1)
+    first, second = order.indices(0, 10), order.indices(10, 10)
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    assert BlockOrder(10, seed=1).indices(13, 4) == order.indices(13, 4)
+
+
+def test_wandb_online_without_credentials_is_a_clear_error(prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(DistillError, match=r"tracking.wandb=online: .*wandb login.*tracking.wandb=offline"):
+        train(job(prepared, tmp_path / "out", tracking="online"))
