@@ -169,6 +169,13 @@ class TrainConfig(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distribution.")
 
 
+class PretrainConfig(TrainConfig):
+    """Pretraining of the embedded tiny teacher: the same loop and fields, cross-entropy only."""
+
+    loss: Literal["ce"] = Field("ce", description="Pretraining is next-token cross-entropy on the corpus.")
+    mode: Literal["offline"] = Field("offline", description="Pretraining reads the corpus (offline).")
+
+
 class GateCriterion(Section):
     task: str = Field(description="lm-eval task name.")
     metric: str = Field(
@@ -238,8 +245,8 @@ class RecipeConfig(Section):
     teacher: TeacherConfig = Field(description="The teacher model.")
     student: StudentConfig = Field(description="The student model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and prompts.")
-    pretrain: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(loss="ce"), description="Pretraining of a tiny teacher (CE)."
+    pretrain: PretrainConfig = Field(
+        default_factory=PretrainConfig, description="Pretraining of a tiny teacher (CE)."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher generation.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")

@@ -90,20 +90,12 @@ def _train_teacher(
             f"data.seq_len {recipe.data.seq_len} exceeds teacher.tiny.max_position_embeddings "
             f"{recipe.teacher.tiny.max_position_embeddings}"
         )
-    job = TrainJob(
-        name=f"{recipe.name}-teacher",
-        out_dir=out_dir,
-        cfg=recipe.pretrain,
-        tracking=recipe.tracking,
-        tokenizer_dir=data.tokenizer_dir,
-        tokens_dir=data.tokens_dir,
-        seq_len=recipe.data.seq_len,
-        build_model=lambda: build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=recipe.pretrain.seed),
-        device=device,
-        mixed_precision="bf16" if device == "cuda" else "no",
-        resume=resume,
-        progress=progress,
-        config_dump=recipe.model_dump(mode="json"),
+
+    def build():
+        return build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=recipe.pretrain.seed)
+
+    job = TrainJob.from_recipe(
+        recipe, "teacher", recipe.pretrain, data, out_dir, build, resume=resume, progress=progress
     )
     result = train(job)
     test_loss = held_out_loss(result.final_dir, data.tokens_dir / "test.npy", recipe.data.seq_len, device)

@@ -11,7 +11,7 @@ import time
 from distill.artifacts import RunManifest, hash_json
 from distill.config import RecipeConfig
 from distill.errors import NotImplementedYet
-from distill.models import build_tiny_llama, check_model_dir, load_causal_lm, resolve_device
+from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
 from distill.prepare import prepare
 from distill.tokenizer import load_tokenizer
 from distill.train import TrainJob, TrainResult, train
@@ -33,7 +33,6 @@ def train_student(
     out_dir = recipe.run_dir / "student"
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
-    device = resolve_device(recipe.device)
 
     def build():
         import torch
@@ -46,23 +45,10 @@ def train_student(
             recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed
         )
 
-    result = train(
-        TrainJob(
-            name=f"{recipe.name}-student",
-            out_dir=out_dir,
-            cfg=recipe.train,
-            tracking=recipe.tracking,
-            tokenizer_dir=data.tokenizer_dir,
-            tokens_dir=data.tokens_dir,
-            seq_len=recipe.data.seq_len,
-            build_model=build,
-            device=device,
-            mixed_precision="bf16" if device == "cuda" else "no",
-            resume=resume,
-            progress=progress,
-            config_dump=recipe.model_dump(mode="json"),
-        )
+    job = TrainJob.from_recipe(
+        recipe, "student", recipe.train, data, out_dir, build, resume=resume, progress=progress
     )
+    result = train(job)
     RunManifest(recipe.run_dir).record(
         "train",
         "done",

@@ -44,6 +44,30 @@ class TrainJob:
     progress: bool = True
     config_dump: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_recipe(
+        cls, recipe, role: str, cfg: TrainConfig, data, out_dir: Path, build_model, **kwargs
+    ) -> TrainJob:
+        """The job for `role` ("teacher", "student") of a recipe, on its prepared data and device."""
+        from distill.models import resolve_device
+
+        device = resolve_device(recipe.device)
+        return cls(
+            name=f"{recipe.name}-{role}",
+            out_dir=out_dir,
+            cfg=cfg,
+            tracking=recipe.tracking,
+            tokenizer_dir=data.tokenizer_dir,
+            tokens_dir=data.tokens_dir,
+            seq_len=recipe.data.seq_len,
+            build_model=build_model,
+            device=device,
+            # NOTE: fp32 on CPUs (no bf16 hardware here); bf16 autocast over fp32 master weights on GPUs.
+            mixed_precision="bf16" if device == "cuda" else "no",
+            config_dump=recipe.model_dump(mode="json"),
+            **kwargs,
+        )
+
 
 @dataclass
 class TrainResult:

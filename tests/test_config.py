@@ -130,3 +130,9 @@ def test_every_field_is_documented():
     assert not undocumented, undocumented
     paths = {path for path, _, _ in rows}
     assert {"train.lr", "teacher.tiny.hidden_size", "eval.gate.quant_min_retention", "serve.port"} <= paths
+
+
+def test_pretrain_section_is_cross_entropy_only(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["pretrain.max_steps=5"])
+    assert recipe.pretrain.loss == "ce"
+    assert "pretrain.loss: expected 'ce', got 'jsd'" in _error(tmp_path, BASE, ["pretrain.loss=jsd"])
