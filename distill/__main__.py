@@ -2,4 +2,6 @@ import sys
 
 from distill.cli import main
 
-sys.exit(main())
+# NOTE: the guard matters: vLLM starts its engine in spawned processes, which re-import __main__.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,12 +106,27 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 
 def remove_stale_temps(directory: Path) -> None:
-    """Delete leftovers of writes that died (`.name.tmp-PID`, `.name.old-PID`)."""
+    """Clean up after writes that died: delete `.name.tmp-PID` and `.name.del-PID`; a `.name.old-PID`
+    whose `name` is gone (killed between the two renames of `atomic_directory`) is put back."""
     if not directory.is_dir():
         return
-    for path in directory.iterdir():
-        if path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name):
+    for path in sorted(directory.iterdir()):
+        if not path.name.startswith("."):
+            continue
+        if ".old-" in path.name:
+            target = directory / path.name[1:].rsplit(".old-", 1)[0]
+            if not target.exists():
+                os.replace(path, target)
+                continue
+        if any(marker in path.name for marker in (".tmp-", ".old-", ".del-")):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def remove_directory(path: Path) -> None:
+    """Delete a directory so that a kill midway never leaves a half-deleted one under its real name."""
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def ensure_writable_dir(path: Path, what: str) -> Path:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from distill import __version__
 from distill.errors import DistillError, NotImplementedYet
 
 NOT_BUILT = {
-    "generate": "teacher generation into the teacher store (issue #3)",
     "eval": "lm-eval evaluation and the quality gate (issue #6)",
     "report": "the evaluation report (issue #6)",
     "quantize": "llm-compressor quantization (issue #7)",
@@ -22,6 +22,14 @@ NOT_BUILT = {
     "bench": "serving benchmarks (issue #7)",
     "promote": "promotion to the registry (issue #7)",
 }
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line, exit status 1."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +44,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="distill",
         description="Distil a large language model into a small student: teacher generation (vLLM), "
         "training (Accelerate/DeepSpeed/PEFT), quantization (llm-compressor), gating (lm-eval), serving (vLLM).",
@@ -66,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     _training_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="the teacher writes the teacher store (sample or score mode)")
+    _recipe_args(p)
+    p.add_argument("--shard", metavar="I/N", help="process only shards with index I modulo N (0-based)")
+    p.add_argument("--out", help="store directory (default <run>/teacher or <run>/teacher.shard-I-of-N)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    p.set_defaults(func=cmd_generate)
+
+    store = sub.add_parser("store", help="inspect, verify and merge teacher stores").add_subparsers(
+        dest="action", required=True
+    )
+    p = store.add_parser("info", help="manifest summary: rows, tokens, bytes/token, teacher")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_store_info)
+    p = store.add_parser("verify", help="check every shard against its checksum")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_store_verify)
+    p = store.add_parser("merge", help="join --shard I/N stores into one")
+    p.add_argument("out")
+    p.add_argument("inputs", nargs="+")
+    p.set_defaults(func=cmd_store_merge)
 
     p = sub.add_parser("run", help="run every stage of a recipe")
     _recipe_args(p)
@@ -127,6 +156,46 @@ def cmd_train(args) -> int:
         _load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
     )
     print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from distill.generate import generate, parse_shard
+
+    shard = parse_shard(args.shard) if args.shard else None
+    store = generate(
+        _load(args), shard=shard, out=Path(args.out) if args.out else None, overwrite=args.overwrite
+    )
+    _print_summary(store.summary())
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+def cmd_store_info(args) -> int:
+    from distill.store import TeacherStore
+
+    _print_summary(TeacherStore(args.dir).summary())
+    return 0
+
+
+def cmd_store_verify(args) -> int:
+    from distill.store import TeacherStore
+
+    store = TeacherStore(args.dir)
+    store.verify()
+    print(f"ok: {len(store.shards)} shards match their checksums")
+    return 0
+
+
+def cmd_store_merge(args) -> int:
+    from distill.store import merge_stores
+
+    store = merge_stores(Path(args.out), [Path(p) for p in args.inputs])
+    _print_summary(store.summary())
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,8 @@ from distill.errors import DistillError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent coercion ("0.001" is not a number, true is not an integer); ints still pass as floats.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class TinyModelConfig(Section):
@@ -69,6 +71,10 @@ class TeacherConfig(Section):
         "auto", description="Weights dtype; auto = bfloat16 on GPUs, float32 on CPUs."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+    backend: Literal["vllm", "hf"] = Field(
+        "vllm",
+        description="Engine that runs the teacher: vLLM (default) or transformers (baseline, no vLLM).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
@@ -114,7 +120,9 @@ class DataConfig(Section):
 
 class GenerateConfig(Section):
     mode: Literal["sample", "score"] = Field(
-        "sample", description="sample: the teacher writes completions; score: top-k on given sequences."
+        "sample",
+        description="sample: the teacher completes the prompt set; score: top-k at every position of the "
+        "corpus train blocks (data.seq_len tokens each).",
     )
     top_k: int = Field(32, gt=0, le=1024, description="Teacher logprobs kept per position (k).")
     samples_per_prompt: int = Field(1, gt=0, description="Completions per prompt (sample mode).")
@@ -122,7 +130,16 @@ class GenerateConfig(Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     seed: int = Field(0, description="Base seed; each prompt gets its own seed derived from it.")
-    rows_per_shard: int = Field(1024, gt=0, description="Rows per Parquet shard of the teacher store.")
+    num_sequences: int | None = Field(
+        None, gt=0, description="Cap on prompts (sample) or corpus blocks (score) to capture; default all."
+    )
+    items_per_shard: int = Field(
+        256,
+        gt=0,
+        description="Prompts (sample) or sequences (score) per shard; a shard is one fixed engine batch, "
+        "the unit of resume and of --shard I/N.",
+    )
+    batch_size: int = Field(16, gt=0, description="Sequences per forward pass of the hf backend.")
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM engine arguments passed through (tensor_parallel_size, max_model_len, ...).",
@@ -241,7 +258,6 @@ class RecipeConfig(Section):
         "hash; default $DISTILL_CACHE_DIR or ~/.cache/distill.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
-    seed: int = Field(0, description="Global seed.")
     teacher: TeacherConfig = Field(description="The teacher model.")
     student: StudentConfig = Field(description="The student model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and prompts.")
@@ -254,6 +270,16 @@ class RecipeConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Quantization.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking.")
+
+    @model_validator(mode="after")
+    def _sequences_fit(self) -> RecipeConfig:
+        for role, tiny in (("teacher", self.teacher.tiny), ("student", self.student.tiny)):
+            if tiny is not None and self.data.seq_len > tiny.max_position_embeddings:
+                raise ValueError(
+                    f"data.seq_len {self.data.seq_len} exceeds {role}.tiny.max_position_embeddings "
+                    f"{tiny.max_position_embeddings}"
+                )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -269,30 +295,71 @@ class RecipeConfig(Section):
 # --------------------------------------------------------------------------- loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as users write recipes: `1e-4` is a number (YAML 1.1 wants `1.0e-4`), duplicate keys are errors."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} at line {context_mark.line + 1})"
+        raise DistillError(f"{place}: malformed YAML: {problem}") from exc
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
     """Load a YAML recipe, apply `a.b.c=value` overrides, and validate it strictly."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"recipe not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DistillError(f"{where}: malformed YAML: {problem}") from exc
+    raw = parse_yaml(path.read_text(), str(path))
     if not isinstance(raw, dict):
         raise DistillError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
-    return validate_recipe(raw, source=str(path))
+    return validate_recipe(raw, source=str(path), overrides=overrides)
 
 
-def validate_recipe(raw: dict[str, Any], source: str = "<recipe>") -> RecipeConfig:
+def validate_recipe(
+    raw: dict[str, Any], source: str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()
+) -> RecipeConfig:
     try:
         return RecipeConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(describe_error(err) for err in exc.errors())
+        problems = "; ".join(_with_origin(describe_error(err), err, overrides) for err in exc.errors())
         raise DistillError(f"{source}: {problems}") from exc
+
+
+def _with_origin(text: str, err: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> str:
+    """Name the command-line override an error came from, so nobody hunts for it in the file."""
+    dotted = ".".join(str(p) for p in err["loc"])
+    for item in overrides:
+        key = item.partition("=")[0]
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return f"{text} (from override {item})"
+    return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -302,14 +369,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise DistillError(f"override {item!r}: expected dotted.key=value")
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError as exc:
-            raise DistillError(f"override {item!r}: value is not valid YAML") from exc
+        value = parse_yaml(text, f"override {item!r}") if text else None
         node = raw
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or null (student.lora=null student.lora.r=8)
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise DistillError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
             node = child
@@ -346,7 +412,7 @@ def describe_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{dotted}: required field is missing"
     prefix = kind.split("_")[0]
-    if kind.endswith(("_type", "_parsing")) and prefix in _TYPE_WORDS:
+    if (kind.endswith(("_type", "_parsing")) or kind == "int_from_float") and prefix in _TYPE_WORDS:
         return f"{dotted}: expected {_TYPE_WORDS[prefix]}, got {got!r}"
     if kind == "literal_error":
         return f"{dotted}: expected {err['ctx']['expected']}, got {got!r}"

@@ -42,6 +42,7 @@ class Document:
     id: str
     source: str
     text: str
+    split: str | None = None  # given by a custom corpus; the embedded one splits by hash
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,30 @@ def _docstrings(path: Path, rel: str) -> list[Document]:
 
 
 def directory_documents(source: Path) -> list[Document]:
+    """A custom corpus keeps its own splits. Held-out splits come first, so a text that is also in train
+    is dropped from train by deduplication, never from validation or test."""
     docs = []
-    for split in SPLITS:
+    for split in ("validation", "test", "train"):
         path = source / f"{split}.jsonl"
         if not path.exists():
             raise DistillError(f"data.source: {path} is missing (expected train/validation/test .jsonl)")
-        for i, line in enumerate(path.read_text().splitlines()):
-            docs.append(Document(f"{split}:{i}", str(path), json.loads(line)["text"]))
+        docs += [Document(f"{split}:{n}", str(path), text, split) for n, text in _jsonl_texts(path)]
     return docs
+
+
+def _jsonl_texts(path: Path) -> list[tuple[int, str]]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DistillError(f"{path}:{n}: expected a JSON object with a 'text' field") from exc
+        if not isinstance(text, str):
+            raise DistillError(f"{path}:{n}: 'text' must be a string")
+        rows.append((n, text))
+    return rows
 
 
 def normalize(text: str) -> str:
@@ -168,7 +185,7 @@ def deduplicate(documents: list[Document]) -> list[Document]:
         if fingerprint in seen:
             continue
         seen.add(fingerprint)
-        kept.append(Document(doc.id, doc.source, text))
+        kept.append(Document(doc.id, doc.source, text, doc.split))
     return kept
 
 
@@ -203,12 +220,20 @@ def _jsonl(rows: list[dict]) -> bytes:
 def write_corpus(documents: list[Document], cfg: DataConfig, out: Path) -> None:
     by_split: dict[str, list[Document]] = {split: [] for split in SPLITS}
     for doc in documents:
-        by_split[split_of(doc.text, cfg.validation_percent, cfg.test_percent)].append(doc)
+        by_split[doc.split or split_of(doc.text, cfg.validation_percent, cfg.test_percent)].append(doc)
     files = {
         split: _jsonl([{"id": d.id, "source": d.source, "text": d.text} for d in docs])
         for split, docs in by_split.items()
     }
-    prompts = make_prompts(by_split["train"], cfg.num_prompts, cfg.prompt_chars)
+    given = Path(cfg.source) / "prompts.jsonl" if cfg.source != "embedded" else None
+    if given is not None and given.exists():
+        prompts = [
+            {"id": f"p{i:05d}", "doc_id": f"prompts:{n}", "text": t}
+            for i, (n, t) in enumerate(_jsonl_texts(given))
+        ]
+        prompts = prompts[: cfg.num_prompts]
+    else:
+        prompts = make_prompts(by_split["train"], cfg.num_prompts, cfg.prompt_chars)
     if len(prompts) < cfg.num_prompts:
         raise DistillError(f"data.num_prompts: asked for {cfg.num_prompts}, the corpus yields {len(prompts)}")
     files["prompts"] = _jsonl(prompts)

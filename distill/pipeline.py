@@ -13,8 +13,8 @@ from distill.config import RecipeConfig
 from distill.prepare import prepare
 from distill.pretrain import TeacherSummary, pretrain
 
-STAGES = ("prepare", "pretrain", "generate", "train", "eval", "quantize", "serve", "promote")
-BUILT = ("prepare", "pretrain")
+STAGES = ("prepare", "pretrain", "generate", "train", "eval", "quantize", "serve", "bench", "promote")
+CHAINED = ("prepare", "pretrain")
 
 
 @dataclass
@@ -33,8 +33,8 @@ class RunSummary:
                 f"  held-out (test) loss {t.test_loss:.3f} nats, perplexity {t.test_perplexity:.1f}",
                 f"  uniform over the vocabulary: loss {t.uniform_loss:.3f}, perplexity {t.vocab_size}",
             ]
-        pending = [s for s in STAGES if s not in BUILT]
-        out.append(f"not built yet (later issues): {', '.join(pending)}")
+        pending = [s for s in STAGES if s not in CHAINED]
+        out.append(f"not chained by `distill run` yet: {', '.join(pending)}")
         out.append(f"done in {self.seconds:.0f}s")
         return out
 

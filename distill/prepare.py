@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import RunManifest, ensure_writable_dir, hash_json
-from distill.config import RecipeConfig
+from distill.artifacts import RunManifest, atomic_write_text, ensure_writable_dir, hash_json
+from distill.config import RecipeConfig, recipe_to_yaml
 from distill.corpus import Corpus, prepare_corpus
 from distill.models import check_model_dir
 from distill.tokenizer import tokenize_corpus, tokenizer_hash, train_tokenizer
@@ -55,6 +55,7 @@ def prepare(recipe: RecipeConfig) -> PreparedData:
     """Build or reuse the corpus, tokenizer and tokens; record them in the run manifest."""
     started = time.perf_counter()
     run_dir = ensure_writable_dir(recipe.run_dir, "run directory")
+    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))  # the resolved recipe of this run
     ensure_writable_dir(recipe.cache_path, "cache directory")
     corpus = prepare_corpus(recipe.data, recipe.cache_path)
     tokenizer_dir = resolve_tokenizer_dir(recipe, corpus)

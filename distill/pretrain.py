@@ -18,10 +18,7 @@ from distill.errors import DistillError
 from distill.models import build_tiny_llama, count_parameters, resolve_device
 from distill.prepare import PreparedData, prepare
 from distill.tokenizer import load_tokenizer, tokenizer_hash
-from distill.train import TokenBlocks, TrainJob, evaluate_loss, train
-
-# Fields that only change logging or bookkeeping, not the weights.
-_BOOKKEEPING = {"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "distributed"}
+from distill.train import BOOKKEEPING, TokenBlocks, TrainJob, evaluate_loss, train
 
 
 @dataclass(frozen=True)
@@ -41,9 +38,11 @@ class TeacherSummary:
 
 
 def teacher_key(recipe: RecipeConfig, data: PreparedData) -> str:
-    train_settings = recipe.pretrain.model_dump(exclude=_BOOKKEEPING)
+    train_settings = recipe.pretrain.model_dump(exclude=set(BOOKKEEPING))
+    device = resolve_device(recipe.device)
     return hash_json(
         {
+            "device": device,  # fp32 on CPUs, bf16 mixed precision on GPUs: different weights
             "corpus": data.corpus.content_hash,
             "tokenizer": tokenizer_hash(data.tokenizer_dir),
             "model": recipe.teacher.tiny.model_dump(),
@@ -85,11 +84,6 @@ def _train_teacher(
 ) -> None:
     tokenizer = load_tokenizer(data.tokenizer_dir)
     device = resolve_device(recipe.device)
-    if recipe.data.seq_len > recipe.teacher.tiny.max_position_embeddings:
-        raise DistillError(
-            f"data.seq_len {recipe.data.seq_len} exceeds teacher.tiny.max_position_embeddings "
-            f"{recipe.teacher.tiny.max_position_embeddings}"
-        )
 
     def build():
         return build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=recipe.pretrain.seed)

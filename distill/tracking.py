@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distill.artifacts import atomic_write_text
 from distill.config import TrackingConfig
 from distill.errors import DistillError
 
@@ -75,7 +76,7 @@ class MetricsLog:
         elif self.path.exists():
             rows = _parse_rows(self.path.read_text())
             kept = [row for row in rows if row.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:

@@ -10,7 +10,6 @@ model, optimizer, scheduler and RNG states, so a resumed run computes what the u
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from distill.artifacts import atomic_directory, atomic_write_json, read_json, remove_stale_temps
+from distill.artifacts import (
+    atomic_directory,
+    atomic_write_json,
+    hash_json,
+    read_json,
+    remove_directory,
+    remove_stale_temps,
+)
 from distill.config import TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.losses import cross_entropy
@@ -139,6 +145,23 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
+# Settings that only change logging and bookkeeping; anything else must match to resume exactly.
+BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last", "log_every"})
+
+
+def settings_hash(job: TrainJob) -> str:
+    return hash_json(
+        {
+            "train": job.cfg.model_dump(mode="json", exclude=set(BOOKKEEPING)),
+            "seq_len": job.seq_len,
+            "tokens": str(Path(job.tokens_dir).resolve()),
+            "tokenizer": str(Path(job.tokenizer_dir).resolve()),
+            "device": job.device,
+            "mixed_precision": job.mixed_precision,
+        }
+    )
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a checkpoint is complete once trainer_state.json is inside)."""
     root = Path(out_dir) / "checkpoints"
@@ -156,7 +179,7 @@ def save_checkpoint(accelerator, out_dir: Path, state: dict[str, Any], keep_last
         accelerator.save_state(str(tmp), safe_serialization=True)
         atomic_write_json(tmp / "trainer_state.json", state)
     for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        remove_directory(old)
     return target
 
 
@@ -216,10 +239,17 @@ def train(job: TrainJob) -> TrainResult:
     val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
     order = BlockOrder(train_blocks.num_blocks, cfg.seed)
 
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None, "val_loss": None}
+    settings = settings_hash(job)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None, "val_loss": None, "settings": settings}
     if resume_from is not None:
+        saved = read_json(resume_from / "trainer_state.json")
+        if saved.get("settings") != settings:
+            raise DistillError(
+                f"cannot resume from {resume_from}: the training settings, model or data changed since it "
+                "was written (an exact resume needs the same ones); use --overwrite to start over"
+            )
         accelerator.load_state(str(resume_from))
-        state = read_json(resume_from / "trainer_state.json")
+        state = saved
         accelerator.print(f"resuming from {resume_from} (step {state['step']})")
     tracker = make_tracker(job.tracking, job.name, out_dir, job.config_dump, resume_id=state["wandb_id"])
     state["wandb_id"] = getattr(tracker, "id", None)
@@ -256,6 +286,7 @@ def train(job: TrainJob) -> TrainResult:
                 f"{last[-1] if last else 'none'} (lower train.lr or check the data)"
             )
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -268,7 +299,7 @@ def train(job: TrainJob) -> TrainResult:
             elapsed = time.perf_counter() - window_started
             row.update(
                 loss=loss,
-                lr=scheduler.get_last_lr()[0],
+                lr=lr,
                 grad_norm=float(grad_norm),
                 tokens=state["tokens"],
                 tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),

@@ -56,3 +56,15 @@ def prepared(cache_dir):
 
     recipe = load_recipe(TINY, [*MICRO, f"runs_dir={cache_dir / 'runs'}", f"cache_dir={cache_dir}"])
     return prepare(recipe)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; on machines without it they are reported as skipped, never passed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

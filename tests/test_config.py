@@ -61,7 +61,9 @@ BASE = "name: t\nteacher: {tiny: {}}\nstudent: {tiny: {}}\n"
 
 def test_wrong_type_names_file_and_dotted_path(tmp_path):
     msg = _error(tmp_path, BASE, ["train.lr=fast"])
-    assert msg == f"{tmp_path / 'r.yaml'}: train.lr: expected a number, got 'fast'"
+    assert (
+        msg == f"{tmp_path / 'r.yaml'}: train.lr: expected a number, got 'fast' (from override train.lr=fast)"
+    )
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
@@ -136,3 +138,45 @@ def test_pretrain_section_is_cross_entropy_only(tmp_path):
     recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["pretrain.max_steps=5"])
     assert recipe.pretrain.loss == "ce"
     assert "pretrain.loss: expected 'ce', got 'jsd'" in _error(tmp_path, BASE, ["pretrain.loss=jsd"])
+
+
+def test_no_silent_coercion(tmp_path):
+    assert "train.log_every: expected an integer, got True" in _error(
+        tmp_path, BASE, ["train.log_every=true"]
+    )
+    assert "train.lr: expected a number, got '0.001'" in _error(tmp_path, BASE + "train: {lr: '0.001'}\n")
+    assert "train.max_steps: expected an integer, got 2.5" in _error(tmp_path, BASE, ["train.max_steps=2.5"])
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(BASE + "train: {lr: 1e-4, max_steps: 10}\n")
+    assert load_recipe(path).train.lr == pytest.approx(1e-4)
+    assert load_recipe(path, ["train.lr=3E-5"]).train.lr == pytest.approx(3e-5)
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    msg = _error(tmp_path, BASE + "train:\n  lr: 0.1\n  lr: 0.2\n")
+    assert ":6:" in msg and "duplicate key 'lr' (first at line 5)" in msg
+
+
+def test_override_fills_a_null_section():
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["student.lora=null", "student.lora.r=8"])
+    assert recipe.student.lora.r == 8
+
+
+def test_errors_from_the_file_are_not_blamed_on_overrides(tmp_path):
+    msg = _error(tmp_path, BASE + "train: {lr: fast}\n", ["train.max_steps=3"])
+    assert msg.endswith("train.lr: expected a number, got 'fast'")
+
+
+def test_unclosed_bracket_names_where_it_opened(tmp_path):
+    msg = _error(tmp_path, "name: t\nteacher:\n  tiny: [1, 2\n")
+    assert "malformed YAML" in msg and "at line 3" in msg
+
+
+def test_sequence_length_must_fit_both_models(tmp_path):
+    msg = _error(tmp_path, BASE, ["data.seq_len=4096"])
+    assert "data.seq_len 4096 exceeds teacher.tiny.max_position_embeddings 512" in msg
+    msg = _error(tmp_path, BASE, ["teacher.tiny.max_position_embeddings=8192", "data.seq_len=4096"])
+    assert "exceeds student.tiny.max_position_embeddings 512" in msg

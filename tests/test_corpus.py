@@ -72,3 +72,36 @@ def test_sources_include_pydoc_topics_and_stdlib_docstrings():
     sources = {d.source for d in docs}
     assert sources == {"pydoc_data.topics", "stdlib docstrings"}
     assert not any("/test/" in d.id or "site-packages" in d.id for d in docs)
+
+
+def _write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def test_a_custom_corpus_keeps_its_splits_and_prompts(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    long = "This sentence is long enough to count as a document in the corpus. "
+    _write_jsonl(src / "train.jsonl", [f"{long * 4} train {i}" for i in range(20)] + [f"{long * 4} shared"])
+    _write_jsonl(src / "validation.jsonl", [f"{long * 4} val {i}" for i in range(3)] + [f"{long * 4} shared"])
+    _write_jsonl(src / "test.jsonl", [f"{long * 4} test {i}" for i in range(2)])
+    _write_jsonl(src / "prompts.jsonl", ["Once upon a time", "The function"])
+    corpus = prepare_corpus(DataConfig(source=str(src), num_prompts=2), tmp_path / "cache")
+    assert corpus.manifest["documents"] == {"train": 20, "validation": 4, "test": 2}  # shared text left train
+    assert all(" val " in t or "shared" in t for t in corpus.texts("validation"))
+    prompts = [json.loads(line)["text"] for line in corpus.split_path("prompts").read_text().splitlines()]
+    assert prompts == ["Once upon a time", "The function"]
+
+
+def test_a_bad_row_names_file_and_line(tmp_path):
+    import pytest
+
+    from distill.errors import DistillError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for split in ("train", "validation", "test"):
+        _write_jsonl(src / f"{split}.jsonl", ["x" * 300])
+    (src / "test.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DistillError, match=r"test.jsonl:2: expected a JSON object with a 'text' field"):
+        prepare_corpus(DataConfig(source=str(src)), tmp_path / "cache")

@@ -25,7 +25,7 @@ def test_run_prepares_pretrains_and_summarises(cache_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     assert "held-out (test) loss" in first.stdout and "perplexity" in first.stdout
     assert "uniform over the vocabulary: loss 8.318" in first.stdout
-    assert "not built yet (later issues): generate, train" in first.stdout
+    assert "not chained by `distill run` yet: generate, train" in first.stdout
     manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
     assert manifest["stages"]["prepare"]["status"] == "done"
     assert manifest["stages"]["pretrain"]["status"] == "done"

@@ -62,6 +62,7 @@ def test_loss_decreases_and_exports_hf_model(prepared, tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= rows[0].keys()
     assert "val_loss" in rows[3] and "val_ppl" in rows[3]
+    assert rows[0]["lr"] == pytest.approx(5e-3 * lr_factor(0, TrainConfig(warmup_steps=2, max_steps=30)))
 
 
 def test_keeps_only_the_last_checkpoints(prepared, tmp_path):
@@ -141,11 +142,24 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared, tmp_path,
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
 
 
-def test_wandb_offline_records_the_run_and_resumes_it(prepared, tmp_path):
-    train(job(prepared, tmp_path, tracking="offline", max_steps=4, save_every=2, eval_every=2))
+def test_wandb_offline_records_the_run_and_resumes_it(prepared, tmp_path, monkeypatch):
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(accelerator, out_dir, state, keep_last):
+        path = real_save(accelerator, out_dir, state, keep_last)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(job(prepared, tmp_path, tracking="offline", max_steps=4, save_every=2, eval_every=2))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    first_id = train_mod.read_json(list_checkpoints(tmp_path)[-1] / "trainer_state.json")["wandb_id"]
+    train(job(prepared, tmp_path, tracking="offline", max_steps=4, save_every=2, eval_every=2, resume=True))
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert first_id and all(r.name.endswith(first_id) for r in runs)  # the resumed run is the same wandb run
+    log = b"".join(f.read_bytes() for r in runs for f in r.glob("run-*.wandb"))
     assert b"val_loss" in log and b"grad_norm" in log  # our metrics went through wandb
 
 
@@ -171,3 +185,19 @@ def test_wandb_online_without_credentials_is_a_clear_error(prepared, tmp_path, m
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     with pytest.raises(DistillError, match=r"tracking.wandb=online: .*wandb login.*tracking.wandb=offline"):
         train(job(prepared, tmp_path / "out", tracking="online"))
+
+
+def test_resume_refuses_changed_settings(prepared, tmp_path, monkeypatch):
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(accelerator, out_dir, state, keep_last):
+        real_save(accelerator, out_dir, state, keep_last)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(job(prepared, tmp_path))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    with pytest.raises(DistillError, match="cannot resume from .*step-000003: the training settings"):
+        train(job(prepared, tmp_path, resume=True, lr=1e-4))
+    train(job(prepared, tmp_path, resume=True, log_every=2))  # bookkeeping may change

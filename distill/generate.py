@@ -1,0 +1,206 @@
+"""Stage `generate`: the teacher (vLLM or transformers) writes the teacher store.
+
+The work (prompts to sample from, or corpus blocks to score) is a fixed, ordered list cut into shards of
+`generate.items_per_shard`; a shard is one engine call over fixed inputs, so a shard redone after a crash
+computes what it would have. Finished shards are recorded in the store manifest and never redone.
+`--shard I/N` runs the shards whose index is I modulo N; `distill store merge` joins the results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distill.artifacts import RunManifest, hash_json, sha256_file
+from distill.config import RecipeConfig
+from distill.errors import DistillError
+from distill.models import check_causal_lm, model_fingerprint, resolve_device, resolve_dtype
+from distill.prepare import PreparedData, prepare
+from distill.store import (
+    LOGPROB_SCALE,
+    STORE_FORMAT,
+    TeacherStore,
+    id_bits,
+    open_or_create,
+    record_shard,
+    shard_name,
+    write_shard,
+)
+from distill.teacher import HfTeacher, Item, SampleSettings, VllmTeacher
+from distill.tokenizer import load_tokenizer, tokenizer_hash
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError as exc:
+        raise DistillError(f"--shard {text!r}: expected I/N, e.g. 0/4") from exc
+    if count < 1 or not 0 <= index < count:
+        raise DistillError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def teacher_path(recipe: RecipeConfig) -> Path:
+    """teacher.model, or the embedded tiny teacher (pretrained now, or reused from the cache)."""
+    if recipe.teacher.model:
+        return check_causal_lm(recipe.teacher.model, "teacher.model")
+    from distill.pretrain import pretrain
+
+    return pretrain(recipe, resume=True).path
+
+
+def work_items(recipe: RecipeConfig, data: PreparedData) -> tuple[list[Item], dict]:
+    """The ordered work list and a description of its source (for the store identity)."""
+    cap = recipe.generate.num_sequences
+    if recipe.generate.mode == "sample":
+        path = data.corpus.root / "prompts.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        tokenizer = load_tokenizer(data.tokenizer_dir)
+        items = [(r["id"], tokenizer(r["text"])["input_ids"]) for r in rows[:cap]]
+        source = {"kind": "prompts", "file": str(path), "sha256": sha256_file(path), "items": len(items)}
+    else:
+        path = data.tokens_dir / "train.npy"
+        tokens = np.load(path, mmap_mode="r")
+        seq_len = recipe.data.seq_len
+        blocks = len(tokens) // seq_len if cap is None else min(cap, len(tokens) // seq_len)
+        items = [
+            (f"b{i:07d}", tokens[i * seq_len : (i + 1) * seq_len].astype(np.int64).tolist())
+            for i in range(blocks)
+        ]
+        source = {
+            "kind": "corpus blocks",
+            "file": str(path),
+            "sha256": sha256_file(path),
+            "items": len(items),
+            "seq_len": seq_len,
+        }
+    if not items:
+        raise DistillError(f"generate: nothing to do, the {source['kind']} in {path} are empty")
+    return items, source
+
+
+def engine_args(recipe: RecipeConfig, model: Path, device: str) -> dict:
+    from distill.vllm_engine import engine_kwargs
+
+    k, extra = recipe.generate.top_k, dict(recipe.generate.engine)
+    if extra.get("max_logprobs", k) < k:
+        raise DistillError(
+            f"generate.top_k={k} exceeds generate.engine.max_logprobs={extra['max_logprobs']}; "
+            f"raise max_logprobs to at least {k} or leave it unset"
+        )
+    extra.setdefault("max_logprobs", k)
+    if recipe.teacher.dtype != "auto":
+        extra.setdefault("dtype", recipe.teacher.dtype)
+    extra.setdefault("seed", recipe.generate.seed)
+    extra.setdefault("trust_remote_code", recipe.teacher.trust_remote_code)
+    return engine_kwargs(str(model), **extra)
+
+
+def store_identity(
+    recipe: RecipeConfig, model: Path, data: PreparedData, source: dict, vocab: int, dtype: str
+) -> dict:
+    g = recipe.generate
+    capture = {"backend": recipe.teacher.backend, "dtype": dtype, "items_per_shard": g.items_per_shard}
+    if g.mode == "sample":
+        capture.update(
+            samples_per_prompt=g.samples_per_prompt,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=g.seed,
+        )
+    return {
+        "mode": g.mode,
+        "k": g.top_k,
+        "vocab_size": vocab,
+        "teacher": model_fingerprint(model, recipe.cache_path),
+        "tokenizer_hash": tokenizer_hash(data.tokenizer_dir)
+        if (data.tokenizer_dir / "tokenizer.json").exists()
+        else None,
+        "source": source,
+        "capture": capture,
+        "encoding": {"format": STORE_FORMAT, "id_bits": id_bits(vocab), "logprob_scale": LOGPROB_SCALE},
+    }
+
+
+def make_teacher(recipe: RecipeConfig, model: Path, device: str, dtype: str):
+    k = recipe.generate.top_k
+    if recipe.teacher.backend == "hf":
+        max_len = recipe.generate.engine.get("max_model_len")
+        return HfTeacher(
+            str(model), k, device, resolve_dtype(dtype, device), recipe.generate.batch_size, max_len
+        )
+    return VllmTeacher(engine_args(recipe, model, device), k)
+
+
+def generate(
+    recipe: RecipeConfig,
+    shard: tuple[int, int] | None = None,
+    out: Path | None = None,
+    overwrite: bool = False,
+) -> TeacherStore:
+    """Capture the teacher into a store (default `<run>/teacher`, or `<run>/teacher.shard-I-of-N`)."""
+    started = time.perf_counter()
+    g = recipe.generate
+    data = prepare(recipe)
+    model = teacher_path(recipe)
+    device = resolve_device(recipe.device)
+    dtype = (
+        recipe.teacher.dtype
+        if recipe.teacher.dtype != "auto"
+        else ("bfloat16" if device == "cuda" else "float32")
+    )
+    # The model's own vocabulary (ids the teacher can emit), which may exceed the tokenizer's.
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    items, source = work_items(recipe, data)
+    num_shards = math.ceil(len(items) / g.items_per_shard)
+    if out is None:
+        out = recipe.run_dir / ("teacher" if shard is None else f"teacher.shard-{shard[0]}-of-{shard[1]}")
+    identity = store_identity(recipe, model, data, source, vocab, dtype)
+    manifest = open_or_create(out, identity, num_shards, list(shard) if shard else None, overwrite)
+    mine = [i for i in range(num_shards) if shard is None or i % shard[1] == shard[0]]
+    todo = [i for i in mine if not _shard_done(out, manifest, shard_name(i))]
+    if todo:
+        teacher = make_teacher(recipe, model, device, dtype)
+        settings = SampleSettings(g.samples_per_prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed)
+        for i in todo:
+            lo = i * g.items_per_shard
+            chunk = items[lo : lo + g.items_per_shard]
+            captures = teacher.sample(chunk, settings, lo) if g.mode == "sample" else teacher.score(chunk)
+            entry = write_shard(out / shard_name(i), captures, identity["encoding"]["id_bits"])
+            record_shard(out, manifest, shard_name(i), {"index": i, "items": [lo, lo + len(chunk)], **entry})
+            print(
+                f"generate: {shard_name(i)} ({len(todo) - todo.index(i) - 1} left), {entry['rows']} rows, "
+                f"{entry['bytes'] / max(entry['positions'], 1):.1f} bytes/token",
+                flush=True,
+            )
+    store = TeacherStore(out)
+    RunManifest(recipe.run_dir).record(
+        "generate" if shard is None else f"generate.shard-{shard[0]}-of-{shard[1]}",
+        "done",
+        hash_json(identity),
+        {
+            "store": str(out),
+            **{k: v for k, v in store.summary().items() if k in ("rows", "positions", "bytes_per_token")},
+        },
+        time.perf_counter() - started,
+    )
+    return store
+
+
+def _shard_done(root: Path, manifest: dict, name: str) -> bool:
+    """Recorded in the manifest and intact on disk (a damaged shard is redone)."""
+    entry = manifest["shards"].get(name)
+    path = root / name
+    if entry is None or not path.is_file():
+        return False
+    if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        print(f"generate: {path} fails its checksum; redoing it", flush=True)
+        del manifest["shards"][name]
+        return False
+    return True
