@@ -234,8 +234,10 @@ def write_corpus(documents: list[Document], cfg: DataConfig, out: Path) -> None:
         prompts = prompts[: cfg.num_prompts]
     else:
         prompts = make_prompts(by_split["train"], cfg.num_prompts, cfg.prompt_chars)
-    if len(prompts) < cfg.num_prompts:
-        raise DistillError(f"data.num_prompts: asked for {cfg.num_prompts}, the corpus yields {len(prompts)}")
+        if len(prompts) < cfg.num_prompts:
+            raise DistillError(
+                f"data.num_prompts: asked for {cfg.num_prompts}, the corpus yields {len(prompts)}"
+            )
     files["prompts"] = _jsonl(prompts)
     for name, data in files.items():
         (out / f"{name}.jsonl").write_bytes(data)

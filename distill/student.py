@@ -13,6 +13,7 @@ from distill.config import RecipeConfig
 from distill.errors import NotImplementedYet
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
 from distill.prepare import prepare
+from distill.store import TeacherStore
 from distill.tokenizer import load_tokenizer
 from distill.train import TrainJob, TrainResult, train
 
@@ -21,6 +22,7 @@ def train_student(
     recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> TrainResult:
     if recipe.train.loss != "ce":
+        check_store_matches_student(recipe)
         raise NotImplementedYet(f"train.loss={recipe.train.loss} (distillation from the teacher store)")
     if recipe.train.mode != "offline":
         raise NotImplementedYet(f"train.mode={recipe.train.mode}")
@@ -57,3 +59,22 @@ def train_student(
         time.perf_counter() - started,
     )
     return result
+
+
+def student_vocab_size(recipe: RecipeConfig) -> tuple[int, str]:
+    """The student's vocabulary and the field it comes from."""
+    import json
+
+    if recipe.student.model:
+        path = check_model_dir(recipe.student.model, "student.model")
+        return json.loads((path / "config.json").read_text())["vocab_size"], "student.model"
+    return len(load_tokenizer(prepare(recipe).tokenizer_dir)), "the student's tokenizer"
+
+
+def check_store_matches_student(recipe: RecipeConfig) -> TeacherStore:
+    """Refuse, before any training, a teacher store the student cannot learn from."""
+    store = TeacherStore(recipe.run_dir / "teacher")
+    store.require_complete()
+    vocab, what = student_vocab_size(recipe)
+    store.check_vocab(vocab, what)
+    return store

@@ -39,7 +39,11 @@ def place_by_rank(entries: list[tuple[int, float, int | None]], k: int) -> tuple
     The engine returns the top k plus the actual token (which may rank below k); slots it did not fill
     (fewer than k candidates) get id 0 and logprob -inf, which the store keeps as its floor value.
     """
-    ranked = sorted((rank, -lp, tid) for tid, lp, rank in entries if rank is not None and rank <= k)[:k]
+    # NOTE: the flat form lists the actual token and then the top k, so a token in both appears twice.
+    unique = {tid: (lp, rank) for tid, lp, rank in reversed(entries)}
+    ranked = sorted((rank, -lp, tid) for tid, (lp, rank) in unique.items() if rank is not None and rank <= k)[
+        :k
+    ]
     ids = np.zeros(k, dtype=np.int64)
     lps = np.full(k, -np.inf, dtype=np.float64)
     for slot, (_, neg_lp, tid) in enumerate(ranked):

@@ -1,0 +1,224 @@
+"""The teacher stage with real vLLM (CPU build) on a micro teacher, through the `distill` command."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.store import LOGPROB_MAX_ERROR, TeacherStore
+
+from .conftest import MICRO, TINY
+from .test_pretrain import TEACHER
+
+SAMPLE = [
+    "generate.mode=sample",
+    "generate.num_sequences=24",
+    "generate.items_per_shard=2",
+    "generate.samples_per_prompt=2",
+    "generate.max_new_tokens=12",
+    "generate.top_k=16",
+    "generate.temperature=1.0",
+]
+pytestmark = pytest.mark.slow  # each test starts a real vLLM engine
+
+
+def distill(*args, runs):
+    cmd = [sys.executable, "-m", "distill", *args]
+    if args and args[0] == "generate":
+        cmd += [*MICRO, *TEACHER, f"runs_dir={runs}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def rows(path):
+    return {c.id: c for c in TeacherStore(path).rows()}
+
+
+def shard_hashes(path):
+    return {name: entry["sha256"] for name, entry in TeacherStore(path).shards.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir, tmp_path_factory):
+    """An uninterrupted, unsharded sample-mode store."""
+    runs = tmp_path_factory.mktemp("reference")
+    out = distill("generate", str(TINY), *SAMPLE, runs=runs)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return runs / "tiny" / "teacher"
+
+
+def test_sample_mode_captures_each_completion_token(reference):
+    store = TeacherStore(reference)
+    store.verify()
+    summary = store.summary()
+    assert summary["rows"] == 48 and summary["complete"] and summary["shards"] == "12 of 12"
+    captures = rows(reference)
+    source = Path(store.manifest["identity"]["source"]["file"])
+    prompts = [json.loads(line) for line in source.read_text().splitlines()][:24]
+    for p in prompts:
+        a, b = captures[f"{p['id']}-s0"], captures[f"{p['id']}-s1"]
+        assert a.input_ids[: a.start + 1] == b.input_ids[: b.start + 1]  # the same prompt
+        assert 0 < a.num_positions <= 12
+    assert any(captures[f"{p['id']}-s0"].input_ids != captures[f"{p['id']}-s1"].input_ids for p in prompts)
+    inside = 0
+    for c in captures.values():
+        assert c.topk_ids.shape == (c.num_positions, 16)
+        assert np.all(np.diff(c.topk_logprobs, axis=1) <= 1e-6)  # placed by rank
+        for i in range(c.num_positions):
+            token = c.input_ids[c.start + 1 + i]
+            hit = np.nonzero(c.topk_ids[i] == token)[0]
+            if hit.size:  # the sampled token's own logprob agrees with its top-k entry
+                inside += 1
+                assert abs(c.topk_logprobs[i, hit[0]] - c.token_logprobs[i]) <= LOGPROB_MAX_ERROR + 5e-3
+    assert inside > 0
+
+
+def test_rerun_reuses_and_changed_settings_are_refused(reference, tmp_path):
+    runs = reference.parent.parent
+    again = distill("generate", str(TINY), *SAMPLE, runs=runs)
+    assert again.returncode == 0 and "generate: shard-" not in again.stdout  # nothing recomputed
+    changed = distill("generate", str(TINY), *SAMPLE, "generate.temperature=0.7", runs=runs)
+    assert changed.returncode == 1
+    assert "different settings (capture.temperature changed); pass --overwrite" in changed.stderr
+
+
+def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(reference, tmp_path):
+    runs = tmp_path / "runs"
+    store = runs / "tiny" / "teacher"
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "generate",
+        str(TINY),
+        *SAMPLE,
+        *MICRO,
+        *TEACHER,
+        f"runs_dir={runs}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        manifest = store / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "generation finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = TeacherStore(store).shards
+    assert 3 <= len(done) < 12
+    first = store / sorted(done)[0]
+    first.write_bytes(first.read_bytes()[:-100])  # damage a finished shard too
+
+    out = distill("generate", str(TINY), *SAMPLE, runs=runs)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{first} fails its checksum; redoing it" in out.stdout
+    redone = [line for line in out.stdout.splitlines() if line.startswith("generate: shard-")]
+    assert len(redone) == 12 - len(done) + 1  # finished shards were not redone
+    TeacherStore(store).verify()
+    assert shard_hashes(store) == shard_hashes(reference)
+    a, b = rows(store), rows(reference)
+    assert sorted(a) == sorted(b)  # same ids, no duplicates, no gaps
+    assert all(np.array_equal(a[i].topk_ids, b[i].topk_ids) and a[i].input_ids == b[i].input_ids for i in a)
+
+
+def test_shards_on_separate_jobs_merge_into_the_unsharded_store(reference, tmp_path):
+    runs = tmp_path / "runs"
+    for index in (0, 1):
+        out = distill("generate", str(TINY), *SAMPLE, "--shard", f"{index}/2", runs=runs)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "complete: False" in out.stdout
+    parts = [runs / "tiny" / f"teacher.shard-{i}-of-2" for i in (0, 1)]
+    merged = tmp_path / "merged"
+    out = distill("store", "merge", str(merged), *map(str, parts), runs=runs)
+    assert out.returncode == 0, out.stderr
+    assert shard_hashes(merged) == shard_hashes(reference)
+    info = distill("store", "info", str(merged), runs=runs)
+    assert "rows: 48" in info.stdout and "complete: True" in info.stdout and "bytes_per_token:" in info.stdout
+    verify = distill("store", "verify", str(merged), runs=runs)
+    assert verify.returncode == 0 and "ok: 12 shards" in verify.stdout
+
+
+def test_score_mode_truncates_to_the_context_and_never_crashes(cache_dir, tmp_path):
+    out = distill(
+        "generate",
+        str(TINY),
+        "generate.mode=score",
+        "generate.num_sequences=6",
+        "generate.items_per_shard=3",
+        "generate.top_k=8",
+        "generate.engine.max_model_len=48",
+        runs=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = TeacherStore(tmp_path / "tiny" / "teacher")
+    summary = store.summary()
+    assert summary["mode"] == "score" and summary["rows"] == 6 and summary["truncated"] == 6
+    for c in store.rows():
+        assert c.start == 0 and len(c.input_ids) == 47 and c.topk_ids.shape == (46, 8)
+        assert np.all(c.topk_ids[np.arange(46), 0] >= 0)
+
+
+def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path):
+    from distill.config import load_recipe
+    from distill.pretrain import pretrain
+
+    teacher = pretrain(
+        load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"]),
+        resume=True,
+        progress=False,
+    ).path
+    out_path = tmp_path / "agreement.npz"
+    script = os.path.join(os.path.dirname(__file__), "scripts", "score_agreement.py")
+    out = subprocess.run(
+        [sys.executable, script, str(teacher), str(prepared.tokens_dir / "validation.npy"), str(out_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = np.load(out_path)
+    assert r["vllm_ids"].shape == r["hf_ids"].shape == (8, 47, 16)
+    assert np.abs(r["vllm_lps"] - r["hf_lps"]).max() < 1e-3
+    assert np.abs(r["vllm_token_lps"] - r["hf_token_lps"]).max() < 1e-3
+    differ = r["vllm_ids"] != r["hf_ids"]
+    # ids differ only where two candidates tie (within the logprob tolerance)
+    assert differ.mean() < 0.01
+    rows_, pos, ranks = np.nonzero(differ)
+    for b, t, j in zip(rows_, pos, ranks, strict=True):
+        neighbours = r["hf_lps"][b, t, max(j - 1, 0) : j + 2]
+        assert np.ptp(neighbours) < 2e-3 or abs(r["vllm_lps"][b, t, j] - r["hf_lps"][b, t, j]) < 1e-3
+
+
+def test_k_above_the_engine_limit_says_what_to_set(cache_dir, tmp_path):
+    out = distill("generate", str(TINY), *SAMPLE, "generate.engine.max_logprobs=8", runs=tmp_path)
+    assert out.returncode == 1
+    assert (
+        "generate.top_k=16 exceeds generate.engine.max_logprobs=8; raise max_logprobs to at least 16"
+        in out.stderr
+    )
+
+
+def test_teacher_that_is_not_a_causal_lm(cache_dir, prepared, tmp_path):
+    model = tmp_path / "encoder"
+    shutil.copytree(prepared.tokenizer_dir, model)
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "vocab_size": 4096}))
+    out = distill("generate", str(TINY), "teacher.tiny=null", f"teacher.model={model}", runs=tmp_path)
+    assert out.returncode == 1
+    assert (
+        f"teacher.model: {model} is not a causal language model (architectures: ['BertModel'])" in out.stderr
+    )
+    missing = distill(
+        "generate", str(TINY), "teacher.tiny=null", f"teacher.model={tmp_path}/nope", runs=tmp_path
+    )
+    assert (
+        missing.returncode == 1
+        and f"teacher.model: model path does not exist: {tmp_path}/nope" in missing.stderr
+    )
