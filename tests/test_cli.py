@@ -166,8 +166,36 @@ def test_train_sft_student_from_a_model_directory(cache_dir, tmp_path):
     assert (tmp_path / "b" / "tiny" / "student" / "final" / "model.safetensors").exists()
 
 
-def test_distillation_losses_are_not_built_yet(cache_dir, tmp_path):
+def test_distillation_needs_a_teacher_store(cache_dir, tmp_path):
     out = distill("train", TINY, "train.loss=forward_kl", f"runs_dir={tmp_path}")
+    assert out.returncode == 1
     assert (
-        out.returncode == 2 and "train.loss=forward_kl" in out.stderr and "not implemented yet" in out.stderr
+        out.stderr.strip()
+        == f"distill: error: no teacher store at {tmp_path}/tiny/teacher (manifest.json missing)"
     )
+
+
+def test_store_and_student_vocabularies_must_match(micro, prepared, tmp_path):
+    import numpy as np
+    import pytest
+
+    from distill.errors import DistillError, NotImplementedYet
+    from distill.models import build_tiny_llama
+    from distill.student import train_student
+    from distill.tokenizer import load_tokenizer
+
+    from .test_store import make_store, random_capture
+
+    recipe = micro("train.loss=forward_kl")
+    rng = np.random.default_rng(0)
+    identity = {"mode": "score", "k": 4, "vocab_size": 4096, "encoding": {"id_bits": 12}}
+    make_store(recipe.run_dir / "teacher", [random_capture(rng, "a", vocab=4096, k=4)], identity=identity)
+    with pytest.raises(NotImplementedYet, match="train.loss=forward_kl"):  # the store fits: on to training
+        train_student(recipe)
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    other = build_tiny_llama(recipe.student.tiny, tok)
+    other.resize_token_embeddings(1000)
+    other.save_pretrained(tmp_path / "student-1000")
+    recipe = micro("train.loss=forward_kl", "student.tiny=null", f"student.model={tmp_path / 'student-1000'}")
+    with pytest.raises(DistillError, match="has vocabulary 4096, but student.model has 1000"):
+        train_student(recipe)

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slow  # each test starts a real vLLM engine
 
 def distill(*args, runs):
     cmd = [sys.executable, "-m", "distill", *args]
-    if args and args[0] == "generate":
-        cmd += [*MICRO, *TEACHER, f"runs_dir={runs}"]
+    if args and args[0] == "generate":  # the micro settings first, so the test's own overrides win
+        cmd = [*cmd[:5], *MICRO, *TEACHER, f"runs_dir={runs}", *args[2:]]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
@@ -222,3 +222,21 @@ def test_teacher_that_is_not_a_causal_lm(cache_dir, prepared, tmp_path):
         missing.returncode == 1
         and f"teacher.model: model path does not exist: {tmp_path}/nope" in missing.stderr
     )
+
+
+def test_hf_backend_samples_into_the_same_kind_of_store(cache_dir, tmp_path):
+    hf = [
+        "teacher.backend=hf",
+        "generate.num_sequences=4",
+        "generate.items_per_shard=2",
+        "generate.max_new_tokens=8",
+    ]
+    out = distill("generate", str(TINY), *SAMPLE, *hf, runs=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = TeacherStore(tmp_path / "tiny" / "teacher")
+    assert store.summary()["backend"] == "hf" and store.summary()["rows"] == 8
+    for c in store.rows():
+        assert 0 < c.num_positions <= 8 and c.topk_ids.shape[1] == 16
+        assert np.all(np.diff(c.topk_logprobs, axis=1) <= 1e-6)
+    mixed = distill("generate", str(TINY), *SAMPLE, *hf[1:], runs=tmp_path)  # same store, vLLM this time
+    assert mixed.returncode == 1 and "capture.backend changed" in mixed.stderr

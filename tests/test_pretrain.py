@@ -99,7 +99,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(cache_dir, prepared, tmp
 def test_pretrained_teacher_beats_uniform_and_is_reused(micro):
     from distill.pretrain import pretrain
 
-    recipe = micro(*TEACHER)
+    recipe = micro(*TEACHER, "pretrain.seed=11")  # a teacher no other test has pretrained
     first = pretrain(recipe, progress=False)
     assert not first.reused
     assert first.test_loss < first.uniform_loss - 1.0
@@ -110,7 +110,7 @@ def test_pretrained_teacher_beats_uniform_and_is_reused(micro):
     assert second.reused and second.path == first.path and second.test_loss == first.test_loss
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
     # bookkeeping settings do not invalidate the cache; training settings do
-    assert pretrain(micro(*TEACHER, "pretrain.log_every=5"), progress=False).reused
+    assert pretrain(micro(*TEACHER, "pretrain.seed=11", "pretrain.log_every=5"), progress=False).reused
     from distill.prepare import prepare
     from distill.pretrain import teacher_key
 
