@@ -84,6 +84,11 @@ def _capture(item_id: str, ids: list[int], start: int, container: Any, offset: i
 
 def fit_prompt(ids: list[int], limit: int) -> tuple[list[int], bool]:
     """Keep the last `limit` tokens of a prompt that is too long (the part the completion continues)."""
+    if limit < 1:
+        raise DistillError(
+            f"generate.max_new_tokens leaves no room for a prompt in the context ({limit} tokens left); "
+            "lower it or raise generate.engine.max_model_len"
+        )
     return (ids, False) if len(ids) <= limit else (ids[-limit:], True)
 
 

@@ -30,3 +30,33 @@ def test_fit_prompt_keeps_the_end_and_says_so():
 def test_generate_padding_after_eos_is_dropped():
     assert _trim_after_eos([1, 2, 9, 2, 0, 0], prompt_len=2, eos=2) == [1, 2, 9, 2]
     assert _trim_after_eos(np.arange(5).tolist(), prompt_len=2, eos=[7]) == [0, 1, 2, 3, 4]
+
+
+def test_no_room_for_the_prompt_is_a_clear_error():
+    import pytest
+
+    from distill.errors import DistillError
+
+    with pytest.raises(DistillError, match="generate.max_new_tokens leaves no room"):
+        fit_prompt([1, 2], 0)
+
+
+def test_an_empty_prompt_set_is_refused(prepared, micro, tmp_path):
+    import shutil
+
+    import pytest
+
+    from distill.corpus import Corpus
+    from distill.errors import DistillError
+    from distill.generate import work_items
+    from distill.prepare import PreparedData
+
+    corpus_dir = tmp_path / "corpus"
+    shutil.copytree(prepared.corpus.root, corpus_dir)
+    (corpus_dir / "prompts.jsonl").write_text("")
+    data = PreparedData(Corpus(corpus_dir), prepared.tokenizer_dir, prepared.tokens_dir)
+    with pytest.raises(
+        DistillError, match=r"generate: nothing to do, the prompts in .*prompts.jsonl are empty"
+    ):
+        work_items(micro("generate.mode=sample"), data)
+    assert len(work_items(micro("generate.mode=score", "generate.num_sequences=5"), data)[0]) == 5
