@@ -211,10 +211,12 @@ class _ChunkedLoss:
                 @staticmethod
                 def backward(ctx, grad_total, _grad_kd, _grad_ce):
                     (grad,) = ctx.saved_tensors
-                    n_targets = len(ctx.needs_input_grad) - 5
-                    return (grad.view(ctx.shape) * grad_total.to(grad.dtype), None, None, None, None) + (
-                        None,
-                    ) * n_targets
+                    grad = grad.view(ctx.shape)
+                    # NOTE: fold any scale into kd_weight / ce_weight and call total.backward(): with an
+                    # incoming gradient of 1 the buffer is passed on as is, with no second (B, T, V) tensor.
+                    if grad_total.item() != 1.0:
+                        grad = grad * grad_total.to(grad.dtype)
+                    return (grad, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
             cls.fn = Fn
         return cls.fn
@@ -232,7 +234,7 @@ def kd_loss(
     tail: str = "bucket",
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 64,
 ) -> LossParts:
     """Distillation loss plus weighted hard-label CE over the masked positions, summed.
 
