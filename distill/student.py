@@ -21,9 +21,6 @@ from distill.train import TrainJob, TrainResult, train
 def train_student(
     recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> TrainResult:
-    if recipe.train.loss != "ce":
-        check_store_matches_student(recipe)
-        raise NotImplementedYet(f"train.loss={recipe.train.loss} (distillation from the teacher store)")
     if recipe.train.mode != "offline":
         raise NotImplementedYet(f"train.mode={recipe.train.mode}")
     if recipe.train.distributed.backend != "none" or recipe.student.lora is not None:
@@ -31,6 +28,12 @@ def train_student(
     started = time.perf_counter()
     if recipe.student.model:  # fail on a bad path before any data work
         check_model_dir(recipe.student.model, "student.model")
+    # KD reads the teacher store; the SFT baseline (ce) trains on the same sequences when a store exists,
+    # so the two students are comparable, and on the corpus blocks otherwise.
+    store_dir = recipe.run_dir / "teacher"
+    use_store = recipe.train.loss != "ce" or (store_dir / "manifest.json").exists()
+    if use_store:
+        check_store_matches_student(recipe)
     data = prepare(recipe)
     out_dir = recipe.run_dir / "student"
     if overwrite and out_dir.exists():
@@ -48,7 +51,15 @@ def train_student(
         )
 
     job = TrainJob.from_recipe(
-        recipe, "student", recipe.train, data, out_dir, build, resume=resume, progress=progress
+        recipe,
+        "student",
+        recipe.train,
+        data,
+        out_dir,
+        build,
+        resume=resume,
+        progress=progress,
+        store=store_dir if use_store else None,
     )
     result = train(job)
     RunManifest(recipe.run_dir).record(

@@ -28,7 +28,7 @@ from distill.artifacts import (
 )
 from distill.config import TrackingConfig, TrainConfig
 from distill.errors import DistillError
-from distill.losses import cross_entropy
+from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
 from distill.tracking import MetricsLog, make_tracker
 
 
@@ -44,6 +44,7 @@ class TrainJob:
     tokens_dir: Path  # train.npy, validation.npy (flat token ids)
     seq_len: int
     build_model: Callable[[], Any]  # returns the initial model (fp32) when not resuming
+    store: Path | None = None  # a teacher store: train on its sequences (KD, or CE for the SFT baseline)
     device: str = "cpu"
     mixed_precision: str = "no"
     resume: bool = False
@@ -97,10 +98,39 @@ class TokenBlocks:
             raise DistillError(f"{path}: {len(tokens)} tokens is less than one block of {seq_len}")
         self.blocks = tokens[: self.num_blocks * seq_len].reshape(self.num_blocks, seq_len)
 
-    def batch(self, indices):
+    @property
+    def num_items(self) -> int:
+        return self.num_blocks
+
+    def batch(self, indices) -> dict[str, Any]:
+        """input_ids (B, T) and loss_mask (B, T): every position but the last predicts the next token."""
         import torch
 
-        return torch.from_numpy(self.blocks[np.asarray(indices)].astype(np.int64))  # (B, T)
+        ids = torch.from_numpy(self.blocks[np.asarray(indices)].astype(np.int64))
+        return {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
+
+
+class StoreItems:
+    """The sequences of a teacher store with their top-k, decoded once and batched by index."""
+
+    def __init__(self, path: Path, pad_id: int):
+        from distill.store import TeacherStore
+
+        store = TeacherStore(path)
+        store.require_complete()
+        self.k, self.pad_id = store.k, pad_id
+        self.rows = list(store.rows())
+        if not self.rows:
+            raise DistillError(f"teacher store {path} is empty: run `distill generate` first")
+
+    @property
+    def num_items(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices) -> dict[str, Any]:
+        from distill.store import collate
+
+        return collate([self.rows[i] for i in indices], self.k, self.pad_id)
 
 
 class BlockOrder:
@@ -156,10 +186,18 @@ def settings_hash(job: TrainJob) -> str:
             "seq_len": job.seq_len,
             "tokens": str(Path(job.tokens_dir).resolve()),
             "tokenizer": str(Path(job.tokenizer_dir).resolve()),
+            "store": _store_fingerprint(job.store),
             "device": job.device,
             "mixed_precision": job.mixed_precision,
         }
     )
+
+
+def _store_fingerprint(store: Path | None) -> str | None:
+    if store is None:
+        return None
+    manifest = read_json(Path(store) / "manifest.json")
+    return hash_json({"identity": manifest["identity"], "shards": manifest["shards"]})
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -185,8 +223,53 @@ def save_checkpoint(accelerator, out_dir: Path, state: dict[str, Any], keep_last
 
 @dataclass
 class _Window:
-    loss_sum: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
     tokens: int = 0
+
+    def add(self, parts: dict[str, float], tokens: int) -> None:
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.tokens += tokens
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.tokens, 1)
+
+
+def next_token_labels(input_ids, loss_mask):
+    """labels (B, T) for `cross_entropy`: token t + 1 is a target where position t is in the mask."""
+    import torch
+
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, 1:] = torch.where(loss_mask[:, :-1], input_ids[:, 1:], IGNORE_INDEX)
+    return labels
+
+
+def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, window_tokens: int):
+    """(loss to backward, summed parts for logging, target tokens) of one micro-batch.
+
+    KD losses need teacher top-k in the batch; `ce` trains on the same positions with hard labels.
+    """
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
+    if cfg.loss == "ce":
+        ce_sum, n = cross_entropy(logits, next_token_labels(ids, batch["loss_mask"]))
+        return ce_sum / window_tokens, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
+    parts = kd_loss(
+        logits,
+        SparseTeacher(batch["topk_ids"], batch["topk_logprobs"]),
+        batch["loss_mask"],
+        ids,
+        cfg.loss,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        alpha=cfg.alpha,
+        tail=cfg.tail,
+        # NOTE: the window normalisation is folded into the weights so backward starts from 1 (no copy).
+        kd_weight=1.0 / window_tokens,
+        ce_weight=cfg.ce_weight / window_tokens,
+    )
+    kd, ce = parts.kd.item(), parts.ce.item()
+    return parts.total, {"kd": kd, "ce": ce, "objective": kd + cfg.ce_weight * ce}, parts.tokens
 
 
 def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, max_batches: int, device) -> float:
@@ -197,7 +280,10 @@ def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, max_batches: int,
     total, count = 0.0, 0
     with torch.no_grad():
         for b in range(min(max_batches, math.ceil(blocks.num_blocks / batch_size))):
-            ids = blocks.batch(range(b * batch_size, min((b + 1) * batch_size, blocks.num_blocks))).to(device)
+            ids = blocks.batch(range(b * batch_size, min((b + 1) * batch_size, blocks.num_blocks)))[
+                "input_ids"
+            ]
+            ids = ids.to(device)
             loss_sum, n = cross_entropy(model(input_ids=ids).logits, ids)
             total, count = total + loss_sum.item(), count + n
     model.train()
@@ -235,9 +321,14 @@ def train(job: TrainJob) -> TrainResult:
     # The scheduler is stepped by us once per optimizer step; accelerate only saves and restores it.
     accelerator.register_for_checkpointing(scheduler)
 
-    train_blocks = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
+    if job.store is not None:
+        train_items = StoreItems(job.store, pad_id=_pad_id(job.tokenizer_dir))
+    elif cfg.loss != "ce":
+        raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
+    else:
+        train_items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
     val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
-    order = BlockOrder(train_blocks.num_blocks, cfg.seed)
+    order = BlockOrder(train_items.num_items, cfg.seed)
 
     settings = settings_hash(job)
     state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None, "val_loss": None, "settings": settings}
@@ -255,79 +346,88 @@ def train(job: TrainJob) -> TrainResult:
     state["wandb_id"] = getattr(tracker, "id", None)
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
 
-    # ---- loop
-    model.train()
-    started, window_started = time.perf_counter(), time.perf_counter()
-    tokens_at_window = state["tokens"]
-    bar = tqdm(
-        total=cfg.max_steps, initial=state["step"], unit="step", disable=not job.progress, desc=job.name
-    )
-    while state["step"] < cfg.max_steps:
-        step = state["step"]
-        window = _Window()
-        micro_ids = [
-            train_blocks.batch(order.indices((step * cfg.grad_accum + m) * cfg.batch_size, cfg.batch_size))
-            for m in range(cfg.grad_accum)
-        ]
-        # NOTE: every micro-batch's summed loss is divided by the token count of the whole window, so
-        # batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same gradient.
-        window_tokens = sum(int(ids[:, 1:].numel()) for ids in micro_ids)
-        for ids in micro_ids:
-            ids = ids.to(accelerator.device)
-            loss_sum, n = cross_entropy(model(input_ids=ids).logits, ids)
-            accelerator.backward(loss_sum / window_tokens)
-            window.loss_sum += loss_sum.item()
-            window.tokens += n
-        loss = window.loss_sum / window.tokens
-        if not math.isfinite(loss):
-            last = list_checkpoints(out_dir)
-            raise DistillError(
-                f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
-                f"{last[-1] if last else 'none'} (lower train.lr or check the data)"
-            )
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step = step + 1
-        state["tokens"] += window.tokens
-        bar.update(1)
+    try:  # the wandb run is closed however the loop ends (a crash, a NaN, Ctrl-C)
+        # ---- loop
+        model.train()
+        started, window_started = time.perf_counter(), time.perf_counter()
+        tokens_at_window = state["tokens"]
+        bar = tqdm(
+            total=cfg.max_steps, initial=state["step"], unit="step", disable=not job.progress, desc=job.name
+        )
+        while state["step"] < cfg.max_steps:
+            step = state["step"]
+            window = _Window()
+            micro = [
+                train_items.batch(order.indices((step * cfg.grad_accum + m) * cfg.batch_size, cfg.batch_size))
+                for m in range(cfg.grad_accum)
+            ]
+            # NOTE: every micro-batch's summed loss is divided by the target-token count of the whole window,
+            # so batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same gradient.
+            window_tokens = sum(int(b["loss_mask"][:, :-1].sum()) for b in micro)
+            for batch in micro:
+                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                to_backward, parts, n = micro_batch_loss(model, batch, cfg, window_tokens)
+                accelerator.backward(to_backward)
+                window.add(parts, n)
+            loss = window.mean("objective")
+            if not math.isfinite(loss):
+                last = list_checkpoints(out_dir)
+                raise DistillError(
+                    f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
+                    f"{last[-1] if last else 'none'} (lower train.lr or check the data)"
+                )
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            state["tokens"] += window.tokens
+            bar.update(1)
 
-        row: dict[str, Any] = {}
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_started
-            row.update(
-                loss=loss,
-                lr=lr,
-                grad_norm=float(grad_norm),
-                tokens=state["tokens"],
-                tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
-            )
-            window_started, tokens_at_window = time.perf_counter(), state["tokens"]
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            state["val_loss"] = evaluate_loss(
-                model, val_blocks, cfg.batch_size, cfg.eval_batches, accelerator.device
-            )
-            row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50)))
-        if row:
-            row["step"] = step
-            log.write(row)
-            tracker.log(row, step=step)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            save_checkpoint(accelerator, out_dir, dict(state), cfg.keep_last)
-    bar.close()
+            row: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_started
+                row.update(
+                    loss=loss,
+                    **{f"loss_{key}": window.mean(key) for key in ("kd", "ce") if key in window.sums},
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                    tokens=state["tokens"],
+                    tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
+                )
+                window_started, tokens_at_window = time.perf_counter(), state["tokens"]
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                state["val_loss"] = evaluate_loss(
+                    model, val_blocks, cfg.batch_size, cfg.eval_batches, accelerator.device
+                )
+                row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50)))
+            if row:
+                row["step"] = step
+                log.write(row)
+                tracker.log(row, step=step)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(accelerator, out_dir, dict(state), cfg.keep_last)
+        bar.close()
 
-    # ---- export
-    final_dir = out_dir / "final"
-    with atomic_directory(final_dir) as tmp:
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        _copy_tokenizer(job.tokenizer_dir, tmp)
-    tracker.finish()
+        # ---- export
+        final_dir = out_dir / "final"
+        with atomic_directory(final_dir) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            _copy_tokenizer(job.tokenizer_dir, tmp)
+    finally:
+        tracker.finish()
     return TrainResult(
         final_dir, state["step"], state["tokens"], state["val_loss"], time.perf_counter() - started
     )
+
+
+def _pad_id(tokenizer_dir: Path) -> int:
+    from distill.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
