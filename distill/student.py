@@ -9,8 +9,8 @@ import shutil
 import time
 
 from distill.artifacts import RunManifest, hash_json
-from distill.config import RecipeConfig
-from distill.errors import NotImplementedYet
+from distill.config import LoraConfig, RecipeConfig
+from distill.errors import DistillError, NotImplementedYet
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
 from distill.prepare import prepare
 from distill.store import TeacherStore
@@ -23,8 +23,8 @@ def train_student(
 ) -> TrainResult:
     if recipe.train.mode != "offline":
         raise NotImplementedYet(f"train.mode={recipe.train.mode}")
-    if recipe.train.distributed.backend != "none" or recipe.student.lora is not None:
-        raise NotImplementedYet("distributed and LoRA student training")
+    if recipe.train.distributed.backend != "none":
+        raise NotImplementedYet("distributed student training (train.distributed.backend)")
     started = time.perf_counter()
     if recipe.student.model:  # fail on a bad path before any data work
         check_model_dir(recipe.student.model, "student.model")
@@ -43,12 +43,14 @@ def train_student(
         import torch
 
         if recipe.student.model:
-            return load_causal_lm(
+            model = load_causal_lm(
                 recipe.student.model, "student.model", torch.float32, recipe.student.trust_remote_code
             )
-        return build_tiny_llama(
-            recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed
-        )
+        else:
+            model = build_tiny_llama(
+                recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed
+            )
+        return with_lora(model, recipe.student.lora) if recipe.student.lora else model
 
     job = TrainJob.from_recipe(
         recipe,
@@ -89,3 +91,26 @@ def check_store_matches_student(recipe: RecipeConfig) -> TeacherStore:
     vocab, what = student_vocab_size(recipe)
     store.check_vocab(vocab, what)
     return store
+
+
+def with_lora(model, cfg: LoraConfig):
+    """Wrap `model` in PEFT LoRA adapters; only the adapters train. Unknown target modules are refused."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.target_modules if t not in names]
+    if missing:
+        linear = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Linear")
+        have = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise DistillError(
+            f"student.lora.target_modules: {', '.join(missing)} not in the model (its linear layers: {', '.join(have)})"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)

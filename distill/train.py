@@ -45,6 +45,7 @@ class TrainJob:
     seq_len: int
     build_model: Callable[[], Any]  # returns the initial model (fp32) when not resuming
     store: Path | None = None  # a teacher store: train on its sequences (KD, or CE for the SFT baseline)
+    model_settings: dict[str, Any] = field(default_factory=dict)  # what build_model builds (for resume)
     device: str = "cpu"
     mixed_precision: str = "no"
     resume: bool = False
@@ -72,6 +73,7 @@ class TrainJob:
             # NOTE: fp32 on CPUs (no bf16 hardware here); bf16 autocast over fp32 master weights on GPUs.
             mixed_precision="bf16" if device == "cuda" else "no",
             config_dump=recipe.model_dump(mode="json"),
+            model_settings=getattr(recipe, role).model_dump(mode="json"),
             **kwargs,
         )
 
@@ -187,6 +189,7 @@ def settings_hash(job: TrainJob) -> str:
             "tokens": str(Path(job.tokens_dir).resolve()),
             "tokenizer": str(Path(job.tokenizer_dir).resolve()),
             "store": _store_fingerprint(job.store),
+            "model": job.model_settings,
             "device": job.device,
             "mixed_precision": job.mixed_precision,
         }
@@ -413,8 +416,13 @@ def train(job: TrainJob) -> TrainResult:
 
         # ---- export
         final_dir = out_dir / "final"
+        export = accelerator.unwrap_model(model)
+        if hasattr(export, "merge_and_unload"):  # PEFT: the adapter alone, then a merged model for serving
+            with atomic_directory(out_dir / "adapter") as tmp:
+                export.save_pretrained(tmp, safe_serialization=True)
+            export = export.merge_and_unload()
         with atomic_directory(final_dir) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            export.save_pretrained(tmp, safe_serialization=True)
             _copy_tokenizer(job.tokenizer_dir, tmp)
     finally:
         tracker.finish()

@@ -88,3 +88,73 @@ def test_an_empty_or_missing_store_is_refused_before_training(micro):
 
     with pytest.raises(DistillError, match="no teacher store at .*teacher"):
         train_student(micro("train.loss=reverse_kl"))
+
+
+def test_lora_trains_only_adapters_and_exports_adapter_and_merged_model(micro):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from distill.models import build_tiny_llama
+    from distill.student import train_student
+    from distill.tokenizer import load_tokenizer
+
+    recipe = micro(
+        "train.loss=ce",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.lr=1e-2",
+        "student.lora.r=4",
+        "student.lora.alpha=8",
+        "student.lora.target_modules=[q_proj, v_proj]",
+    )
+    result = train_student(recipe, progress=False)
+    adapter = recipe.run_dir / "student" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    merged = load_file(result.final_dir / "model.safetensors")
+    assert not any("lora" in k for k in merged)  # a plain HF model, servable as is
+    from distill.prepare import prepare
+
+    base = build_tiny_llama(
+        recipe.student.tiny, load_tokenizer(prepare(recipe).tokenizer_dir), seed=recipe.train.seed
+    )
+    initial = {k: v.clone() for k, v in base.state_dict().items()}
+    assert torch.equal(merged["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # frozen
+    assert torch.equal(
+        merged["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"]
+    )
+    again = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
+
+
+def test_lora_target_that_does_not_exist_is_refused_before_training(micro):
+    from distill.errors import DistillError
+    from distill.student import train_student
+
+    recipe = micro("train.loss=ce", "student.lora.target_modules=[q_proj, wq]")
+    with pytest.raises(
+        DistillError, match=r"student.lora.target_modules: wq not in the model \(its linear layers: .*q_proj"
+    ):
+        train_student(recipe, progress=False)
+
+
+@pytest.mark.slow
+def test_merged_lora_export_loads_in_vllm(micro, tmp_path):
+    import os
+
+    from distill.student import train_student
+
+    recipe = micro("train.loss=ce", "train.max_steps=2", "train.batch_size=2", "student.lora.r=4")
+    final = train_student(recipe, progress=False).final_dir
+    script = os.path.join(os.path.dirname(__file__), "scripts", "vllm_generate.py")
+    out = subprocess.run(
+        [sys.executable, script, str(final), str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(len(r["token_ids"]) == 12 for r in json.loads((tmp_path / "out.json").read_text()))
