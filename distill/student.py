@@ -14,7 +14,7 @@ from distill.errors import DistillError, NotImplementedYet
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
 from distill.prepare import prepare
 from distill.store import TeacherStore
-from distill.tokenizer import load_tokenizer
+from distill.tokenizer import load_tokenizer, tokenizer_hash
 from distill.train import TrainJob, TrainResult, train
 
 
@@ -90,7 +90,23 @@ def check_store_matches_student(recipe: RecipeConfig) -> TeacherStore:
     store.require_complete()
     vocab, what = student_vocab_size(recipe)
     store.check_vocab(vocab, what)
+    made_with = store.manifest["identity"].get("tokenizer_hash")
+    tokenizer_dir = student_tokenizer_dir(recipe)
+    if made_with and tokenizer_hash(tokenizer_dir) != made_with:
+        raise DistillError(
+            f"teacher store {store.root} was made with another tokenizer than the student's ({tokenizer_dir}): "
+            "the same ids would mean different tokens; regenerate the store or give the student the teacher's tokenizer"
+        )
     return store
+
+
+def student_tokenizer_dir(recipe: RecipeConfig):
+    """The student's own tokenizer when its directory has one, else the run's (data.tokenizer or the teacher's)."""
+    from pathlib import Path
+
+    if recipe.student.model and (Path(recipe.student.model) / "tokenizer.json").exists():
+        return Path(recipe.student.model)
+    return prepare(recipe).tokenizer_dir
 
 
 def with_lora(model, cfg: LoraConfig):

@@ -158,3 +158,28 @@ def test_merged_lora_export_loads_in_vllm(micro, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert all(len(r["token_ids"]) == 12 for r in json.loads((tmp_path / "out.json").read_text()))
+
+
+def test_a_store_from_another_tokenizer_is_refused(micro):
+    import numpy as np
+
+    from distill.errors import DistillError
+    from distill.student import train_student
+
+    from .test_store import make_store, random_capture
+
+    recipe = micro("train.loss=forward_kl")
+    identity = {
+        "mode": "score",
+        "k": 4,
+        "vocab_size": 4096,
+        "encoding": {"id_bits": 12},
+        "tokenizer_hash": "0" * 64,
+    }
+    make_store(
+        recipe.run_dir / "teacher",
+        [random_capture(np.random.default_rng(0), "a", vocab=4096, k=4)],
+        identity=identity,
+    )
+    with pytest.raises(DistillError, match="was made with another tokenizer than the student's"):
+        train_student(recipe, progress=False)
