@@ -208,7 +208,7 @@ class HfTeacher:
 
         limit = self.max_model_len - settings.max_new_tokens
         sequences: list[Item] = []
-        cuts: list[bool] = []
+        prompts: list[tuple[int, bool]] = []  # per sequence: prompt length, prompt was truncated
         for i, (item_id, ids) in enumerate(items):
             fitted, cut = fit_prompt(ids, limit)
             torch.manual_seed(settings.seed + first_index + i)
@@ -227,16 +227,10 @@ class HfTeacher:
                 sequences.append(
                     (f"{item_id}-s{j}", _trim_after_eos(row, len(fitted), self.model.config.eos_token_id))
                 )
-                cuts.append(cut)
-        captures = self.score(sequences)
-        prompt_lens = {
-            f"{item_id}-s{j}": len(fit_prompt(ids, limit)[0])
-            for item_id, ids in items
-            for j in range(settings.samples_per_prompt)
-        }
+                prompts.append((len(fitted), cut))
         result = []
-        for c, cut in zip(captures, cuts, strict=True):
-            start = prompt_lens[c.id] - 1
+        for c, (prompt_len, cut) in zip(self.score(sequences), prompts, strict=True):
+            start = prompt_len - 1
             result.append(
                 Capture(
                     c.id,
