@@ -84,7 +84,7 @@ def work_items(recipe: RecipeConfig, data: PreparedData) -> tuple[list[Item], di
     return items, source
 
 
-def engine_args(recipe: RecipeConfig, model: Path, device: str) -> dict:
+def engine_args(recipe: RecipeConfig, model: Path) -> dict:
     from distill.vllm_engine import engine_kwargs
 
     k, extra = recipe.generate.top_k, dict(recipe.generate.engine)
@@ -135,7 +135,7 @@ def make_teacher(recipe: RecipeConfig, model: Path, device: str, dtype: str):
         return HfTeacher(
             str(model), k, device, resolve_dtype(dtype, device), recipe.generate.batch_size, max_len
         )
-    return VllmTeacher(engine_args(recipe, model, device), k)
+    return VllmTeacher(engine_args(recipe, model), k)
 
 
 def generate(
@@ -150,11 +150,8 @@ def generate(
     data = prepare(recipe)
     model = teacher_path(recipe)
     device = resolve_device(recipe.device)
-    dtype = (
-        recipe.teacher.dtype
-        if recipe.teacher.dtype != "auto"
-        else ("bfloat16" if device == "cuda" else "float32")
-    )
+    # "auto" is bfloat16 on GPUs and float32 on CPUs, decided in one place (models.resolve_dtype)
+    dtype = str(resolve_dtype(recipe.teacher.dtype, device)).removeprefix("torch.")
     # The model's own vocabulary (ids the teacher can emit), which may exceed the tokenizer's.
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     items, source = work_items(recipe, data)
