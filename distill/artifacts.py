@@ -80,20 +80,20 @@ def fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it is fsynced and renamed to `target`.
-
-    An existing `target` is replaced only after the new one is complete. If the body raises (or the
-    process dies), `target` is untouched and the temporary directory is left for `remove_stale_temps`.
-    """
+def begin_directory(target: Path, tag: str | int | None = None) -> Path:
+    """A fresh temporary sibling of `target` to fill (`.name.tmp-TAG`, TAG the pid by default)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid() if tag is None else tag}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    yield tmp
+    return tmp
+
+
+def commit_directory(tmp: Path, target: Path) -> None:
+    """fsync the filled `tmp` and rename it to `target`; an existing `target` is replaced only now."""
+    target = Path(target)
     fsync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -103,6 +103,18 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     else:
         os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it is fsynced and renamed to `target`.
+
+    An existing `target` is replaced only after the new one is complete. If the body raises (or the
+    process dies), `target` is untouched and the temporary directory is left for `remove_stale_temps`.
+    """
+    tmp = begin_directory(target)
+    yield tmp
+    commit_directory(tmp, target)
 
 
 def remove_stale_temps(directory: Path) -> None:

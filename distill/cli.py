@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the student (train.loss=ce: the SFT baseline)")
     _recipe_args(p)
     _training_args(p)
+    p.add_argument(
+        "--print-launch",
+        action="store_true",
+        help="print the `accelerate launch` command train.distributed needs, and exit",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="the teacher writes the teacher store (sample or score mode)")
@@ -80,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="process only shards with index I modulo N (0-based)")
     p.add_argument("--out", help="store directory (default <run>/teacher or <run>/teacher.shard-I-of-N)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    p.add_argument(
+        "--split",
+        choices=("train", "validation"),
+        default="train",
+        help="validation: the teacher scores held-out blocks into <run>/teacher-validation "
+        "(the students' validation KL)",
+    )
     p.set_defaults(func=cmd_generate)
 
     store = sub.add_parser("store", help="inspect, verify and merge teacher stores").add_subparsers(
@@ -150,12 +162,34 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from distill.student import train_student
+    from distill.student import is_main_process, launch_student, needs_launch, train_student
 
-    r = train_student(
-        _load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
-    )
-    print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f})")
+    recipe = _load(args)
+    if args.print_launch or needs_launch(recipe):
+        if recipe.train.distributed.backend == "none":
+            print("launch: none (train.distributed.backend=none trains in this process)")
+            return 0
+        # the launched processes get the same recipe and overrides; --overwrite is done here, once
+        flags = [
+            f
+            for f, on in (
+                ("--resume", args.resume),
+                ("--no-progress", args.no_progress),
+                ("--debug", args.debug),
+            )
+            if on
+        ]
+        return launch_student(
+            recipe,
+            ["train", args.recipe, *args.overrides, *flags],
+            args.resume,
+            args.overwrite,
+            dry_run=args.print_launch,
+        )
+    r = train_student(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if is_main_process():
+        kl = f", validation KL to the teacher {r.val_kl:.4f}" if r.val_kl is not None else ""
+        print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f}{kl})")
     return 0
 
 
@@ -164,7 +198,11 @@ def cmd_generate(args) -> int:
 
     shard = parse_shard(args.shard) if args.shard else None
     store = generate(
-        _load(args), shard=shard, out=Path(args.out) if args.out else None, overwrite=args.overwrite
+        _load(args),
+        shard=shard,
+        out=Path(args.out) if args.out else None,
+        overwrite=args.overwrite,
+        split=args.split,
     )
     _print_summary(store.summary())
     return 0
@@ -222,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = debug
     # Our own bar shows training progress; the per-file bars of model loading and saving are noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

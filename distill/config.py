@@ -140,6 +140,12 @@ class GenerateConfig(Section):
         "the unit of resume and of --shard I/N.",
     )
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass of the hf backend.")
+    validation_sequences: int = Field(
+        64,
+        gt=0,
+        description="Held-out corpus blocks the teacher scores for the student's validation KL "
+        "(`distill generate --split validation`).",
+    )
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM engine arguments passed through (tensor_parallel_size, max_model_len, ...).",
@@ -151,6 +157,18 @@ class DistributedConfig(Section):
     num_processes: int = Field(1, gt=0, description="Processes per node (one per GPU).")
     num_machines: int = Field(1, gt=0, description="Nodes.")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (backend deepspeed).")
+    config_file: str | None = Field(
+        None,
+        description="Accelerate config for the launch (default: recipes/accelerate/{ddp,zero2,zero3}.yaml).",
+    )
+
+    @model_validator(mode="after")
+    def _processes_need_a_backend(self):
+        if self.backend == "none" and self.num_processes * self.num_machines > 1:
+            raise ValueError(
+                "num_processes/num_machines: more than one process needs backend ddp or deepspeed"
+            )
+        return self
 
 
 class TrainConfig(Section):

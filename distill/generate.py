@@ -54,7 +54,20 @@ def teacher_path(recipe: RecipeConfig) -> Path:
     return pretrain(recipe, resume=True).path
 
 
-def work_items(recipe: RecipeConfig, data: PreparedData) -> tuple[list[Item], dict]:
+def for_split(recipe: RecipeConfig, split: str) -> RecipeConfig:
+    """The recipe as the generate stage uses it for `split`: the held-out (validation) store is always
+    the teacher scoring `generate.validation_sequences` validation blocks, whatever the train store does."""
+    if split == "train":
+        return recipe
+    if split != "validation":
+        raise DistillError(f"--split {split!r}: expected train or validation")
+    g = recipe.generate.model_copy(
+        update={"mode": "score", "num_sequences": recipe.generate.validation_sequences}
+    )
+    return recipe.model_copy(update={"generate": g})
+
+
+def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -> tuple[list[Item], dict]:
     """The ordered work list and a description of its source (for the store identity)."""
     cap = recipe.generate.num_sequences
     if recipe.generate.mode == "sample":
@@ -64,7 +77,7 @@ def work_items(recipe: RecipeConfig, data: PreparedData) -> tuple[list[Item], di
         items = [(r["id"], tokenizer(r["text"])["input_ids"]) for r in rows[:cap]]
         source = {"kind": "prompts", "file": str(path), "sha256": sha256_file(path), "items": len(items)}
     else:
-        path = data.tokens_dir / "train.npy"
+        path = data.tokens_dir / f"{split}.npy"
         tokens = np.load(path, mmap_mode="r")
         seq_len = recipe.data.seq_len
         blocks = len(tokens) // seq_len if cap is None else min(cap, len(tokens) // seq_len)
@@ -143,9 +156,12 @@ def generate(
     shard: tuple[int, int] | None = None,
     out: Path | None = None,
     overwrite: bool = False,
+    split: str = "train",
 ) -> TeacherStore:
-    """Capture the teacher into a store (default `<run>/teacher`, or `<run>/teacher.shard-I-of-N`)."""
+    """Capture the teacher into a store (default `<run>/teacher`, or `<run>/teacher.shard-I-of-N`;
+    `<run>/teacher-validation` for the held-out split)."""
     started = time.perf_counter()
+    recipe = for_split(recipe, split)
     g = recipe.generate
     data = prepare(recipe)
     model = teacher_path(recipe)
@@ -154,10 +170,11 @@ def generate(
     dtype = str(resolve_dtype(recipe.teacher.dtype, device)).removeprefix("torch.")
     # The model's own vocabulary (ids the teacher can emit), which may exceed the tokenizer's.
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    items, source = work_items(recipe, data)
+    items, source = work_items(recipe, data, split)
     num_shards = math.ceil(len(items) / g.items_per_shard)
+    base = "teacher" if split == "train" else f"teacher-{split}"
     if out is None:
-        out = recipe.run_dir / ("teacher" if shard is None else f"teacher.shard-{shard[0]}-of-{shard[1]}")
+        out = recipe.run_dir / (base if shard is None else f"{base}.shard-{shard[0]}-of-{shard[1]}")
     identity = store_identity(recipe, model, data, source, vocab, dtype)
     manifest = open_or_create(out, identity, num_shards, list(shard) if shard else None, overwrite)
     mine = [i for i in range(num_shards) if shard is None or i % shard[1] == shard[0]]
@@ -165,20 +182,26 @@ def generate(
     if todo:
         teacher = make_teacher(recipe, model, device, dtype)
         settings = SampleSettings(g.samples_per_prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed)
-        for i in todo:
-            lo = i * g.items_per_shard
-            chunk = items[lo : lo + g.items_per_shard]
-            captures = teacher.sample(chunk, settings, lo) if g.mode == "sample" else teacher.score(chunk)
-            entry = write_shard(out / shard_name(i), captures, identity["encoding"]["id_bits"])
-            record_shard(out, manifest, shard_name(i), {"index": i, "items": [lo, lo + len(chunk)], **entry})
-            print(
-                f"generate: {shard_name(i)} ({len(todo) - todo.index(i) - 1} left), {entry['rows']} rows, "
-                f"{entry['bytes'] / max(entry['positions'], 1):.1f} bytes/token",
-                flush=True,
-            )
+        try:
+            for i in todo:
+                lo = i * g.items_per_shard
+                chunk = items[lo : lo + g.items_per_shard]
+                captures = teacher.sample(chunk, settings, lo) if g.mode == "sample" else teacher.score(chunk)
+                entry = write_shard(out / shard_name(i), captures, identity["encoding"]["id_bits"])
+                record_shard(
+                    out, manifest, shard_name(i), {"index": i, "items": [lo, lo + len(chunk)], **entry}
+                )
+                print(
+                    f"generate: {shard_name(i)} ({len(todo) - todo.index(i) - 1} left), {entry['rows']} rows, "
+                    f"{entry['bytes'] / max(entry['positions'], 1):.1f} bytes/token",
+                    flush=True,
+                )
+        finally:
+            teacher.close()
     store = TeacherStore(out)
+    stage = "generate" if split == "train" else f"generate-{split}"
     RunManifest(recipe.run_dir).record(
-        "generate" if shard is None else f"generate.shard-{shard[0]}-of-{shard[1]}",
+        stage if shard is None else f"{stage}.shard-{shard[0]}-of-{shard[1]}",
         "done",
         hash_json(identity),
         {

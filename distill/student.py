@@ -1,40 +1,82 @@
-"""Stage `train`: train the student on the corpus token blocks.
+"""Stage `train`: train the student on the teacher store (KD), or with CE on the same sequences (SFT).
 
-Today this is the SFT baseline (train.loss=ce); the distillation losses arrive with the teacher store.
+One process trains here; `train.distributed` (DDP, DeepSpeed ZeRO-2/3) launches the processes with
+`accelerate launch` after the inputs are checked, and each of them comes back through `train_student`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+from pathlib import Path
 
 from distill.artifacts import RunManifest, hash_json
 from distill.config import LoraConfig, RecipeConfig
 from distill.errors import DistillError, NotImplementedYet
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
-from distill.prepare import prepare
+from distill.prepare import PreparedData, prepare
 from distill.store import TeacherStore
 from distill.tokenizer import load_tokenizer, tokenizer_hash
-from distill.train import TrainJob, TrainResult, train
+from distill.train import TrainJob, TrainResult, check_checkpoints, train
+
+VALIDATION_STORE = "teacher-validation"
+
+
+def student_stores(recipe: RecipeConfig) -> tuple[Path | None, Path | None]:
+    """(training store, held-out store), each checked against the student, or None where not used.
+
+    KD reads the teacher store; the SFT baseline (ce) trains on the same sequences when a store exists,
+    so the two students are comparable, and on the corpus blocks otherwise. A held-out store
+    (`distill generate --split validation`) adds the validation KL to the teacher.
+    """
+    store_dir = recipe.run_dir / "teacher"
+    use_store = recipe.train.loss != "ce" or (store_dir / "manifest.json").exists()
+    if use_store:
+        check_store_matches_student(recipe, store_dir)
+    val_dir = recipe.run_dir / VALIDATION_STORE
+    use_val = (val_dir / "manifest.json").exists()
+    if use_val:
+        check_store_matches_student(recipe, val_dir)
+    return (store_dir if use_store else None), (val_dir if use_val else None)
+
+
+def _preflight(recipe: RecipeConfig) -> tuple[PreparedData, Path | None, Path | None]:
+    if recipe.train.mode != "offline":
+        raise NotImplementedYet(f"train.mode={recipe.train.mode}")
+    if recipe.student.model:  # fail on a bad path before any data work
+        check_model_dir(recipe.student.model, "student.model")
+    store, val_store = student_stores(recipe)
+    return prepare(recipe), store, val_store
+
+
+def needs_launch(recipe: RecipeConfig) -> bool:
+    """True when the recipe trains distributed and this process is not one that a launcher started."""
+    from distill.launch import inside_launch
+
+    return recipe.train.distributed.backend != "none" and not inside_launch()
+
+
+def launch_student(
+    recipe: RecipeConfig, distill_args: list[str], resume: bool, overwrite: bool, dry_run: bool = False
+) -> int:
+    """Check every input here, once, then start the training processes with `accelerate launch`."""
+    from distill.launch import run_launch
+
+    _preflight(recipe)
+    out_dir = recipe.run_dir / "student"
+    if not dry_run:
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        check_checkpoints(out_dir, resume)
+    return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
 
 
 def train_student(
     recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> TrainResult:
-    if recipe.train.mode != "offline":
-        raise NotImplementedYet(f"train.mode={recipe.train.mode}")
-    if recipe.train.distributed.backend != "none":
-        raise NotImplementedYet("distributed student training (train.distributed.backend)")
     started = time.perf_counter()
-    if recipe.student.model:  # fail on a bad path before any data work
-        check_model_dir(recipe.student.model, "student.model")
-    # KD reads the teacher store; the SFT baseline (ce) trains on the same sequences when a store exists,
-    # so the two students are comparable, and on the corpus blocks otherwise.
-    store_dir = recipe.run_dir / "teacher"
-    use_store = recipe.train.loss != "ce" or (store_dir / "manifest.json").exists()
-    if use_store:
-        check_store_matches_student(recipe)
-    data = prepare(recipe)
+    data, store, val_store = _preflight(recipe)
     out_dir = recipe.run_dir / "student"
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -61,17 +103,29 @@ def train_student(
         build,
         resume=resume,
         progress=progress,
-        store=store_dir if use_store else None,
+        store=store,
+        val_store=val_store,
     )
     result = train(job)
-    RunManifest(recipe.run_dir).record(
-        "train",
-        "done",
-        hash_json({"train": recipe.train.model_dump(), "student": recipe.student.model_dump()}),
-        {"student": str(result.final_dir), "val_loss": result.val_loss, "steps": result.steps},
-        time.perf_counter() - started,
-    )
+    if is_main_process():
+        RunManifest(recipe.run_dir).record(
+            "train",
+            "done",
+            hash_json({"train": recipe.train.model_dump(), "student": recipe.student.model_dump()}),
+            {
+                "student": str(result.final_dir),
+                "val_loss": result.val_loss,
+                "val_kl": result.val_kl,
+                "steps": result.steps,
+            },
+            time.perf_counter() - started,
+        )
     return result
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch, or a process that was not launched."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def student_vocab_size(recipe: RecipeConfig) -> tuple[int, str]:
@@ -84,9 +138,9 @@ def student_vocab_size(recipe: RecipeConfig) -> tuple[int, str]:
     return len(load_tokenizer(prepare(recipe).tokenizer_dir)), "the student's tokenizer"
 
 
-def check_store_matches_student(recipe: RecipeConfig) -> TeacherStore:
+def check_store_matches_student(recipe: RecipeConfig, path: Path | None = None) -> TeacherStore:
     """Refuse, before any training, a teacher store the student cannot learn from."""
-    store = TeacherStore(recipe.run_dir / "teacher")
+    store = TeacherStore(path or recipe.run_dir / "teacher")
     store.require_complete()
     vocab, what = student_vocab_size(recipe)
     store.check_vocab(vocab, what)
@@ -102,8 +156,6 @@ def check_store_matches_student(recipe: RecipeConfig) -> TeacherStore:
 
 def student_tokenizer_dir(recipe: RecipeConfig):
     """The student's own tokenizer when its directory has one, else the run's (data.tokenizer or the teacher's)."""
-    from pathlib import Path
-
     if recipe.student.model and (Path(recipe.student.model) / "tokenizer.json").exists():
         return Path(recipe.student.model)
     return prepare(recipe).tokenizer_dir

@@ -106,6 +106,13 @@ class VllmTeacher:
         self.llm = LLM(**engine_args)
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
 
+    def close(self) -> None:
+        from distill.vllm_engine import shutdown_engine
+
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            shutdown_engine(llm)
+
     def sample(self, items: list[Item], settings: SampleSettings, first_index: int) -> list[Capture]:
         """N completions per prompt; prompt i (global index first_index + i) gets seed settings.seed + that index."""
         from vllm import SamplingParams
@@ -178,6 +185,9 @@ class HfTeacher:
             ):
                 captures.append(Capture(item_id, ids, 0, top_ids, top_lps, token_lps, cut))
         return captures
+
+    def close(self) -> None:
+        self.model = None
 
     def _topk(self, sequences: list[list[int]]):
         """Per sequence: (P, K) ids, (P, K) logprobs, (P,) next-token logprobs, P = len - 1."""

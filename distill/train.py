@@ -21,6 +21,8 @@ import numpy as np
 from distill.artifacts import (
     atomic_directory,
     atomic_write_json,
+    begin_directory,
+    commit_directory,
     hash_json,
     read_json,
     remove_directory,
@@ -29,7 +31,7 @@ from distill.artifacts import (
 from distill.config import TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
-from distill.tracking import MetricsLog, make_tracker
+from distill.tracking import MetricsLog, NullTracker, make_tracker
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TrainJob:
     seq_len: int
     build_model: Callable[[], Any]  # returns the initial model (fp32) when not resuming
     store: Path | None = None  # a teacher store: train on its sequences (KD, or CE for the SFT baseline)
+    val_store: Path | None = None  # a held-out teacher store: validation KL of the model to the teacher
     model_settings: dict[str, Any] = field(default_factory=dict)  # what build_model builds (for resume)
     device: str = "cpu"
     mixed_precision: str = "no"
@@ -85,6 +88,7 @@ class TrainResult:
     tokens: int
     val_loss: float
     seconds: float
+    val_kl: float | None = None
 
 
 # --------------------------------------------------------------------------- data
@@ -162,6 +166,9 @@ def make_optimizer(model, cfg: TrainConfig):
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # NOTE: no empty groups (LoRA has no trainable norms): DeepSpeed drops them, and the scheduler's
+    # per-group rates would no longer line up with the optimizer's groups.
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -213,15 +220,33 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, out_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Every process writes its part (DeepSpeed shards, RNG states) into one temporary directory, which
+    the main process renames when complete: a kill mid-write never replaces or hides the last good one."""
     target = Path(out_dir) / "checkpoints" / f"step-{state['step']:06d}"
-    # NOTE: written under a temporary name and renamed when complete: a kill mid-write never
-    # replaces or hides the last good checkpoint.
-    with atomic_directory(target) as tmp:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+    tmp = target.with_name(f".{target.name}.tmp-save")
+    if accelerator.is_main_process:
+        begin_directory(target, tag="save")
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         atomic_write_json(tmp / "trainer_state.json", state)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        remove_directory(old)
+        commit_directory(tmp, target)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            remove_directory(old)
+    accelerator.wait_for_everyone()
     return target
+
+
+def check_checkpoints(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; checkpoints without --resume are refused (never overwritten)."""
+    checkpoints = list_checkpoints(out_dir)
+    if checkpoints and not resume:
+        raise DistillError(
+            f"{out_dir} has checkpoints (last: {checkpoints[-1].name}); pass --resume to continue "
+            "or --overwrite to start over"
+        )
+    return checkpoints[-1] if checkpoints else None
 
 
 @dataclass
@@ -247,16 +272,17 @@ def next_token_labels(input_ids, loss_mask):
     return labels
 
 
-def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, window_tokens: int):
+def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float):
     """(loss to backward, summed parts for logging, target tokens) of one micro-batch.
 
+    The summed loss is multiplied by `scale` before backward (see the loop for what it undoes).
     KD losses need teacher top-k in the batch; `ce` trains on the same positions with hard labels.
     """
     ids = batch["input_ids"]
     logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     if cfg.loss == "ce":
         ce_sum, n = cross_entropy(logits, next_token_labels(ids, batch["loss_mask"]))
-        return ce_sum / window_tokens, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
+        return ce_sum * scale, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
     parts = kd_loss(
         logits,
         SparseTeacher(batch["topk_ids"], batch["topk_logprobs"]),
@@ -268,8 +294,8 @@ def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, window_toke
         alpha=cfg.alpha,
         tail=cfg.tail,
         # NOTE: the window normalisation is folded into the weights so backward starts from 1 (no copy).
-        kd_weight=1.0 / window_tokens,
-        ce_weight=cfg.ce_weight / window_tokens,
+        kd_weight=scale,
+        ce_weight=cfg.ce_weight * scale,
     )
     kd, ce = parts.kd.item(), parts.ce.item()
     return parts.total, {"kd": kd, "ce": ce, "objective": kd + cfg.ce_weight * ce}, parts.tokens
@@ -293,33 +319,97 @@ def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, max_batches: int,
     return total / count
 
 
+def evaluate_kl(model, items: StoreItems, batch_size: int, max_batches: int, device) -> float:
+    """Mean forward KL(teacher || model) per target token on a held-out teacher store (T=1).
+
+    With top-k targets the teacher's tail is one bucket (the same bucketing on the model's side), so
+    this is the KL between the two distributions over the top-k plus "the rest"; a lower bound of the
+    full-vocabulary KL, and exact when k covers the vocabulary.
+    """
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(min(max_batches, math.ceil(items.num_items / batch_size))):
+            batch = items.batch(range(b * batch_size, min((b + 1) * batch_size, items.num_items)))
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            parts = kd_loss(
+                logits,
+                SparseTeacher(batch["topk_ids"], batch["topk_logprobs"]),
+                batch["loss_mask"],
+                batch["input_ids"],
+                "forward_kl",
+                tail="bucket",
+            )
+            total, count = total + parts.kd.item(), count + parts.tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def _all_reduce_sum(accelerator, values: list[float]) -> list[float]:
+    """Element-wise sums over all processes (the values themselves in a single process)."""
+    if accelerator.num_processes == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _end_distributed(accelerator) -> None:
+    """Leave the process group cleanly: left to interpreter exit, gloo aborts the process."""
+    import torch.distributed as dist
+
+    if accelerator.num_processes > 1 and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- the loop
 
 
 def train(job: TrainJob) -> TrainResult:
-    """Train `job.build_model()` (or resume from `job.out_dir`), then export `out_dir/final` in HF format."""
+    """Train `job.build_model()` (or resume from `job.out_dir`), then export `out_dir/final` in HF format.
+
+    Runs as one process or as each of the processes `accelerate launch` started (DDP or DeepSpeed):
+    every process takes its own rows of each global micro-batch, and all of them run this same code.
+    """
+    from distill.launch import check_world, make_accelerator
+
+    cfg = job.cfg
+    accelerator = make_accelerator(cfg.distributed, job.device, job.mixed_precision, cfg.grad_accum)
+    try:
+        check_world(accelerator, cfg.distributed)
+        return _train(job, accelerator)
+    finally:
+        _end_distributed(accelerator)
+
+
+def _train(job: TrainJob, accelerator) -> TrainResult:
     import torch
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from distill.launch import configure_deepspeed, is_zero3
+
     cfg, out_dir = job.cfg, Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir / "checkpoints")
-    checkpoints = list_checkpoints(out_dir)
-    if checkpoints and not job.resume:
-        raise DistillError(
-            f"{out_dir} has checkpoints (last: {checkpoints[-1].name}); pass --resume to continue "
-            "or --overwrite to start over"
-        )
-    resume_from = checkpoints[-1] if (checkpoints and job.resume) else None
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir / "checkpoints")
+    accelerator.wait_for_everyone()
+    resume_from = check_checkpoints(out_dir, job.resume)
 
     # ---- setup
-    accelerator = Accelerator(cpu=job.device == "cpu", mixed_precision=job.mixed_precision)
     torch.manual_seed(cfg.seed)
     model = job.build_model()
     model.config.use_cache = False
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by us once per optimizer step; accelerate only saves and restores it.
     accelerator.register_for_checkpointing(scheduler)
@@ -331,10 +421,21 @@ def train(job: TrainJob) -> TrainResult:
     else:
         train_items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
     val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
+    val_items = StoreItems(job.val_store, pad_id=_pad_id(job.tokenizer_dir)) if job.val_store else None
     order = BlockOrder(train_items.num_items, cfg.seed)
+    # Every process evaluates the same global micro-batches (ZeRO-3 needs all of them in each forward),
+    # so the validation figures do not depend on how the batch is split across processes.
+    eval_batch = cfg.batch_size * world
 
     settings = settings_hash(job)
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None, "val_loss": None, "settings": settings}
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "wandb_id": None,
+        "val_loss": None,
+        "val_kl": None,
+        "settings": settings,
+    }
     if resume_from is not None:
         saved = read_json(resume_from / "trainer_state.json")
         if saved.get("settings") != settings:
@@ -345,9 +446,18 @@ def train(job: TrainJob) -> TrainResult:
         accelerator.load_state(str(resume_from))
         state = saved
         accelerator.print(f"resuming from {resume_from} (step {state['step']})")
-    tracker = make_tracker(job.tracking, job.name, out_dir, job.config_dump, resume_id=state["wandb_id"])
+    # Only the main process tracks and logs; every process trains.
+    tracker = (
+        make_tracker(job.tracking, job.name, out_dir, job.config_dump, resume_id=state["wandb_id"])
+        if main
+        else NullTracker()
+    )
     state["wandb_id"] = getattr(tracker, "id", None)
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+    log = (
+        MetricsLog(out_dir / "metrics.jsonl", resume_step=state["step"] if resume_from else None)
+        if main
+        else None
+    )
 
     try:  # the wandb run is closed however the loop ends (a crash, a NaN, Ctrl-C)
         # ---- loop
@@ -355,58 +465,82 @@ def train(job: TrainJob) -> TrainResult:
         started, window_started = time.perf_counter(), time.perf_counter()
         tokens_at_window = state["tokens"]
         bar = tqdm(
-            total=cfg.max_steps, initial=state["step"], unit="step", disable=not job.progress, desc=job.name
+            total=cfg.max_steps,
+            initial=state["step"],
+            unit="step",
+            disable=not (job.progress and main),
+            desc=job.name,
         )
         while state["step"] < cfg.max_steps:
             step = state["step"]
             window = _Window()
+            # A global micro-batch is batch_size x processes rows; this process takes its own slice.
+            rows = cfg.batch_size * world
             micro = [
-                train_items.batch(order.indices((step * cfg.grad_accum + m) * cfg.batch_size, cfg.batch_size))
+                train_items.batch(
+                    order.indices((step * cfg.grad_accum + m) * rows + rank * cfg.batch_size, cfg.batch_size)
+                )
                 for m in range(cfg.grad_accum)
             ]
-            # NOTE: every micro-batch's summed loss is divided by the target-token count of the whole window,
-            # so batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same gradient.
-            window_tokens = sum(int(b["loss_mask"][:, :-1].sum()) for b in micro)
+            # NOTE: every summed loss is divided by the target-token count of the whole window on all
+            # processes, so batch 8 x accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 4
+            # give the same gradient. Accelerate (or DeepSpeed) divides by grad_accum and DDP/ZeRO average
+            # over processes; the scale undoes both.
+            (window_tokens,) = _all_reduce_sum(
+                accelerator, [float(sum(int(b["loss_mask"][:, :-1].sum()) for b in micro))]
+            )
+            scale = cfg.grad_accum * world / max(window_tokens, 1.0)
             for batch in micro:
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                to_backward, parts, n = micro_batch_loss(model, batch, cfg, window_tokens)
-                accelerator.backward(to_backward)
+                with accelerator.accumulate(model):
+                    to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale)
+                    # checked on every process before backward, so a NaN never reaches the weights
+                    (bad,) = _all_reduce_sum(accelerator, [0.0 if math.isfinite(parts["objective"]) else 1.0])
+                    if bad:
+                        last = list_checkpoints(out_dir)
+                        raise DistillError(
+                            f"loss is {parts['objective'] / max(n, 1)} at step {step + 1}; stopped. Last good "
+                            f"checkpoint: {last[-1] if last else 'none'} (lower train.lr or check the data)"
+                        )
+                    accelerator.backward(to_backward)
                 window.add(parts, n)
-            loss = window.mean("objective")
-            if not math.isfinite(loss):
-                last = list_checkpoints(out_dir)
-                raise DistillError(
-                    f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
-                    f"{last[-1] if last else 'none'} (lower train.lr or check the data)"
-                )
+            # (DeepSpeed clipped and stepped inside the last backward; these two then only report / no-op.)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            state["tokens"] += window.tokens
+            state["tokens"] += int(window_tokens)
             bar.update(1)
 
             row: dict[str, Any] = {}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                keys = sorted(window.sums)
+                totals = _all_reduce_sum(accelerator, [window.sums[k] for k in keys] + [float(window.tokens)])
+                sums, tokens = dict(zip(keys, totals[:-1], strict=True)), max(totals[-1], 1.0)
                 elapsed = time.perf_counter() - window_started
                 row.update(
-                    loss=loss,
-                    **{f"loss_{key}": window.mean(key) for key in ("kd", "ce") if key in window.sums},
+                    loss=sums["objective"] / tokens,
+                    **{f"loss_{key}": sums[key] / tokens for key in ("kd", "ce") if key in sums},
                     lr=lr,
-                    grad_norm=float(grad_norm),
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
                     tokens=state["tokens"],
                     tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
                 )
                 window_started, tokens_at_window = time.perf_counter(), state["tokens"]
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 state["val_loss"] = evaluate_loss(
-                    model, val_blocks, cfg.batch_size, cfg.eval_batches, accelerator.device
+                    model, val_blocks, eval_batch, cfg.eval_batches, accelerator.device
                 )
                 row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50)))
-            if row:
+                if val_items is not None:
+                    state["val_kl"] = evaluate_kl(
+                        model, val_items, eval_batch, cfg.eval_batches, accelerator.device
+                    )
+                    row.update(val_kl=state["val_kl"])
+            if row and main:
                 row["step"] = step
                 log.write(row)
                 tracker.log(row, step=step)
@@ -416,19 +550,40 @@ def train(job: TrainJob) -> TrainResult:
 
         # ---- export
         final_dir = out_dir / "final"
-        export = accelerator.unwrap_model(model)
-        if hasattr(export, "merge_and_unload"):  # PEFT: the adapter alone, then a merged model for serving
-            with atomic_directory(out_dir / "adapter") as tmp:
-                export.save_pretrained(tmp, safe_serialization=True)
-            export = export.merge_and_unload()
-        with atomic_directory(final_dir) as tmp:
-            export.save_pretrained(tmp, safe_serialization=True)
-            _copy_tokenizer(job.tokenizer_dir, tmp)
+        accelerator.wait_for_everyone()
+        if is_zero3(accelerator):
+            # ZeRO-3 partitions the weights: gather them on the main process into a fresh, plain copy.
+            state_dict = accelerator.get_state_dict(model)
+            if main:
+                with accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False):
+                    export = job.build_model()
+                export.load_state_dict(state_dict)
+        else:
+            export = accelerator.unwrap_model(model)
+        if main:
+            _export(export, out_dir, job.tokenizer_dir)
+        accelerator.wait_for_everyone()
     finally:
         tracker.finish()
     return TrainResult(
-        final_dir, state["step"], state["tokens"], state["val_loss"], time.perf_counter() - started
+        final_dir,
+        state["step"],
+        state["tokens"],
+        state["val_loss"],
+        time.perf_counter() - started,
+        state.get("val_kl"),
     )
+
+
+def _export(model, out_dir: Path, tokenizer_dir: Path) -> None:
+    """`final/`: the model in HF format with its tokenizer; for PEFT also `adapter/`, then merged."""
+    if hasattr(model, "merge_and_unload"):  # PEFT: the adapter alone, then a merged model for serving
+        with atomic_directory(out_dir / "adapter") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+        model = model.merge_and_unload()
+    with atomic_directory(out_dir / "final") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(tokenizer_dir, tmp)
 
 
 def _pad_id(tokenizer_dir: Path) -> int:

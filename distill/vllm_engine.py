@@ -32,3 +32,16 @@ def engine_kwargs(model: str, **overrides: Any) -> dict[str, Any]:
         kwargs.update(cpu_defaults())
     kwargs.update(overrides)
     return kwargs
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a `vllm.LLM`'s engine processes now, while the interpreter is whole.
+
+    Left to interpreter exit, vLLM's engine-core monitor thread races the teardown; on the CPU build that
+    race occasionally ends the process with SIGABRT ("terminate called without an active exception")
+    after all the work is written.
+    """
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()

@@ -15,7 +15,9 @@ def main(model_dir: str, tokens_path: str, out_path: str) -> None:
     tokens = np.load(tokens_path)
     items = [(f"b{i}", tokens[i * 48 : (i + 1) * 48].astype(np.int64).tolist()) for i in range(8)]
     k = 16
-    vllm_caps = VllmTeacher(engine_kwargs(model_dir, max_logprobs=k, max_model_len=64), k).score(items)
+    teacher = VllmTeacher(engine_kwargs(model_dir, max_logprobs=k, max_model_len=64), k)
+    vllm_caps = teacher.score(items)
+    teacher.close()
     import torch
 
     hf_caps = HfTeacher(model_dir, k, "cpu", torch.float32, batch_size=4).score(items)

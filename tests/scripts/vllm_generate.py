@@ -6,7 +6,7 @@ Run as a script (vLLM spawns engine processes, so it needs the __main__ guard).
 import json
 import sys
 
-from distill.vllm_engine import engine_kwargs
+from distill.vllm_engine import engine_kwargs, shutdown_engine
 
 
 def main(model_dir: str, out_path: str) -> None:
@@ -30,6 +30,7 @@ def main(model_dir: str, out_path: str) -> None:
         )
     with open(out_path, "w") as fh:
         json.dump(results, fh)
+    shutdown_engine(llm)
 
 
 if __name__ == "__main__":
