@@ -119,8 +119,9 @@ def make_accelerator(dist: DistributedConfig, device: str, mixed_precision: str,
     from accelerate.utils import InitProcessGroupKwargs
 
     kwargs: dict[str, Any] = {"mixed_precision": mixed_precision, "gradient_accumulation_steps": grad_accum}
-    if dist.backend == "deepspeed" and device == "cpu" and inside_launch():
+    if dist.backend == "deepspeed" and device == "cpu" and "LOCAL_RANK" in os.environ:
         # DeepSpeed is only enabled with cpu=False; on a CPU machine its process group must be gloo.
+        # (Without LOCAL_RANK the launch started one plain process: check_world refuses it.)
         return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
     return Accelerator(cpu=device == "cpu", **kwargs)
 

@@ -180,3 +180,29 @@ def test_sequence_length_must_fit_both_models(tmp_path):
     assert "data.seq_len 4096 exceeds teacher.tiny.max_position_embeddings 512" in msg
     msg = _error(tmp_path, BASE, ["teacher.tiny.max_position_embeddings=8192", "data.seq_len=4096"])
     assert "exceeds student.tiny.max_position_embeddings 512" in msg
+
+
+def test_several_processes_need_a_distributed_backend(tmp_path):
+    msg = _error(tmp_path, BASE, ["train.distributed.num_processes=2"])
+    assert (
+        "train.distributed: num_processes/num_machines: more than one process needs backend ddp or deepspeed"
+        in msg
+    )
+    recipe = load_recipe(
+        ROOT / "recipes/tiny.yaml",
+        ["train.distributed.backend=deepspeed", "train.distributed.num_processes=8"],
+    )
+    assert recipe.train.distributed.zero_stage == 2
+
+
+def test_shipped_accelerate_configs_match_the_backends_they_serve():
+    import yaml
+
+    for name, kind, stage in (
+        ("ddp", "MULTI_GPU", None),
+        ("zero2", "DEEPSPEED", 2),
+        ("zero3", "DEEPSPEED", 3),
+    ):
+        cfg = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"{name}.yaml").read_text())
+        assert cfg["distributed_type"] == kind
+        assert cfg.get("deepspeed_config", {}).get("zero_stage") == stage
