@@ -60,12 +60,15 @@ def needs_launch(recipe: RecipeConfig) -> bool:
 def launch_student(
     recipe: RecipeConfig, distill_args: list[str], resume: bool, overwrite: bool, dry_run: bool = False
 ) -> int:
-    """Check every input here, once, then start the training processes with `accelerate launch`."""
+    """Check every input here, once, then start the training processes with `accelerate launch`.
+
+    A dry run only prints the command: it needs the recipe, not the models or the store (so the Llama 3
+    recipes print theirs on any machine)."""
     from distill.launch import run_launch
 
-    _preflight(recipe)
     out_dir = recipe.run_dir / "student"
     if not dry_run:
+        _preflight(recipe)
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
         check_checkpoints(out_dir, resume)

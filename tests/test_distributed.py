@@ -199,3 +199,27 @@ def test_print_launch_shows_the_accelerate_command_and_runs_nothing(store_runs, 
     )
     assert line.endswith("train.distributed.num_processes=8")
     assert not (runs / "tiny" / "student").exists()
+
+
+def test_the_llama3_recipe_prints_its_zero3_launch_without_the_models_here():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill",
+            "train",
+            str(TINY.parent / "llama3-8b-to-1b.yaml"),
+            "--print-launch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "accelerate/zero3.yaml --num_processes 8 --num_machines 1 -m distill train" in out.stdout
+    single = subprocess.run(
+        [sys.executable, "-m", "distill", "train", str(TINY), "--print-launch"],
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0 and single.stdout.startswith("launch: none (train.distributed.backend=none")
