@@ -171,6 +171,40 @@ class DistributedConfig(Section):
         return self
 
 
+class OnPolicyConfig(Section):
+    lmbda: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of micro-batches the student samples (GKD's lambda); the rest come from the teacher store.",
+    )
+    objective: Literal["divergence", "sampled_reverse_kl"] = Field(
+        "divergence",
+        description="divergence: train.loss over the teacher's top-k on the student's samples; "
+        "sampled_reverse_kl: per-token advantage (teacher minus student logprob of the sampled token).",
+    )
+    sampler: Literal["hf", "vllm"] = Field(
+        "hf", description="Who samples the student's completions: transformers generate, or a vLLM engine."
+    )
+    refresh_every: int = Field(
+        1, gt=0, description="vLLM sampler: reload the student's weights every N steps."
+    )
+    prompt_tokens: int = Field(
+        32, gt=0, description="Prompt length (the last tokens of each prompt are kept)."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Completion length the student samples.")
+    temperature: float = Field(1.0, gt=0, description="Student sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Student sampling nucleus threshold.")
+    eval_prompts: int = Field(
+        32, gt=0, description="Held-out prompts (validation blocks) for val_acceptance at each evaluation."
+    )
+    teacher_url: str | None = Field(
+        None,
+        description="A running teacher server (vllm serve) to score with; default: start one for the run.",
+    )
+    retries: int = Field(3, gt=0, description="Tries per teacher request before training stops.")
+
+
 class TrainConfig(Section):
     loss: Literal["ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = (
         Field("forward_kl", description="Training objective; ce is the SFT baseline on the same sequences.")
@@ -202,6 +236,19 @@ class TrainConfig(Section):
     keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
     log_every: int = Field(10, gt=0, description="Metrics log interval in steps.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distribution.")
+    on_policy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig, description="On-policy distillation (train.mode=on_policy)."
+    )
+
+    @model_validator(mode="after")
+    def _sampling_needs_whole_weights(self):
+        d = self.distributed
+        if self.mode == "on_policy" and d.backend == "deepspeed" and d.zero_stage == 3:
+            raise ValueError(
+                "mode: on_policy samples with the student's whole weights in every process; ZeRO-3 "
+                "partitions them: use distributed.backend=ddp or zero_stage=2"
+            )
+        return self
 
 
 class PretrainConfig(TrainConfig):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from distill.artifacts import RunManifest, hash_json
@@ -31,7 +32,8 @@ def student_stores(recipe: RecipeConfig) -> tuple[Path | None, Path | None]:
     (`distill generate --split validation`) adds the validation KL to the teacher.
     """
     store_dir = recipe.run_dir / "teacher"
-    use_store = recipe.train.loss != "ce" or (store_dir / "manifest.json").exists()
+    only_sampled = recipe.train.mode == "on_policy" and recipe.train.on_policy.lmbda >= 1.0
+    use_store = (store_dir / "manifest.json").exists() or (recipe.train.loss != "ce" and not only_sampled)
     if use_store:
         check_store_matches_student(recipe, store_dir)
     val_dir = recipe.run_dir / VALIDATION_STORE
@@ -42,12 +44,53 @@ def student_stores(recipe: RecipeConfig) -> tuple[Path | None, Path | None]:
 
 
 def _preflight(recipe: RecipeConfig) -> tuple[PreparedData, Path | None, Path | None]:
-    if recipe.train.mode != "offline":
-        raise NotImplementedYet(f"train.mode={recipe.train.mode}")
     if recipe.student.model:  # fail on a bad path before any data work
         check_model_dir(recipe.student.model, "student.model")
+    if recipe.train.mode == "on_policy" and recipe.train.on_policy.sampler == "vllm":
+        raise NotImplementedYet("train.on_policy.sampler=vllm (use sampler=hf)")
     store, val_store = student_stores(recipe)
     return prepare(recipe), store, val_store
+
+
+@contextmanager
+def teacher_service(recipe: RecipeConfig):
+    """The URL of the teacher server on-policy training scores with: the recipe's, the launcher's, or
+    one started here (`vllm serve` on loopback) for as long as the block runs. None for offline runs."""
+    from distill.teacher_server import URL_ENV, TeacherServer
+
+    url = recipe.train.on_policy.teacher_url or os.environ.get(URL_ENV)
+    if recipe.train.mode != "on_policy" or url:
+        yield url
+        return
+    from distill.generate import engine_args, teacher_path
+
+    args = engine_args(recipe, teacher_path(recipe))
+    with TeacherServer(args, recipe.run_dir / "teacher-server.log") as server:
+        print(f"teacher server: {server.url} (vllm serve, log {server.log_path})", flush=True)
+        yield server.url
+
+
+def on_policy_source(recipe: RecipeConfig, data: PreparedData, url: str):
+    """The student's prompts, the teacher client, and the held-out prompts for val_acceptance."""
+    from distill.generate import engine_args, teacher_path
+    from distill.onpolicy import OnPolicySource, Prompts
+    from distill.teacher_server import TeacherClient
+
+    cfg = recipe.train.on_policy
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    args = engine_args(recipe, teacher_path(recipe))
+    max_len = args.get("max_model_len") or _max_positions(teacher_path(recipe))
+    client = TeacherClient(url, recipe.generate.top_k, max_len, retries=cfg.retries)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = Prompts.from_corpus(data.corpus.root / "prompts.jsonl", tokenizer, cfg.prompt_tokens)
+    held_out = Prompts.from_blocks(data.tokens_dir / "validation.npy", cfg.prompt_tokens, cfg.eval_prompts)
+    return OnPolicySource(prompts, client, cfg, recipe.train.seed, pad, tokenizer.eos_token_id), held_out.ids
+
+
+def _max_positions(model_dir: Path) -> int:
+    import json
+
+    return json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
 
 
 def needs_launch(recipe: RecipeConfig) -> bool:
@@ -67,12 +110,19 @@ def launch_student(
     from distill.launch import run_launch
 
     out_dir = recipe.run_dir / "student"
-    if not dry_run:
-        _preflight(recipe)
-        if overwrite and out_dir.exists():
-            shutil.rmtree(out_dir)
-        check_checkpoints(out_dir, resume)
-    return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
+    if dry_run:
+        return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
+    _preflight(recipe)
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    check_checkpoints(out_dir, resume)
+    from distill.teacher_server import URL_ENV
+
+    # on-policy: one teacher server for the whole run, which every launched process scores with
+    with teacher_service(recipe) as url:
+        if url:
+            os.environ[URL_ENV] = url
+        return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
 
 
 def train_student(
@@ -97,19 +147,23 @@ def train_student(
             )
         return with_lora(model, recipe.student.lora) if recipe.student.lora else model
 
-    job = TrainJob.from_recipe(
-        recipe,
-        "student",
-        recipe.train,
-        data,
-        out_dir,
-        build,
-        resume=resume,
-        progress=progress,
-        store=store,
-        val_store=val_store,
-    )
-    result = train(job)
+    with teacher_service(recipe) as url:
+        source, held_out = on_policy_source(recipe, data, url) if url else (None, None)
+        job = TrainJob.from_recipe(
+            recipe,
+            "student",
+            recipe.train,
+            data,
+            out_dir,
+            build,
+            resume=resume,
+            progress=progress,
+            store=store,
+            val_store=val_store,
+            on_policy=source,
+            val_prompts=held_out,
+        )
+        result = train(job)
     if is_main_process():
         RunManifest(recipe.run_dir).record(
             "train",
@@ -119,6 +173,8 @@ def train_student(
                 "student": str(result.final_dir),
                 "val_loss": result.val_loss,
                 "val_kl": result.val_kl,
+                "val_acceptance": result.val_acceptance,
+                "start_acceptance": result.start_acceptance,
                 "steps": result.steps,
             },
             time.perf_counter() - started,

@@ -31,6 +31,7 @@ from distill.artifacts import (
 from distill.config import TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
+from distill.onpolicy import draws_on_policy
 from distill.tracking import MetricsLog, NullTracker, make_tracker
 
 
@@ -48,6 +49,8 @@ class TrainJob:
     build_model: Callable[[], Any]  # returns the initial model (fp32) when not resuming
     store: Path | None = None  # a teacher store: train on its sequences (KD, or CE for the SFT baseline)
     val_store: Path | None = None  # a held-out teacher store: validation KL of the model to the teacher
+    on_policy: Any = None  # an onpolicy.OnPolicySource when train.mode=on_policy
+    val_prompts: list[list[int]] | None = None  # held-out prompts for val_acceptance (on-policy runs)
     model_settings: dict[str, Any] = field(default_factory=dict)  # what build_model builds (for resume)
     device: str = "cpu"
     mixed_precision: str = "no"
@@ -89,6 +92,8 @@ class TrainResult:
     val_loss: float
     seconds: float
     val_kl: float | None = None
+    val_acceptance: float | None = None
+    start_acceptance: float | None = None
 
 
 # --------------------------------------------------------------------------- data
@@ -189,9 +194,12 @@ BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last"
 
 
 def settings_hash(job: TrainJob) -> str:
+    train = job.cfg.model_dump(mode="json", exclude=set(BOOKKEEPING))
+    for key in ("teacher_url", "retries"):  # where the teacher answers is not a training setting
+        train.get("on_policy", {}).pop(key, None)
     return hash_json(
         {
-            "train": job.cfg.model_dump(mode="json", exclude=set(BOOKKEEPING)),
+            "train": train,
             "seq_len": job.seq_len,
             "tokens": str(Path(job.tokens_dir).resolve()),
             "tokenizer": str(Path(job.tokenizer_dir).resolve()),
@@ -272,14 +280,30 @@ def next_token_labels(input_ids, loss_mask):
     return labels
 
 
-def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float):
+def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float, sampled: bool = False):
     """(loss to backward, summed parts for logging, target tokens) of one micro-batch.
 
     The summed loss is multiplied by `scale` before backward (see the loop for what it undoes).
     KD losses need teacher top-k in the batch; `ce` trains on the same positions with hard labels.
+    `sampled`: the student sampled these sequences (on-policy); they also give the expected acceptance.
     """
     ids = batch["input_ids"]
     logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
+    if sampled:
+        from distill.onpolicy import acceptance_sum, sampled_reverse_kl
+
+        accepted, positions = acceptance_sum(logits, batch)
+        extra = {"acceptance": accepted, "sampled_tokens": float(positions), "sampled_batches": 1.0}
+        if cfg.on_policy.objective == "sampled_reverse_kl":
+            surrogate, estimate, n = sampled_reverse_kl(logits, batch)
+            return surrogate * scale, {"kd": estimate, "objective": estimate, **extra}, n
+        to_backward, parts, n = _loss_on(logits, batch, cfg, scale)
+        return to_backward, {**parts, **extra}, n
+    return _loss_on(logits, batch, cfg, scale)
+
+
+def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
+    ids = batch["input_ids"]
     if cfg.loss == "ce":
         ce_sum, n = cross_entropy(logits, next_token_labels(ids, batch["loss_mask"]))
         return ce_sum * scale, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
@@ -345,6 +369,31 @@ def evaluate_kl(model, items: StoreItems, batch_size: int, max_batches: int, dev
             )
             total, count = total + parts.kd.item(), count + parts.tokens
     model.train()
+    return total / max(count, 1)
+
+
+def evaluate_acceptance(model, job: TrainJob, batch_size: int) -> float:
+    """Expected acceptance of the model as the teacher's draft on held-out prompts: it samples
+    completions (a fixed seed, so evaluations compare), the teacher scores them, and the overlap
+    sum_v min(p_model, p_teacher) is averaged over the completion positions."""
+    import torch
+
+    from distill.onpolicy import acceptance_sum
+
+    source, prompts = job.on_policy, job.val_prompts
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo : lo + batch_size]
+        batch = source.batch_for(model, chunk, [f"v{lo + i}" for i in range(len(chunk))], job.cfg.seed + lo)
+        device = next(model.parameters()).device
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        accepted, positions = acceptance_sum(logits, batch)
+        total, count = total + accepted, count + positions
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -416,13 +465,15 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
 
     if job.store is not None:
         train_items = StoreItems(job.store, pad_id=_pad_id(job.tokenizer_dir))
+    elif job.on_policy is not None and cfg.on_policy.lmbda >= 1.0:
+        train_items = None  # every micro-batch is sampled by the student
     elif cfg.loss != "ce":
         raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
     else:
         train_items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
     val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
     val_items = StoreItems(job.val_store, pad_id=_pad_id(job.tokenizer_dir)) if job.val_store else None
-    order = BlockOrder(train_items.num_items, cfg.seed)
+    order = BlockOrder(train_items.num_items, cfg.seed) if train_items is not None else None
     # Every process evaluates the same global micro-batches (ZeRO-3 needs all of them in each forward),
     # so the validation figures do not depend on how the batch is split across processes.
     eval_batch = cfg.batch_size * world
@@ -434,6 +485,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         "wandb_id": None,
         "val_loss": None,
         "val_kl": None,
+        "val_acceptance": None,
+        "start_acceptance": None,
+        "sampled_batches": 0,  # on-policy micro-batches so far, over all processes
+        "store_batches": 0,
         "settings": settings,
     }
     if resume_from is not None:
@@ -460,6 +515,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     )
 
     try:  # the wandb run is closed however the loop ends (a crash, a NaN, Ctrl-C)
+        if job.val_prompts and main and resume_from is None:
+            # the starting student's expected acceptance: what on-policy training is measured against
+            state["start_acceptance"] = evaluate_acceptance(accelerator.unwrap_model(model), job, eval_batch)
+            log.write({"step": 0, "val_acceptance": state["start_acceptance"]})
         # ---- loop
         model.train()
         started, window_started = time.perf_counter(), time.perf_counter()
@@ -476,12 +535,25 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
             window = _Window()
             # A global micro-batch is batch_size x processes rows; this process takes its own slice.
             rows = cfg.batch_size * world
-            micro = [
-                train_items.batch(
-                    order.indices((step * cfg.grad_accum + m) * rows + rank * cfg.batch_size, cfg.batch_size)
-                )
-                for m in range(cfg.grad_accum)
-            ]
+            micro, sampled = [], []
+            for m in range(cfg.grad_accum):
+                g = step * cfg.grad_accum + m  # the global micro-batch index
+                first = g * rows + rank * cfg.batch_size
+                if job.on_policy is not None and draws_on_policy(cfg.seed, g, cfg.on_policy.lmbda):
+                    # the current student samples this process's prompts; the teacher scores them
+                    indices = job.on_policy.prompt_indices(first, cfg.batch_size)
+                    seed = int(np.random.default_rng([cfg.seed, g, rank]).integers(2**31))
+                    try:
+                        micro.append(job.on_policy.batch(accelerator.unwrap_model(model), indices, seed))
+                    except DistillError as exc:
+                        last = list_checkpoints(out_dir)
+                        raise DistillError(
+                            f"{exc}. Last good checkpoint: {last[-1] if last else 'none'}"
+                        ) from exc
+                    sampled.append(True)
+                else:
+                    micro.append(train_items.batch(order.indices(first, cfg.batch_size)))
+                    sampled.append(False)
             # NOTE: every summed loss is divided by the target-token count of the whole window on all
             # processes, so batch 8 x accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 4
             # give the same gradient. Accelerate (or DeepSpeed) divides by grad_accum and DDP/ZeRO average
@@ -490,10 +562,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                 accelerator, [float(sum(int(b["loss_mask"][:, :-1].sum()) for b in micro))]
             )
             scale = cfg.grad_accum * world / max(window_tokens, 1.0)
-            for batch in micro:
+            for batch, is_sampled in zip(micro, sampled, strict=True):
                 batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                 with accelerator.accumulate(model):
-                    to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale)
+                    to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled)
                     # checked on every process before backward, so a NaN never reaches the weights
                     (bad,) = _all_reduce_sum(accelerator, [0.0 if math.isfinite(parts["objective"]) else 1.0])
                     if bad:
@@ -512,6 +584,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             state["tokens"] += int(window_tokens)
+            state["sampled_batches"] += sum(sampled) * world
+            state["store_batches"] += (len(sampled) - sum(sampled)) * world
             bar.update(1)
 
             row: dict[str, Any] = {}
@@ -528,6 +602,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                     tokens=state["tokens"],
                     tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
                 )
+                if job.on_policy is not None:
+                    row.update(sampled_batches=state["sampled_batches"], store_batches=state["store_batches"])
+                    if sums.get("sampled_tokens"):
+                        row["acceptance"] = sums["acceptance"] / sums["sampled_tokens"]
                 window_started, tokens_at_window = time.perf_counter(), state["tokens"]
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -540,6 +618,11 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                         model, val_items, eval_batch, cfg.eval_batches, accelerator.device
                     )
                     row.update(val_kl=state["val_kl"])
+                if job.val_prompts and main:
+                    state["val_acceptance"] = evaluate_acceptance(
+                        accelerator.unwrap_model(model), job, eval_batch
+                    )
+                    row.update(val_acceptance=state["val_acceptance"])
             if row and main:
                 row["step"] = step
                 log.write(row)
@@ -572,6 +655,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         state["val_loss"],
         time.perf_counter() - started,
         state.get("val_kl"),
+        state.get("val_acceptance"),
+        state.get("start_acceptance"),
     )
 
 
