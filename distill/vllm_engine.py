@@ -2,7 +2,8 @@
 
 On GPUs vLLM's defaults stand (plus whatever the recipe passes through). On CPU-only machines the vLLM
 CPU build needs a bounded KV cache, a RAM share instead of GPU memory, eager mode (starts in ~30 s
-instead of ~85 s) and fp32 (bf16 runs at half speed on AVX2 CPUs without bf16 hardware).
+instead of ~85 s), fp32 (bf16 runs at half speed on AVX2 CPUs without bf16 hardware) and no chunked
+prefill (see cpu_defaults).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ def has_cuda() -> bool:
 
 def cpu_defaults() -> dict[str, Any]:
     # NOTE: on the CPU build gpu_memory_utilization is the share of RAM vLLM may take.
-    return {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    # NOTE: when a prefill is chunked, vLLM 0.32 rewinds a seeded request's generator with
+    # `set_offset`, which CPU generators lack: the engine dies ("CPU Generator does not use offset")
+    # as soon as enough seeded prompts arrive together. Unchunked prefill never rewinds.
+    return {
+        "dtype": "float32",
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.3,
+        "enable_chunked_prefill": False,
+    }
 
 
 def engine_kwargs(model: str, **overrides: Any) -> dict[str, Any]:

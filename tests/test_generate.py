@@ -79,6 +79,26 @@ def test_sample_mode_captures_each_completion_token(reference):
     assert inside > 0
 
 
+def test_hundreds_of_seeded_prompts_in_one_engine_call(cache_dir, tmp_path):
+    """Enough prompts at once that vLLM would chunk prefills; its chunked-prefill path rewinds seeded
+    generators, which CPU generators cannot do (the engine died with 'CPU Generator does not use offset'
+    before the CPU defaults turned chunked prefill off)."""
+    out = distill(
+        "generate",
+        str(TINY),
+        *SAMPLE,
+        "generate.num_sequences=400",
+        "generate.items_per_shard=400",
+        "generate.samples_per_prompt=1",
+        "generate.max_new_tokens=16",
+        runs=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = TeacherStore(tmp_path / "tiny" / "teacher")
+    assert store.summary()["rows"] == 400
+    assert sum(c.num_positions for c in store.rows()) > 400 * 8
+
+
 def test_rerun_reuses_and_changed_settings_are_refused(reference, tmp_path):
     runs = reference.parent.parent
     again = distill("generate", str(TINY), *SAMPLE, runs=runs)
