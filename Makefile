@@ -4,10 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.yaml
 
-.PHONY: setup demo test test-fast lint lock clean
+.PHONY: setup bench-env demo test test-fast lint lock clean
 
 setup:  ## create .venv and .venv-quant (idempotent; fast when up to date)
 	@bash packaging/setup.sh all
+
+bench-env:  ## create .venv-bench (TRL, for bench/train_step.py only; idempotent)
+	@bash packaging/setup-bench.sh
 
 demo: setup  ## prepare the corpus, pretrain (or reuse) the embedded teacher, summarise
 	$(BIN)/distill run $(RECIPE)
