@@ -190,6 +190,11 @@ def cmd_train(args) -> int:
     if is_main_process():
         kl = f", validation KL to the teacher {r.val_kl:.4f}" if r.val_kl is not None else ""
         print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f}{kl})")
+        if r.val_acceptance is not None:
+            start = f"{r.start_acceptance:.3f} at the start, " if r.start_acceptance is not None else ""
+            print(
+                f"expected acceptance as the teacher's draft (held-out prompts): {start}{r.val_acceptance:.3f}"
+            )
     return 0
 
 

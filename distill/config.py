@@ -189,6 +189,12 @@ class OnPolicyConfig(Section):
     refresh_every: int = Field(
         1, gt=0, description="vLLM sampler: reload the student's weights every N steps."
     )
+    sampler_gpu_memory: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="vLLM sampler on GPUs: the share of GPU memory its engine may take beside the trainer.",
+    )
     prompt_tokens: int = Field(
         32, gt=0, description="Prompt length (the last tokens of each prompt are kept)."
     )
@@ -344,6 +350,16 @@ class RecipeConfig(Section):
                     f"data.seq_len {self.data.seq_len} exceeds {role}.tiny.max_position_embeddings "
                     f"{tiny.max_position_embeddings}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_sampler_reloads_whole_models(self) -> RecipeConfig:
+        on_policy = self.train.mode == "on_policy" and self.train.on_policy.sampler == "vllm"
+        if on_policy and self.student.lora is not None:
+            raise ValueError(
+                "train.on_policy.sampler=vllm reloads whole model weights into its engine, not LoRA "
+                "adapters; with student.lora use train.on_policy.sampler=hf"
+            )
         return self
 
     @property

@@ -107,6 +107,7 @@ class OnPolicySource:
         self.prompts, self.client, self.cfg, self.seed = prompts, client, cfg, seed
         self.pad_id, self.eos_id, self.k = pad_id, eos_id, client.k
         self._perm: dict[int, np.ndarray] = {}
+        self.sampler: VllmSampler | None = None  # set by the loop when train.on_policy.sampler=vllm
 
     def prompt_indices(self, start: int, count: int) -> list[int]:
         n = len(self.prompts.ids)
@@ -127,7 +128,10 @@ class OnPolicySource:
     def batch_for(
         self, model, prompts: list[list[int]], names: list[str], sample_seed: int
     ) -> dict[str, Any]:
-        completions = sample_hf(model, prompts, self.cfg, self.pad_id, self.eos_id, sample_seed)
+        if self.sampler is not None:  # vLLM, with the weights of its last refresh
+            completions = self.sampler.sample(prompts, sample_seed)
+        else:
+            completions = sample_hf(model, prompts, self.cfg, self.pad_id, self.eos_id, sample_seed)
         items = [(name, p + c) for name, p, c in zip(names, prompts, completions, strict=True)]
         # scored from the position that predicts the first completion token
         captures = self.client.score(items, start=[len(p) - 1 for p in prompts])
@@ -166,3 +170,61 @@ def sampled_reverse_kl(logits, batch: dict[str, Any]):
     surrogate = -(advantage * logp)[mask].sum()
     estimate = (logp.detach() - teacher)[mask].sum()
     return surrogate, float(estimate), int(mask.sum())
+
+
+class VllmSampler:
+    """The student in a vLLM engine of its own, for sampling; its weights are reloaded in place from the
+    trainer's every `refresh_every` steps (`collective_rpc("reload_weights")`), never restarted.
+
+    Between refreshes the samples come from weights up to N-1 steps old: for `divergence` that only
+    moves which positions are trained; `sampled_reverse_kl` is then slightly off-policy (no importance
+    correction), so keep refresh_every at 1 for it.
+    """
+
+    def __init__(self, model, tokenizer_dir, work_dir, cfg: OnPolicyConfig, max_model_len: int, eos_id):
+        from vllm import LLM
+
+        from distill.vllm_engine import engine_kwargs, has_cuda
+
+        self.cfg, self.eos_id, self.dir = cfg, eos_id, Path(work_dir)
+        self._export(model, tokenizer_dir)
+        # on a GPU the engine shares the card with the trainer: a bounded share, bf16 like training
+        gpu = {"gpu_memory_utilization": cfg.sampler_gpu_memory, "dtype": "bfloat16"} if has_cuda() else {}
+        self.llm = LLM(**engine_kwargs(str(self.dir), max_model_len=max_model_len, seed=0, **gpu))
+        self.refreshed_at: int | None = None
+
+    def _export(self, model, tokenizer_dir=None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(self.dir, safe_serialization=True)
+        if tokenizer_dir is not None:
+            from distill.tokenizer import load_tokenizer
+
+            load_tokenizer(tokenizer_dir).save_pretrained(self.dir)
+
+    def refresh(self, model, step: int) -> None:
+        """Load the trainer's current weights into the engine (in place, no restart)."""
+        self._export(model)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.dir)})
+        self.llm.reset_prefix_cache()
+        self.refreshed_at = step
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                seed=seed + i,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outs]
+
+    def close(self) -> None:
+        from distill.vllm_engine import shutdown_engine
+
+        shutdown_engine(self.llm)

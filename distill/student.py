@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distill.artifacts import RunManifest, hash_json
 from distill.config import LoraConfig, RecipeConfig
-from distill.errors import DistillError, NotImplementedYet
+from distill.errors import DistillError
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
 from distill.prepare import PreparedData, prepare
 from distill.store import TeacherStore
@@ -46,8 +46,6 @@ def student_stores(recipe: RecipeConfig) -> tuple[Path | None, Path | None]:
 def _preflight(recipe: RecipeConfig) -> tuple[PreparedData, Path | None, Path | None]:
     if recipe.student.model:  # fail on a bad path before any data work
         check_model_dir(recipe.student.model, "student.model")
-    if recipe.train.mode == "on_policy" and recipe.train.on_policy.sampler == "vllm":
-        raise NotImplementedYet("train.on_policy.sampler=vllm (use sampler=hf)")
     store, val_store = student_stores(recipe)
     return prepare(recipe), store, val_store
 
@@ -55,7 +53,8 @@ def _preflight(recipe: RecipeConfig) -> tuple[PreparedData, Path | None, Path | 
 @contextmanager
 def teacher_service(recipe: RecipeConfig):
     """The URL of the teacher server on-policy training scores with: the recipe's, the launcher's, or
-    one started here (`vllm serve` on loopback) for as long as the block runs. None for offline runs."""
+    one started here (`vllm serve` on loopback) for as long as the block runs. Offline runs get the
+    recipe's or launcher's URL if there is one (then they report val_acceptance too), else None."""
     from distill.teacher_server import URL_ENV, TeacherServer
 
     url = recipe.train.on_policy.teacher_url or os.environ.get(URL_ENV)

@@ -397,6 +397,27 @@ def evaluate_acceptance(model, job: TrainJob, batch_size: int) -> float:
     return total / max(count, 1)
 
 
+def _refresh_sampler(job: TrainJob, accelerator, model, step: int, out_dir: Path, rank: int) -> None:
+    """Start the student's vLLM sampler on first use; reload its weights every refresh_every steps."""
+    from distill.onpolicy import VllmSampler
+
+    source, every = job.on_policy, job.cfg.on_policy.refresh_every
+    unwrapped = accelerator.unwrap_model(model)
+    if source.sampler is None:
+        max_len = job.cfg.on_policy.prompt_tokens + job.cfg.on_policy.max_new_tokens
+        source.sampler = VllmSampler(
+            unwrapped,
+            job.tokenizer_dir,
+            out_dir / f"sampler-{rank}",
+            job.cfg.on_policy,
+            max_len,
+            source.eos_id,
+        )
+        source.sampler.refreshed_at = step
+    elif step - source.sampler.refreshed_at >= every:
+        source.sampler.refresh(unwrapped, step)
+
+
 def _all_reduce_sum(accelerator, values: list[float]) -> list[float]:
     """Element-wise sums over all processes (the values themselves in a single process)."""
     if accelerator.num_processes == 1:
@@ -465,7 +486,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
 
     if job.store is not None:
         train_items = StoreItems(job.store, pad_id=_pad_id(job.tokenizer_dir))
-    elif job.on_policy is not None and cfg.on_policy.lmbda >= 1.0:
+    elif cfg.mode == "on_policy" and cfg.on_policy.lmbda >= 1.0:
         train_items = None  # every micro-batch is sampled by the student
     elif cfg.loss != "ce":
         raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
@@ -535,11 +556,13 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
             window = _Window()
             # A global micro-batch is batch_size x processes rows; this process takes its own slice.
             rows = cfg.batch_size * world
+            if cfg.mode == "on_policy" and cfg.on_policy.sampler == "vllm":
+                _refresh_sampler(job, accelerator, model, step, out_dir, rank)
             micro, sampled = [], []
             for m in range(cfg.grad_accum):
                 g = step * cfg.grad_accum + m  # the global micro-batch index
                 first = g * rows + rank * cfg.batch_size
-                if job.on_policy is not None and draws_on_policy(cfg.seed, g, cfg.on_policy.lmbda):
+                if cfg.mode == "on_policy" and draws_on_policy(cfg.seed, g, cfg.on_policy.lmbda):
                     # the current student samples this process's prompts; the teacher scores them
                     indices = job.on_policy.prompt_indices(first, cfg.batch_size)
                     seed = int(np.random.default_rng([cfg.seed, g, rank]).integers(2**31))
@@ -602,8 +625,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                     tokens=state["tokens"],
                     tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
                 )
-                if job.on_policy is not None:
+                if cfg.mode == "on_policy":
                     row.update(sampled_batches=state["sampled_batches"], store_batches=state["store_batches"])
+                    if job.on_policy.sampler is not None:  # the step whose weights the engine samples with
+                        row["sampler_step"] = job.on_policy.sampler.refreshed_at
                     if sums.get("sampled_tokens"):
                         row["acceptance"] = sums["acceptance"] / sums["sampled_tokens"]
                 window_started, tokens_at_window = time.perf_counter(), state["tokens"]
@@ -619,6 +644,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                     )
                     row.update(val_kl=state["val_kl"])
                 if job.val_prompts and main:
+                    if job.on_policy.sampler is not None:  # the engine samples with the current weights
+                        job.on_policy.sampler.refresh(accelerator.unwrap_model(model), step)
                     state["val_acceptance"] = evaluate_acceptance(
                         accelerator.unwrap_model(model), job, eval_batch
                     )
@@ -648,6 +675,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         accelerator.wait_for_everyone()
     finally:
         tracker.finish()
+        if job.on_policy is not None and job.on_policy.sampler is not None:
+            job.on_policy.sampler.close()
     return TrainResult(
         final_dir,
         state["step"],

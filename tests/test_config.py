@@ -104,6 +104,21 @@ def test_cross_field_rule(tmp_path):
     assert "teacher.tiny: hidden_size 256 is not divisible by num_heads 3" in msg
 
 
+def test_on_policy_combinations_that_cannot_sample_are_refused(tmp_path):
+    on_policy = ["train.mode=on_policy"]
+    msg = _error(
+        tmp_path, BASE, [*on_policy, "train.distributed.backend=deepspeed", "train.distributed.zero_stage=3"]
+    )
+    assert "train: mode: on_policy samples with the student's whole weights in every process; ZeRO-3" in msg
+    msg = _error(tmp_path, BASE, [*on_policy, "train.on_policy.sampler=vllm", "student.lora={r: 8}"])
+    assert (
+        "train.on_policy.sampler=vllm reloads whole model weights into its engine, not LoRA adapters" in msg
+    )
+    # each alone is fine
+    load_recipe(tmp_path / "r.yaml", [*on_policy, "train.on_policy.sampler=vllm"])
+    load_recipe(tmp_path / "r.yaml", [*on_policy, "student.lora={r: 8}"])
+
+
 def test_missing_required_field(tmp_path):
     assert "name: required field is missing" in _error(tmp_path, "teacher: {tiny: {}}\nstudent: {tiny: {}}\n")
 

@@ -90,6 +90,67 @@ def test_on_policy_training_raises_the_expected_acceptance(server, micro):
     assert manifest["stages"]["train"]["outputs"]["val_acceptance"] == result.val_acceptance
 
 
+@pytest.mark.slow
+def test_the_vllm_sampler_samples_with_the_trainers_latest_weights(micro, tmp_path):
+    """Greedy completions from the engine equal transformers' greedy ones, before and after an in-place
+    weight reload: the engine really samples with the weights the trainer hands it."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.generate import teacher_path
+    from distill.onpolicy import VllmSampler
+
+    recipe = micro(*ON_POLICY)
+    path = teacher_path(recipe)  # a trained model: greedy choices are not near-ties
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    greedy = recipe.train.on_policy.model_copy(update={"temperature": 0.0, "max_new_tokens": 16})
+    prompts = np.random.default_rng(0).integers(5, 4000, (8, 12)).tolist()
+
+    def hf_greedy():
+        ids = torch.tensor(prompts)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        return out[:, 12:].tolist()
+
+    sampler = VllmSampler(model, path, tmp_path / "sampler", greedy, 64, eos_id=None)
+    try:
+        before = sampler.sample(prompts, seed=0)
+        assert before == hf_greedy()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sampler.refresh(model, step=5)
+        after = sampler.sample(prompts, seed=0)
+        assert sampler.refreshed_at == 5
+        assert after == hf_greedy() and after != before
+    finally:
+        sampler.close()
+
+
+@pytest.mark.slow
+def test_on_policy_training_with_the_vllm_sampler(server, micro):
+    from distill.student import train_student
+
+    recipe = micro(
+        *ON_POLICY,
+        "train.max_steps=30",
+        "train.eval_every=30",
+        "train.on_policy.sampler=vllm",
+        "train.on_policy.refresh_every=4",
+        f"train.on_policy.teacher_url={server.url}",
+    )
+    result = train_student(recipe, progress=False)
+    rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")[1:]
+    # the engine's weights are at most refresh_every - 1 steps behind the step that sampled
+    assert [r["sampler_step"] for r in rows] == [4 * ((r["step"] - 1) // 4) for r in rows]
+    assert result.val_acceptance > result.start_acceptance + 0.1
+
+
 def test_the_lambda_coin_is_deterministic_and_fair():
     from distill.onpolicy import draws_on_policy
 
@@ -157,6 +218,83 @@ def test_a_mixed_run_killed_and_resumed_reproduces_the_uninterrupted_one(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["sampled_batches"] == a["sampled_batches"]
     assert resumed.val_acceptance == pytest.approx(full.val_acceptance, rel=1e-4)
+
+
+def test_processes_sample_disjoint_prompts_that_together_are_the_single_process_batch():
+    from types import SimpleNamespace
+
+    from distill.config import OnPolicyConfig
+    from distill.onpolicy import OnPolicySource, Prompts
+
+    source = OnPolicySource(
+        Prompts([[i] for i in range(50)]), SimpleNamespace(k=4), OnPolicyConfig(), 0, 0, None
+    )
+    for g in range(30):  # 30 global micro-batches of 8 rows: 240 prompts, over several epochs of 50
+        ranks = [source.prompt_indices(g * 8 + rank * 4, 4) for rank in range(2)]
+        assert ranks[0] + ranks[1] == source.prompt_indices(g * 8, 8)
+    epoch = [i for pos in range(50) for i in source.prompt_indices(pos, 1)]
+    assert sorted(epoch) == list(range(50))  # each epoch visits every prompt once
+
+
+def launch(*args, runs):
+    """`distill train` with 2 processes, as a user runs it (the CLI launches itself with accelerate)."""
+    import subprocess
+    import sys
+
+    from .conftest import MICRO, TINY
+
+    cmd = [sys.executable, "-m", "distill", "train", str(TINY), *MICRO, *ON_POLICY, f"runs_dir={runs}"]
+    cmd += [*args, "train.distributed.num_processes=2", "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_distributed_on_policy_ranks_share_the_server_the_launcher_starts(micro, tmp_path):
+    import psutil
+
+    recipe = micro(*ON_POLICY, runs=tmp_path)
+    out = launch(
+        "train.max_steps=20",
+        "train.eval_every=20",
+        "train.batch_size=4",
+        "train.distributed.backend=ddp",
+        runs=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "--num_processes 2" in text and "recipes/accelerate/ddp.yaml" in text
+    servers = [line for line in text.splitlines() if line.startswith("teacher server: ")]
+    assert len(servers) == 1  # one server for both ranks
+    port = servers[0].split()[2].rsplit(":", 1)[1]
+    rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")
+    assert rows[-1]["sampled_batches"] == 40  # 20 steps x 2 processes, every micro-batch sampled
+    assert rows[-1]["val_acceptance"] > rows[0]["val_acceptance"] + 0.05
+    # the server is gone with the run
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and port in " ".join(p.info["cmdline"])
+    ]
+
+
+@pytest.mark.slow
+def test_on_policy_under_zero2_with_two_processes(server, micro, tmp_path):
+    recipe = micro(*ON_POLICY, runs=tmp_path)
+    out = launch(
+        "train.max_steps=20",
+        "train.eval_every=20",
+        "train.batch_size=4",
+        "train.distributed.backend=deepspeed",
+        "train.distributed.zero_stage=2",
+        f"train.on_policy.teacher_url={server.url}",
+        runs=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "recipes/accelerate/zero2.yaml" in out.stdout + out.stderr
+    rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")
+    assert rows[-1]["sampled_batches"] == 40
+    assert rows[-1]["val_acceptance"] > rows[0]["val_acceptance"] + 0.05
+    assert (recipe.run_dir / "student" / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
