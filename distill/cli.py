@@ -15,7 +15,6 @@ from distill import __version__
 from distill.errors import DistillError, NotImplementedYet
 
 NOT_BUILT = {
-    "eval": "lm-eval evaluation and the quality gate (issue #6)",
     "report": "the evaluation report (issue #6)",
     "quantize": "llm-compressor quantization (issue #7)",
     "serve": "vLLM serving of the student and as a draft (issue #7)",
@@ -107,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("inputs", nargs="+")
     p.set_defaults(func=cmd_store_merge)
+
+    p = sub.add_parser(
+        "eval",
+        help="lm-eval on the teacher and the students, then the quality gate (exit 3 when it fails)",
+    )
+    _recipe_args(p)
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also evaluate (and gate) this model as a student; repeatable",
+    )
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="run every stage of a recipe")
     _recipe_args(p)
@@ -240,6 +253,26 @@ def cmd_store_merge(args) -> int:
     store = merge_stores(Path(args.out), [Path(p) for p in args.inputs])
     _print_summary(store.summary())
     return 0
+
+
+def cmd_eval(args) -> int:
+    from distill.evaluate import GATE_FAILED, run_eval
+    from distill.gate import failing
+
+    extra = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DistillError(f"--model {item}: expected NAME=DIR")
+        extra[name] = path
+    decision = run_eval(_load(args), extra, log=lambda line: print(line, flush=True))
+    verdict = "PASSED" if decision["passed"] else "FAILED"
+    print(
+        f"gate: {verdict} ({len(decision['checks'])} checks, noise: {decision['noise']}, z {decision['z']})"
+    )
+    for line in failing(decision):
+        print(f"  {line}")
+    return 0 if decision["passed"] else GATE_FAILED
 
 
 def cmd_run(args) -> int:

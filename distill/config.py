@@ -267,12 +267,29 @@ class PretrainConfig(TrainConfig):
 class GateCriterion(Section):
     task: str = Field(description="lm-eval task name.")
     metric: str = Field(
-        description="Metric name as lm-eval reports it (acc, acc_norm, word_perplexity, ...)."
+        description="Metric name as lm-eval reports it (acc, acc_norm, exact_match, bits_per_byte, ...)."
     )
-    min_retention: float | None = Field(None, gt=0, description="student >= min_retention x teacher.")
-    max_drop: float | None = Field(None, ge=0, description="student >= teacher - max_drop.")
-    min_value: float | None = Field(None, description="student >= min_value (absolute floor).")
-    lower_is_better: bool = Field(False, description="For perplexity-like metrics: the comparisons flip.")
+    min_retention: float | None = Field(
+        None, gt=0, description="student >= min_retention x teacher (perplexities: student <= teacher / r)."
+    )
+    max_drop: float | None = Field(
+        None, ge=0, description="student >= teacher - max_drop (in the metric's units)."
+    )
+    min_value: float | None = Field(
+        None, description="Absolute bound: student >= min_value (a ceiling for lower-is-better metrics)."
+    )
+    lower_is_better: bool | None = Field(
+        None, description="Override the metric's direction; default: lm-eval's higher_is_better."
+    )
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        rules = [r for r in ("min_retention", "max_drop", "min_value") if getattr(self, r) is not None]
+        if len(rules) != 1:
+            raise ValueError(
+                f"set exactly one of min_retention, max_drop, min_value (got {', '.join(rules) or 'none'})"
+            )
+        return self
 
 
 class GateConfig(Section):
@@ -283,15 +300,39 @@ class GateConfig(Section):
     min_acceptance_rate: float | None = Field(
         None, ge=0, le=1, description="Minimum speculative-decoding acceptance rate as the teacher's draft."
     )
+    noise: Literal["paired", "stderr", "none"] = Field(
+        "paired",
+        description="Standard error of each check: paired per-document differences, lm-eval's stderr "
+        "of each score as independent, or none (point estimates).",
+    )
+    z: float = Field(
+        1.0, ge=0, description="A shortfall within z standard errors passes (cannot be told from noise)."
+    )
 
 
 class EvalConfig(Section):
     backend: Literal["vllm", "hf", "local-completions"] = Field("vllm", description="lm-eval model backend.")
-    tasks: list[str] = Field(default_factory=lambda: ["distill_ppl"], description="lm-eval task names.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["distill_ppl", "distill_cloze", "distill_nextword"],
+        description="lm-eval task names (the distill_* ones are local, in eval/tasks).",
+    )
     batch_size: int = Field(8, gt=0, description="Evaluation batch size (identical for every model).")
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples.")
     limit: int | None = Field(None, gt=0, description="Cap on examples per task.")
     seed: int = Field(1234, description="lm-eval seed.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype for every model (auto: bf16 on GPUs, fp32 on CPUs)."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Context length (vllm, local-completions); default: the model's."
+    )
+    bootstrap_iters: int = Field(1000, ge=0, description="lm-eval bootstrap resamples for stderr.")
+    trust_remote_code: bool = Field(False, description="Passed to the model loaders.")
+    servers: dict[str, str] = Field(
+        default_factory=dict,
+        description="local-completions: base URL of a running OpenAI-compatible server per model name "
+        "(teacher, student, ...); models without one get a `vllm serve` started for them.",
+    )
     gate: GateConfig = Field(default_factory=GateConfig, description="The quality gate.")
 
 

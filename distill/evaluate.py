@@ -1,0 +1,454 @@
+"""The evaluation stage: lm-eval on the teacher and the students with identical settings.
+
+Each model is evaluated through lm-eval's Python API (`simple_evaluate`) with one backend, dtype, batch
+size, few-shot count and seed for all. Its raw results land in `runs/<name>/eval/models/<model>/`
+(`results.json`, and `samples/<task>.jsonl` with every document's metric values, which the gate's paired
+comparison reads); they are reused while the model's files and the evaluation settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.artifacts import atomic_write_json, atomic_write_text, hash_json, hash_tree, read_json
+from distill.config import EvalConfig, RecipeConfig
+from distill.errors import DistillError
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+LOCAL_TASKS = ("distill_ppl", "distill_cloze", "distill_nextword")
+GATE_FAILED = 3  # exit status of `distill eval` when the gate fails (0: it passes)
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    name: str  # teacher, student, or the name given with --model
+    path: Path
+    role: str  # teacher | student | quantized
+    base: str | None = None  # a quantized student's unquantized student
+
+
+def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> list[EvalModel]:
+    """The teacher, the run's student and any models named on the command line (students too)."""
+    from distill.generate import teacher_path
+    from distill.models import check_causal_lm
+
+    models = [EvalModel("teacher", teacher_path(recipe), "teacher")]
+    student = recipe.run_dir / "student" / "final"
+    if (student / "config.json").exists():
+        models.append(EvalModel("student", student, "student"))
+        for config in sorted((recipe.run_dir / "quantized").glob("*/config.json")):  # distill quantize
+            models.append(EvalModel(f"student-{config.parent.name}", config.parent, "quantized", "student"))
+    for name, path in (extra or {}).items():
+        if name == "teacher" or not name.replace("-", "").replace("_", "").isalnum():
+            raise DistillError(
+                f"--model {name}={path}: the name must be letters, digits, - or _, not 'teacher'"
+            )
+        models = [m for m in models if m.name != name]
+        models.append(EvalModel(name, check_causal_lm(path, f"--model {name}"), "student"))
+    if len(models) == 1:
+        raise DistillError(
+            f"no student to evaluate: {student} does not exist (run `distill train` first, or name one "
+            "with --model NAME=DIR)"
+        )
+    return models
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_manager(cfg: EvalConfig, corpus_dir: Path):
+    """lm-eval's TaskManager with our local tasks (eval/tasks) first; lm-eval's own tasks are indexed
+    only when the recipe names one (indexing all of them takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDataset())
+    builtin = any(t not in LOCAL_TASKS for t in cfg.tasks)
+    return TaskManager(
+        include_path=str(TASKS_DIR),
+        include_defaults=builtin,
+        metadata={"distill_corpus_dir": str(corpus_dir), "distill_seed": cfg.seed},
+    )
+
+
+class _QuietCustomDataset(logging.Filter):
+    """Drop lm-eval's advice to pass dataset kwargs with --metadata: distill passes them itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_tasks(cfg: EvalConfig, manager) -> dict[str, Any]:
+    """{name: lm-eval Task} for eval.tasks, checked before any model is loaded: unknown names (with the
+    close ones), datasets that need the hub while it cannot be reached, gate metrics a task lacks."""
+    from lm_eval.tasks import get_task_dict
+
+    known = set(manager.all_tasks)
+    for i, name in enumerate(cfg.tasks):
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.8)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise DistillError(f"eval.tasks[{i}]: unknown lm-eval task {name!r}{hint}")
+    hub_tasks = [t for t in cfg.tasks if t not in LOCAL_TASKS]
+    if hub_tasks and not os.environ.get("HF_DATASETS_OFFLINE") and not _hub_reachable():
+        # fail fast from the local datasets cache instead of retrying a hub that is not there
+        os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    tasks = {}
+    for name in cfg.tasks:
+        try:
+            tasks.update(_flatten(get_task_dict([name], manager)))
+        except Exception as exc:
+            if name in hub_tasks and os.environ.get("HF_DATASETS_OFFLINE"):
+                raise DistillError(
+                    f"eval.tasks: {name} needs its dataset from the Hugging Face hub, which cannot be "
+                    "reached from here, and it is not in the local datasets cache (HF_DATASETS_CACHE); "
+                    f"run once where the hub is reachable, or use the local tasks ({', '.join(LOCAL_TASKS)})"
+                ) from exc
+            raise DistillError(f"eval.tasks: lm-eval could not load {name}: {exc}") from exc
+    for i, c in enumerate(cfg.gate.criteria):
+        where = f"eval.gate.criteria[{i}]"
+        if c.task not in tasks:
+            raise DistillError(f"{where}.task: {c.task!r} is not evaluated (eval.tasks: {', '.join(tasks)})")
+        metrics = task_metrics(tasks[c.task])
+        if c.metric not in metrics:
+            raise DistillError(
+                f"{where}.metric: {c.task} does not produce {c.metric!r}; it produces {', '.join(metrics)}"
+            )
+    return tasks
+
+
+def _flatten(task_dict: dict) -> dict[str, Any]:
+    """Groups (mmlu, ...) flattened to their leaf tasks."""
+    out = {}
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value))
+        else:
+            out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+    return out
+
+
+def task_metrics(task) -> list[str]:
+    return [m["metric"] for m in task.config.metric_list or []] or list(task.aggregation())
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _max_len(cfg: EvalConfig, model: Path) -> int:
+    if cfg.max_model_len:
+        return cfg.max_model_len
+    return int(json.loads((model / "config.json").read_text()).get("max_position_embeddings", 2048))
+
+
+def make_lm(cfg: EvalConfig, model: EvalModel, url: str | None = None):
+    """An lm-eval LM for `model` on the recipe's backend (built once, used for every task)."""
+    from lm_eval.api.registry import get_model
+
+    from distill.models import resolve_device, resolve_dtype
+    from distill.vllm_engine import engine_kwargs
+
+    device = resolve_device("auto")
+    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    if cfg.backend == "hf":
+        args = {"pretrained": str(model.path), "dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+        return get_model("hf").create_from_arg_obj(args, {"batch_size": cfg.batch_size, "device": device})
+    if cfg.backend == "vllm":
+        args = engine_kwargs(str(model.path), max_model_len=_max_len(cfg, model.path), seed=cfg.seed)
+        args["pretrained"] = args.pop("model")
+        args.setdefault("dtype", dtype)
+        args["trust_remote_code"] = cfg.trust_remote_code
+        return get_model("vllm").create_from_arg_obj(args, {"batch_size": cfg.batch_size})
+    # local-completions: a running OpenAI-compatible server answers for this model
+    args = {
+        "base_url": f"{url.rstrip('/')}/v1/completions",
+        "model": served_model(url),
+        "tokenizer": str(model.path),
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": True,
+        "max_length": _max_len(cfg, model.path),
+        "num_concurrent": 1,
+        "max_retries": 3,
+        "seed": cfg.seed,
+    }
+    return get_model("local-completions").create_from_arg_obj(args, {"batch_size": cfg.batch_size})
+
+
+def served_model(url: str) -> str:
+    """The name the server at `url` serves its (first) model under (`/v1/models`)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=30) as resp:
+            return json.load(resp)["data"][0]["id"]
+    except (OSError, KeyError, IndexError, ValueError) as exc:
+        raise DistillError(
+            f"eval.servers: no OpenAI-compatible model list at {url}/v1/models ({exc})"
+        ) from exc
+
+
+@contextmanager
+def model_server(cfg: EvalConfig, model: EvalModel, log_dir: Path):
+    """local-completions: the URL of the model's server, from eval.servers or a `vllm serve` started
+    for this model until the block ends. Other backends: None."""
+    if cfg.backend != "local-completions":
+        yield None
+        return
+    if model.name in cfg.servers:
+        yield cfg.servers[model.name]
+        return
+    from distill.teacher_server import TeacherServer
+    from distill.vllm_engine import engine_kwargs
+
+    args = engine_kwargs(str(model.path), max_model_len=_max_len(cfg, model.path), seed=cfg.seed)
+    args["trust_remote_code"] = cfg.trust_remote_code
+    with TeacherServer(args, log_dir / f"server-{model.name}.log") as server:
+        yield server.url
+
+
+def close_lm(lm) -> None:
+    """Stop a vLLM backend's engine now (left to interpreter exit it can abort the process)."""
+    from distill.vllm_engine import shutdown_engine
+
+    engine = getattr(lm, "model", None)
+    if engine is not None and hasattr(engine, "llm_engine"):
+        shutdown_engine(engine)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def settings_of(cfg: EvalConfig, corpus_hash: str) -> dict:
+    """Everything besides the model that the numbers depend on: a change re-evaluates."""
+    import importlib.metadata as md
+
+    return {
+        "backend": cfg.backend,
+        "dtype": cfg.dtype,
+        "batch_size": cfg.batch_size,
+        "num_fewshot": cfg.num_fewshot,
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+        "bootstrap_iters": cfg.bootstrap_iters,
+        "max_model_len": cfg.max_model_len,
+        "tasks": list(cfg.tasks),
+        "local_tasks": hash_tree(TASKS_DIR),
+        "corpus": corpus_hash,
+        "lm_eval": md.version("lm_eval"),
+    }
+
+
+def evaluate_lm(lm, cfg: EvalConfig, manager, tasks: dict[str, Any]) -> dict:
+    """lm-eval over every task; rolling-loglikelihood tasks (perplexity) without the tokenizer's BOS,
+    since lm-eval's rolling windows start with one already."""
+    import lm_eval
+
+    rolling = [n for n, t in tasks.items() if t.OUTPUT_TYPE == "loglikelihood_rolling"]
+    others = [n for n in tasks if n not in rolling]
+    api = cfg.backend == "local-completions"
+    merged: dict[str, Any] = {"results": {}, "samples": {}, "higher_is_better": {}, "n-samples": {}}
+    for names, bos in ((rolling, False), (others, True if api else None)):
+        if not names:
+            continue
+        lm.add_bos_token = bos
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            bootstrap_iters=cfg.bootstrap_iters,
+            log_samples=True,
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+        for key in ("results", "samples", "higher_is_better", "n-samples"):
+            merged[key].update(out.get(key, {}))
+    return merged
+
+
+def _jsonable(value):
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def sample_rows(samples: list[dict], metrics: list[str]) -> list[dict]:
+    """Per document: its id, hash and the per-document value of each metric (for paired comparisons)."""
+    rows = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        row = {"doc_id": s["doc_id"], "doc_hash": s.get("doc_hash")}
+        row.update({m: _jsonable(s[m]) for m in metrics if m in s})
+        rows.append(row)
+    return rows
+
+
+def evaluate_model(
+    model: EvalModel,
+    cfg: EvalConfig,
+    settings: dict,
+    manager,
+    tasks,
+    out_root: Path,
+    cache_dir: Path,
+    url=None,
+) -> dict:
+    """The model's results: reused from `out_root/<name>` when its files and the settings match, else
+    evaluated now and written there (samples first, results.json last: a kill leaves no half result)."""
+    from distill.models import model_fingerprint
+
+    fingerprint = model_fingerprint(model.path, cache_dir)
+    key = hash_json(
+        {"config": fingerprint["config_hash"], "weights": fingerprint["weights_hash"], **settings}
+    )
+    out = out_root / model.name
+    if (out / "results.json").exists():
+        done = read_json(out / "results.json")
+        if done.get("key") == key:
+            done["reused"] = True
+            return done
+    started = time.perf_counter()
+    lm = make_lm(cfg, model, url)
+    try:
+        raw = evaluate_lm(lm, cfg, manager, tasks)
+    finally:
+        close_lm(lm)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for name, samples in raw["samples"].items():
+        rows = sample_rows(samples, task_metrics(tasks[name]))
+        atomic_write_text(out / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    record = {
+        "key": key,
+        "model": {"name": model.name, "role": model.role, "base": model.base, **fingerprint},
+        "settings": settings,
+        "results": _jsonable_tree(raw["results"]),
+        "higher_is_better": raw["higher_is_better"],
+        "n_samples": raw["n-samples"],
+        "seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(out / "results.json", record)
+    record["reused"] = False
+    return record
+
+
+def _jsonable_tree(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable_tree(v) for k, v in obj.items()}
+    return _jsonable(obj)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def scores(record: dict) -> dict[str, dict[str, float | None]]:
+    """{task: {metric: value, metric_stderr: value}} from a results.json record, numbers only."""
+    out = {}
+    for task, values in record["results"].items():
+        row = {}
+        for key, value in values.items():
+            if "," not in key:
+                continue
+            metric = key.split(",")[0]
+            row[metric] = value if isinstance(value, int | float) else None
+        out[task] = row
+    return out
+
+
+def read_samples(out: Path) -> dict[str, list[dict]]:
+    return {
+        p.stem: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        for p in sorted((out / "samples").glob("*.jsonl"))
+    }
+
+
+def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=print) -> dict:
+    """Evaluate the teacher and every student, apply the gate, write `eval/gate.json`; return it.
+
+    Bad input (unknown task, missing model, a gate metric a task lacks) raises before any model runs.
+    A model whose evaluation crashes fails the gate (fail closed); so does a run killed midway, since
+    gate.json says "evaluating" until the decision replaces it."""
+    from distill.artifacts import RunManifest
+    from distill.gate import decide
+    from distill.prepare import prepare
+
+    started = time.perf_counter()
+    cfg = recipe.eval
+    data = prepare(recipe)
+    manager = task_manager(cfg, data.corpus.root)
+    tasks = load_tasks(cfg, manager)
+    models = eval_models(recipe, extra)
+    out = recipe.run_dir / "eval"
+    gate_path = out / "gate.json"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(gate_path, {"passed": False, "status": "evaluating"})
+    settings = settings_of(cfg, data.corpus.content_hash)
+    records: dict[str, dict] = {}
+    samples: dict[str, dict[str, list[dict]]] = {}
+    crashed = []
+    for model in models:
+        log(f"eval: {model.name} ({model.path}) on {', '.join(tasks)} with lm-eval's {cfg.backend} backend")
+        try:
+            with model_server(cfg, model, out) as url:
+                record = evaluate_model(
+                    model, cfg, settings, manager, tasks, out / "models", recipe.cache_path, url
+                )
+        except Exception as exc:  # fail closed: the gate cannot pass on a model it could not evaluate
+            crashed.append(
+                f"{model.name}: evaluation failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            )
+            log(f"eval: {crashed[-1]}")
+            continue
+        records[model.name] = record
+        samples[model.name] = read_samples(out / "models" / model.name)
+        how = "reused (same files and settings)" if record["reused"] else f"{record['seconds']:.0f}s"
+        log(f"eval: {model.name}: {_headline(record)} [{how}]")
+    decision = decide(cfg.gate, records, samples)
+    decision["errors"] = crashed + decision["errors"]
+    decision["passed"] = bool(decision["passed"] and not crashed and "teacher" in records)
+    decision["models"] = {
+        name: {
+            "path": r["model"]["path"],
+            "role": r["model"]["role"],
+            "scores": scores(r),
+            "seconds": r["seconds"],
+        }
+        for name, r in records.items()
+    }
+    decision["settings"] = settings
+    atomic_write_json(gate_path, decision)
+    RunManifest(recipe.run_dir).record(
+        "eval",
+        "passed" if decision["passed"] else "failed",
+        hash_json(settings),
+        {"gate": str(gate_path), "passed": decision["passed"]},
+        time.perf_counter() - started,
+    )
+    return decision
+
+
+def _headline(record: dict) -> str:
+    parts = []
+    for task, row in scores(record).items():
+        shown = [(m, v) for m, v in row.items() if not m.endswith("_stderr") and v is not None][:2]
+        parts.append(f"{task} " + " ".join(f"{m} {v:.4g}" for m, v in shown))
+    return "; ".join(parts)

@@ -1,0 +1,153 @@
+"""`distill eval` for real: lm-eval (hf and vllm backends) on micro models and the local tasks, the gate's
+verdict and exit status, reuse of unchanged results, fail-closed crashes and bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import MICRO, TINY
+from .test_pretrain import TEACHER
+
+STRICT = [
+    "eval.limit=30",
+    "eval.batch_size=8",
+    "eval.gate.criteria=[{task: distill_ppl, metric: bits_per_byte, min_retention: 1.0},"
+    " {task: distill_cloze, metric: acc, min_retention: 1.0}, {task: distill_nextword, metric: exact_match,"
+    " max_drop: 0.0}]",
+]
+
+
+def distill_eval(*args, runs, env=None):
+    cmd = [sys.executable, "-m", "distill", "eval", str(TINY), *MICRO, *TEACHER, f"runs_dir={runs}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def models(cache_dir, tmp_path_factory):
+    """The micro teacher, a byte-identical copy of it, and a random-weight student of the same shape."""
+    from distill.config import load_recipe
+    from distill.generate import teacher_path
+    from distill.models import build_tiny_llama
+    from distill.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={root / 'runs'}", f"cache_dir={cache_dir}"])
+    teacher = teacher_path(recipe)
+    twin = root / "twin"
+    shutil.copytree(teacher, twin)
+    tokenizer = load_tokenizer(teacher)
+    random = root / "random"
+    build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=7).save_pretrained(random)
+    tokenizer.save_pretrained(random)
+    return {"teacher": teacher, "twin": twin, "random": random}
+
+
+def gate_of(runs):
+    return json.loads((runs / "tiny" / "eval" / "gate.json").read_text())
+
+
+def per_doc(runs, model, task):
+    path = runs / "tiny" / "eval" / "models" / model / "samples" / f"{task}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, tmp_path):
+    out = distill_eval(*STRICT, "eval.backend=hf", f"--model=twin={models['twin']}", runs=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "gate: PASSED (3 checks" in out.stdout
+    gate = gate_of(tmp_path)
+    assert gate["passed"] and [c["margin"] for c in gate["checks"]] == [0, 0, 0]
+    assert {c["noise"] for c in gate["checks"]} == {"paired (30 documents)"}
+    scores = gate["models"]["teacher"]["scores"]
+    assert 0 < scores["distill_ppl"]["bits_per_byte"] < 12 and 0 <= scores["distill_cloze"]["acc"] <= 1
+    assert scores["distill_cloze"]["acc_stderr"] > 0
+    assert len(per_doc(tmp_path, "teacher", "distill_cloze")) == 30
+
+    # a random-weight student: the gate fails with its own exit status; unchanged models are reused
+    out = distill_eval(
+        *STRICT, "eval.backend=hf", f"--model=twin={models['twin']}", f"--model=random={models['random']}",
+        runs=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert "eval: teacher: " in out.stdout and out.stdout.count("[reused (same files and settings)]") == 2
+    assert "gate: FAILED" in out.stdout and "random: distill_ppl bits_per_byte" in out.stdout
+    gate = gate_of(tmp_path)
+    assert not gate["passed"]
+    by_model = {}
+    for c in gate["checks"]:
+        by_model.setdefault(c["model"], []).append(c)
+    assert all(c["passed"] for c in by_model["twin"])
+    ppl = next(c for c in by_model["random"] if c["task"] == "distill_ppl")
+    assert (
+        not ppl["passed"] and ppl["value"] > ppl["reference"] + 0.3
+    )  # bits per byte well above the teacher's
+    manifest = json.loads((tmp_path / "tiny" / "manifest.json").read_text())
+    assert manifest["stages"]["eval"]["status"] == "failed"
+
+    # the vllm backend scores the same documents the same way
+    vllm_runs = tmp_path / "vllm"
+    out = distill_eval(*STRICT, "eval.backend=vllm", f"--model=twin={models['twin']}", runs=vllm_runs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for task, metric in (("distill_cloze", "acc"), ("distill_nextword", "exact_match")):
+        hf, vl = per_doc(tmp_path, "teacher", task), per_doc(vllm_runs, "teacher", task)
+        assert [r["doc_hash"] for r in hf] == [r["doc_hash"] for r in vl]
+        assert sum(a[metric] == b[metric] for a, b in zip(hf, vl, strict=True)) >= 28
+    hf, vl = per_doc(tmp_path, "teacher", "distill_ppl"), per_doc(vllm_runs, "teacher", "distill_ppl")
+    for a, b in zip(hf, vl, strict=True):
+        assert b["bits_per_byte"][0] == pytest.approx(a["bits_per_byte"][0], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_model_that_crashes_fails_the_gate_closed(models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(models["twin"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = distill_eval(*STRICT, "eval.backend=hf", f"--model=broken={broken}", runs=tmp_path)
+    assert out.returncode == 3, out.stderr[-3000:]
+    gate = gate_of(tmp_path)
+    assert not gate["passed"] and gate["errors"][0].startswith("broken: evaluation failed: ")
+    assert "teacher" in gate["models"] and "broken" not in gate["models"]
+
+
+def test_bad_input_is_refused_before_any_model_runs(models, tmp_path):
+    twin = f"--model=twin={models['twin']}"
+    cases = [
+        (
+            ["eval.tasks=[distill_ppx]"],
+            "eval.tasks[0]: unknown lm-eval task 'distill_ppx'; did you mean distill_ppl?",
+        ),
+        (
+            ["eval.gate.criteria=[{task: distill_cloze, metric: exact_match, min_retention: 0.9}]"],
+            "eval.gate.criteria[0].metric: distill_cloze does not produce 'exact_match'; it produces acc, acc_norm",
+        ),
+        (
+            ["eval.gate.criteria=[{task: hellaswag, metric: acc, min_retention: 0.9}]"],
+            "eval.gate.criteria[0].task: 'hellaswag' is not evaluated (eval.tasks: distill_ppl, distill_cloze, "
+            "distill_nextword)",
+        ),
+    ]
+    for overrides, message in cases:
+        out = distill_eval(*overrides, twin, runs=tmp_path)
+        last = out.stderr.strip().splitlines()[-1]
+        assert out.returncode == 1 and last == f"distill: error: {message}", out.stderr[-2000:]
+    out = distill_eval(f"--model=gone={tmp_path / 'nope'}", runs=tmp_path)
+    assert (
+        out.returncode == 1 and f"--model gone: model path does not exist: {tmp_path / 'nope'}" in out.stderr
+    )
+    assert not (tmp_path / "tiny" / "eval" / "models").exists()  # nothing was evaluated
+
+
+@pytest.mark.slow
+def test_a_hub_task_while_offline_says_so_instead_of_hanging(models, tmp_path):
+    import os
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = distill_eval("eval.tasks=[arc_easy]", f"--model=twin={models['twin']}", runs=tmp_path, env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith(
+        "distill: error: eval.tasks: arc_easy needs its dataset from the Hugging Face hub, which cannot be reached"
+    ), out.stderr[-2000:]
