@@ -15,7 +15,6 @@ from distill import __version__
 from distill.errors import DistillError, NotImplementedYet
 
 NOT_BUILT = {
-    "report": "the evaluation report (issue #6)",
     "quantize": "llm-compressor quantization (issue #7)",
     "serve": "vLLM serving of the student and as a draft (issue #7)",
     "bench": "serving benchmarks (issue #7)",
@@ -111,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="lm-eval on the teacher and the students, then the quality gate (exit 3 when it fails)",
     )
-    _recipe_args(p)
+    p.add_argument("recipe", help="recipe YAML file, or a run directory (its recipe.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.limit=50")
     p.add_argument(
         "--model",
         action="append",
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate (and gate) this model as a student; repeatable",
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="write the evaluation report (report.md, report.html) of a run")
+    p.add_argument("run", help="a run directory (runs/<name>) or a recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (with a recipe)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="run every stage of a recipe")
     _recipe_args(p)
@@ -265,14 +270,39 @@ def cmd_eval(args) -> int:
         if not sep or not name or not path:
             raise DistillError(f"--model {item}: expected NAME=DIR")
         extra[name] = path
-    decision = run_eval(_load(args), extra, log=lambda line: print(line, flush=True))
+    from distill.config import load_recipe
+    from distill.report import write_report
+
+    run = Path(args.recipe)
+    recipe = load_recipe(run / "recipe.yaml", args.overrides) if run.is_dir() else _load(args)
+    decision = run_eval(recipe, extra, log=lambda line: print(line, flush=True))
     verdict = "PASSED" if decision["passed"] else "FAILED"
-    print(
-        f"gate: {verdict} ({len(decision['checks'])} checks, noise: {decision['noise']}, z {decision['z']})"
-    )
+    if not decision["checks"] and not decision["errors"]:
+        print(f"gate: {verdict} (eval.gate.criteria is empty: nothing was checked)")
+    else:
+        checks = f"{len(decision['checks'])} checks, noise: {decision['noise']}, z {decision['z']}"
+        print(f"gate: {verdict} ({checks})")
     for line in failing(decision):
         print(f"  {line}")
+    print(f"report: {write_report(recipe.run_dir)}")
     return 0 if decision["passed"] else GATE_FAILED
+
+
+def cmd_report(args) -> int:
+    from distill.report import write_report
+
+    run = Path(args.run)
+    if run.is_dir():
+        if args.overrides:
+            raise DistillError("overrides apply to a recipe, not to a run directory")
+        run_dir = run
+    else:
+        from distill.config import load_recipe
+
+        run_dir = load_recipe(run, args.overrides).run_dir
+    path = write_report(run_dir)
+    print(f"report: {path} (and {path.with_suffix('.md')})")
+    return 0
 
 
 def cmd_run(args) -> int:

@@ -448,7 +448,9 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
 
 def _headline(record: dict) -> str:
     parts = []
+    first = {"bits_per_byte": 0, "acc": 0, "exact_match": 0}
     for task, row in scores(record).items():
-        shown = [(m, v) for m, v in row.items() if not m.endswith("_stderr") and v is not None][:2]
+        values = [(m, v) for m, v in row.items() if not m.endswith("_stderr") and v is not None]
+        shown = sorted(values, key=lambda mv: first.get(mv[0], 1))[:2]
         parts.append(f"{task} " + " ".join(f"{m} {v:.4g}" for m, v in shown))
     return "; ".join(parts)

@@ -67,11 +67,13 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, tm
     assert scores["distill_cloze"]["acc_stderr"] > 0
     assert len(per_doc(tmp_path, "teacher", "distill_cloze")) == 30
 
-    # a random-weight student: the gate fails with its own exit status; unchanged models are reused
-    out = distill_eval(
-        *STRICT, "eval.backend=hf", f"--model=twin={models['twin']}", f"--model=random={models['random']}",
-        runs=tmp_path,
-    )  # fmt: skip
+    # a random-weight student: the gate fails with its own exit status; unchanged models are reused.
+    # This time from the run directory, whose recipe.yaml holds the settings above.
+    run_dir = tmp_path / "tiny"
+    cmd = [sys.executable, "-m", "distill", "eval", str(run_dir), f"--model=twin={models['twin']}"]
+    out = subprocess.run(
+        [*cmd, f"--model=random={models['random']}"], capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 3, out.stderr[-3000:]
     assert "eval: teacher: " in out.stdout and out.stdout.count("[reused (same files and settings)]") == 2
     assert "gate: FAILED" in out.stdout and "random: distill_ppl bits_per_byte" in out.stdout
@@ -99,6 +101,36 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, tm
     hf, vl = per_doc(tmp_path, "teacher", "distill_ppl"), per_doc(vllm_runs, "teacher", "distill_ppl")
     for a, b in zip(hf, vl, strict=True):
         assert b["bits_per_byte"][0] == pytest.approx(a["bits_per_byte"][0], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_local_completions_against_running_servers_and_servers_it_starts(models, tmp_path):
+    """The twin is served by a `vllm serve` started here (eval.servers); distill starts the teacher's."""
+    from distill.teacher_server import TeacherServer
+    from distill.vllm_engine import engine_kwargs
+
+    args = engine_kwargs(str(models["twin"]), max_model_len=256, seed=1234)
+    with TeacherServer(args, tmp_path / "twin-server.log") as server:
+        out = distill_eval(
+            *STRICT, "eval.backend=local-completions", f"eval.servers.twin={server.url}",
+            f"--model=twin={models['twin']}", runs=tmp_path,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "tiny" / "eval" / "server-teacher.log").exists()  # the one distill started
+    assert not (tmp_path / "tiny" / "eval" / "server-twin.log").exists()
+    assert (tmp_path / "twin-server.log").read_text().count("POST /v1/completions") > 30
+    # the same documents score as through transformers
+    hf_runs = tmp_path / "hf"
+    assert (
+        distill_eval(*STRICT, "eval.backend=hf", f"--model=twin={models['twin']}", runs=hf_runs).returncode
+        == 0
+    )
+    for task, metric in (("distill_cloze", "acc"), ("distill_nextword", "exact_match")):
+        api, hf = per_doc(tmp_path, "teacher", task), per_doc(hf_runs, "teacher", task)
+        assert sum(a[metric] == b[metric] for a, b in zip(api, hf, strict=True)) >= 28
+    api, hf = per_doc(tmp_path, "teacher", "distill_ppl"), per_doc(hf_runs, "teacher", "distill_ppl")
+    for a, b in zip(api, hf, strict=True):
+        assert a["bits_per_byte"][0] == pytest.approx(b["bits_per_byte"][0], rel=1e-3)
 
 
 @pytest.mark.slow
