@@ -15,7 +15,6 @@ from distill import __version__
 from distill.errors import DistillError, NotImplementedYet
 
 NOT_BUILT = {
-    "quantize": "llm-compressor quantization (issue #7)",
     "serve": "vLLM serving of the student and as a draft (issue #7)",
     "bench": "serving benchmarks (issue #7)",
     "promote": "promotion to the registry (issue #7)",
@@ -120,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also evaluate (and gate) this model as a student; repeatable",
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "quantize", help="llm-compressor: the student as compressed-tensors models (quant/<scheme>/)"
+    )
+    p.add_argument("recipe", help="recipe YAML file, or a run directory (its recipe.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument(
+        "--scheme",
+        action="append",
+        choices=("w8a8", "w4a16", "fp8"),
+        help="only this scheme (repeatable; default: quantize.schemes)",
+    )
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("report", help="write the evaluation report (report.md, report.html) of a run")
     p.add_argument("run", help="a run directory (runs/<name>) or a recipe YAML")
@@ -270,11 +282,9 @@ def cmd_eval(args) -> int:
         if not sep or not name or not path:
             raise DistillError(f"--model {item}: expected NAME=DIR")
         extra[name] = path
-    from distill.config import load_recipe
     from distill.report import write_report
 
-    run = Path(args.recipe)
-    recipe = load_recipe(run / "recipe.yaml", args.overrides) if run.is_dir() else _load(args)
+    recipe = _load_run(args)
     decision = run_eval(recipe, extra, log=lambda line: print(line, flush=True))
     verdict = "PASSED" if decision["passed"] else "FAILED"
     if not decision["checks"] and not decision["errors"]:
@@ -286,6 +296,24 @@ def cmd_eval(args) -> int:
         print(f"  {line}")
     print(f"report: {write_report(recipe.run_dir)}")
     return 0 if decision["passed"] else GATE_FAILED
+
+
+def _load_run(args):
+    """A recipe file, or a run directory whose recipe.yaml the stages wrote."""
+    from distill.config import load_recipe
+
+    run = Path(args.recipe)
+    return load_recipe(run / "recipe.yaml", args.overrides) if run.is_dir() else _load(args)
+
+
+def cmd_quantize(args) -> int:
+    from distill.quantize import quantize, scheme_of, serving_problem
+
+    done = quantize(_load_run(args), args.scheme, log=lambda line: print(line, flush=True))
+    for scheme, path in done.items():
+        problem = serving_problem(scheme_of(path))
+        print(f"{scheme}: {path}" + (f" (note: {problem})" if problem else " (vLLM can serve it here)"))
+    return 0
 
 
 def cmd_report(args) -> int:

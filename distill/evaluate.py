@@ -45,7 +45,7 @@ def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> li
     student = recipe.run_dir / "student" / "final"
     if (student / "config.json").exists():
         models.append(EvalModel("student", student, "student"))
-        for config in sorted((recipe.run_dir / "quantized").glob("*/config.json")):  # distill quantize
+        for config in sorted((recipe.run_dir / "quant").glob("*/config.json")):  # distill quantize
             models.append(EvalModel(f"student-{config.parent.name}", config.parent, "quantized", "student"))
     for name, path in (extra or {}).items():
         if name == "teacher" or not name.replace("-", "").replace("_", "").isalnum():
@@ -407,6 +407,14 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
     crashed = []
     for model in models:
         log(f"eval: {model.name} ({model.path}) on {', '.join(tasks)} with lm-eval's {cfg.backend} backend")
+        if model.role == "quantized" and cfg.backend != "hf":
+            from distill.quantize import scheme_of, serving_problem
+
+            problem = serving_problem(scheme_of(model.path))
+            if problem:  # vLLM would start and die at the first request: fail this model with the reason
+                crashed.append(f"{model.name}: {problem}")
+                log(f"eval: {crashed[-1]}")
+                continue
         try:
             with model_server(cfg, model, out) as url:
                 record = evaluate_model(

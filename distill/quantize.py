@@ -1,0 +1,200 @@
+"""The quantize stage: llm-compressor turns the student into compressed-tensors models under
+`runs/<name>/quant/<scheme>/`, and a check of whether this machine's vLLM can serve each scheme.
+
+llm-compressor cannot share vLLM's environment (their pins exclude each other), so `oneshot` runs in
+`.venv-quant` as a subprocess (`distill/quant_worker.py`); this side picks the calibration sequences,
+keeps the outputs atomic and reusable, and records them in the run manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distill.artifacts import (
+    RunManifest,
+    atomic_write_json,
+    begin_directory,
+    commit_directory,
+    hash_json,
+    read_json,
+)
+from distill.config import RecipeConfig
+from distill.errors import DistillError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("quant_worker.py")
+QUANT_PYTHON_ENV = "DISTILL_QUANT_PYTHON"
+RECORD = "distill-quant.json"
+# vLLM's CPU build: which kernel each scheme's linear layers need, in the kernel library vLLM loads
+CPU_KERNELS = {"w8a8": "onednn_scaled_mm", "w4a16": "cpu_gemm_wna16", "fp8": None}
+CPU_LIBRARIES = {"avx512_bf16": "_C", "avx512": "_C_AVX512", "avx2": "_C_AVX2"}
+
+
+def quant_python() -> Path:
+    path = Path(os.environ.get(QUANT_PYTHON_ENV) or ROOT / ".venv-quant" / "bin" / "python")
+    if not path.exists():
+        raise DistillError(
+            f"llm-compressor's environment is missing: {path} does not exist (run `make setup`, which "
+            f"builds .venv-quant, or set {QUANT_PYTHON_ENV})"
+        )
+    return path
+
+
+def student_dir(recipe: RecipeConfig) -> Path:
+    path = recipe.run_dir / "student" / "final"
+    if not (path / "config.json").exists():
+        raise DistillError(f"no student to quantize: {path} does not exist (run `distill train` first)")
+    return path
+
+
+def calibration(recipe: RecipeConfig) -> tuple[list[list[int]], dict]:
+    """`quantize.calibration_samples` token sequences of up to `calibration_seq_len`: the teacher
+    store's sequences when the run has one (the data the student learned from), else corpus blocks."""
+    import numpy as np
+
+    from distill.prepare import prepare
+    from distill.store import TeacherStore
+
+    q = recipe.quantize
+    store = recipe.run_dir / "teacher"
+    if (store / "manifest.json").exists():
+        rows = []
+        for capture in TeacherStore(store).rows():
+            rows.append(list(capture.input_ids)[: q.calibration_seq_len])
+            if len(rows) == q.calibration_samples:
+                break
+        return rows, {"source": "teacher store", "path": str(store), "sequences": len(rows)}
+    data = prepare(recipe)
+    tokens = np.load(data.tokens_dir / "train.npy", mmap_mode="r")
+    n = min(q.calibration_samples, len(tokens) // q.calibration_seq_len)
+    rows = [tokens[i * q.calibration_seq_len : (i + 1) * q.calibration_seq_len].tolist() for i in range(n)]
+    return rows, {"source": "corpus train blocks", "corpus": data.corpus.content_hash, "sequences": n}
+
+
+def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) -> dict[str, Path]:
+    """Quantize the run's student with each scheme (default: `quantize.schemes`); reuse an output whose
+    student, scheme and calibration are unchanged. Returns {scheme: directory}."""
+    from distill.models import model_fingerprint
+
+    started = time.perf_counter()
+    student = student_dir(recipe)
+    schemes = schemes or list(recipe.quantize.schemes)
+    python = quant_python()
+    rows, source = calibration(recipe)
+    fingerprint = model_fingerprint(student, recipe.cache_path)
+    out_root = recipe.run_dir / "quant"
+    done = {}
+    for scheme in schemes:
+        out = out_root / scheme
+        key = hash_json(
+            {
+                "student": [fingerprint["config_hash"], fingerprint["weights_hash"]],
+                "scheme": scheme,
+                "calibration": hash_json(rows),
+                "seq_len": recipe.quantize.calibration_seq_len,
+            }
+        )
+        if (out / RECORD).exists() and read_json(out / RECORD).get("key") == key:
+            log(f"quantize: {scheme}: {out} (reused: same student and calibration)")
+            done[scheme] = out
+            continue
+        log(f"quantize: {scheme}: llm-compressor oneshot on {len(rows)} sequences ({source['source']})")
+        tmp = begin_directory(out)
+        calib = tmp.with_name(f".{scheme}.calibration.json")
+        calib.write_text(json.dumps(rows))
+        log_path = out_root / f"{scheme}.log"
+        began = time.perf_counter()
+        cmd = [str(python), str(WORKER), "--model", str(student), "--out", str(tmp), "--scheme", scheme]
+        cmd += ["--calibration", str(calib), "--samples", str(len(rows))]
+        cmd += ["--seq-len", str(recipe.quantize.calibration_seq_len)]
+        if recipe.student.trust_remote_code:
+            cmd.append("--trust-remote-code")
+        with open(log_path, "w") as fh:
+            status = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        calib.unlink()
+        if status != 0:
+            tail = " | ".join(log_path.read_text().strip().splitlines()[-3:])
+            raise DistillError(
+                f"quantize: {scheme}: llm-compressor exited with status {status}: {tail} (log: {log_path})"
+            )
+        record = {
+            "key": key,
+            "scheme": scheme,
+            "student": fingerprint,
+            "calibration": {**source, "seq_len": recipe.quantize.calibration_seq_len},
+            "seconds": round(time.perf_counter() - began, 3),
+            "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
+        }
+        atomic_write_json(tmp / RECORD, record)
+        commit_directory(tmp, out)
+        log(f"quantize: {scheme}: {out} ({record['bytes'] / 2**20:.1f} MiB, {record['seconds']:.0f}s)")
+        done[scheme] = out
+    RunManifest(recipe.run_dir).record(
+        "quantize",
+        "done",
+        hash_json({"schemes": schemes, "quantize": recipe.quantize.model_dump()}),
+        {scheme: str(path) for scheme, path in done.items()},
+        time.perf_counter() - started,
+    )
+    return done
+
+
+def cpu_isa() -> str:
+    """The kernel build vLLM's CPU platform loads here (its own choice, from torch's CPU checks)."""
+    import torch
+
+    if torch.cpu._is_avx512_supported():
+        return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
+    return "avx2"
+
+
+def scheme_of(model_dir: Path) -> str | None:
+    """w8a8 / w4a16 / fp8 for a compressed-tensors directory distill wrote, None for a plain model."""
+    record = Path(model_dir) / RECORD
+    return read_json(record)["scheme"] if record.exists() else None
+
+
+def serving_problem(scheme: str | None, isa: str | None = None) -> str | None:
+    """Why this machine's vLLM cannot serve `scheme`, or None if it can. On CPUs the question is whether
+    the kernel library vLLM loads has the scheme's kernel (vLLM would start and fail at the first
+    request otherwise); it is answered by loading that library in a fresh process. `isa` picks another
+    CPU build's library (to check what an AVX2 machine would do)."""
+    from distill.vllm_engine import has_cuda
+
+    if scheme is None:
+        return None
+    if has_cuda():
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        need = {"w8a8": (7, 5), "w4a16": (8, 0), "fp8": (8, 0)}[scheme]
+        if (major, minor) < need:
+            return f"{scheme} needs CUDA compute capability {need[0]}.{need[1]}; this GPU has {major}.{minor}"
+        return None
+    isa = isa or cpu_isa()
+    kernel = CPU_KERNELS[scheme]
+    if kernel is None:
+        return None
+    import importlib.util
+
+    lib = Path(importlib.util.find_spec("vllm").origin).parent / f"{CPU_LIBRARIES[isa]}.abi3.so"
+    probe = (
+        "import sys, torch\n"
+        f"torch.ops.load_library({str(lib)!r})\n"
+        f"sys.exit(0 if hasattr(torch.ops._C, {kernel!r}) else 3)\n"
+    )
+    status = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode
+    if status == 0:
+        return None
+    if status != 3:
+        return f"could not inspect vLLM's CPU kernels ({lib.name}, exit status {status})"
+    return (
+        f"{scheme} cannot be served on this CPU: vLLM's {isa.upper()} kernels ({lib.name}) have no "
+        f"{kernel}, so a server would start and fail at its first request; serve another scheme "
+        f"(w8a8 or fp8), the unquantized student, or use a GPU (or an AVX-512 CPU) for {scheme}"
+    )
