@@ -94,9 +94,24 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_tasks(cfg: EvalConfig, manager) -> dict[str, Any]:
-    """{name: lm-eval Task} for eval.tasks, checked before any model is loaded: unknown names (with the
-    close ones), datasets that need the hub while it cannot be reached, gate metrics a task lacks."""
+@dataclass
+class TaskSet:
+    """What eval.tasks resolve to: each requested name's leaf tasks (a group such as mmlu has many),
+    the leaf Task objects, and the aggregate metrics each group reports."""
+
+    requested: dict[str, list[str]]
+    leaves: dict[str, Any]
+    group_metrics: dict[str, list[str]]
+
+    def metrics(self, name: str) -> list[str]:
+        if name in self.group_metrics:
+            return self.group_metrics[name]
+        return task_metrics(self.leaves[name])
+
+
+def load_tasks(cfg: EvalConfig, manager) -> TaskSet:
+    """eval.tasks, checked before any model is loaded: unknown names (with the close ones), datasets
+    that need the hub while it cannot be reached, gate criteria on a task or metric that is not run."""
     from lm_eval.tasks import get_task_dict
 
     known = set(manager.all_tasks)
@@ -109,10 +124,10 @@ def load_tasks(cfg: EvalConfig, manager) -> dict[str, Any]:
     if hub_tasks and not os.environ.get("HF_DATASETS_OFFLINE") and not _hub_reachable():
         # fail fast from the local datasets cache instead of retrying a hub that is not there
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-    tasks = {}
+    tasks = TaskSet({}, {}, {})
     for name in cfg.tasks:
         try:
-            tasks.update(_flatten(get_task_dict([name], manager)))
+            loaded = get_task_dict([name], manager)
         except Exception as exc:
             if name in hub_tasks and os.environ.get("HF_DATASETS_OFFLINE"):
                 raise DistillError(
@@ -121,27 +136,40 @@ def load_tasks(cfg: EvalConfig, manager) -> dict[str, Any]:
                     f"run once where the hub is reachable, or use the local tasks ({', '.join(LOCAL_TASKS)})"
                 ) from exc
             raise DistillError(f"eval.tasks: lm-eval could not load {name}: {exc}") from exc
+        leaves = _walk(loaded, tasks.group_metrics)
+        tasks.leaves.update(leaves)
+        tasks.requested[name] = list(leaves)
     for i, c in enumerate(cfg.gate.criteria):
         where = f"eval.gate.criteria[{i}]"
-        if c.task not in tasks:
-            raise DistillError(f"{where}.task: {c.task!r} is not evaluated (eval.tasks: {', '.join(tasks)})")
-        metrics = task_metrics(tasks[c.task])
-        if c.metric not in metrics:
+        if c.task not in tasks.leaves and c.task not in tasks.group_metrics:
             raise DistillError(
-                f"{where}.metric: {c.task} does not produce {c.metric!r}; it produces {', '.join(metrics)}"
+                f"{where}.task: {c.task!r} is not evaluated (eval.tasks: {', '.join(cfg.tasks)})"
+            )
+        metrics = tasks.metrics(c.task)
+        if c.metric not in metrics:
+            produced = ", ".join(metrics) or "no aggregate metric (gate on one of its tasks)"
+            raise DistillError(
+                f"{where}.metric: {c.task} does not produce {c.metric!r}; it produces {produced}"
             )
     return tasks
 
 
-def _flatten(task_dict: dict) -> dict[str, Any]:
-    """Groups (mmlu, ...) flattened to their leaf tasks."""
+def _walk(task_dict: dict, group_metrics: dict[str, list[str]]) -> dict[str, Any]:
+    """Leaf tasks of lm-eval's nested task dict; each group's aggregate metrics into `group_metrics`."""
     out = {}
     for key, value in task_dict.items():
         if isinstance(value, dict):
-            out.update(_flatten(value))
+            name = getattr(key, "group_name", None) or str(key)
+            aggregates = getattr(key, "aggregate_metric_list", None) or []
+            group_metrics[name] = [_metric_name(a) for a in aggregates]
+            out.update(_walk(value, group_metrics))
         else:
-            out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+            out[key] = value
     return out
+
+
+def _metric_name(aggregate) -> str:
+    return aggregate["metric"] if isinstance(aggregate, dict) else aggregate.metric
 
 
 def task_metrics(task) -> list[str]:
@@ -254,13 +282,18 @@ def settings_of(cfg: EvalConfig, corpus_hash: str) -> dict:
     }
 
 
-def evaluate_lm(lm, cfg: EvalConfig, manager, tasks: dict[str, Any]) -> dict:
+def evaluate_lm(lm, cfg: EvalConfig, manager, tasks: TaskSet) -> dict:
     """lm-eval over every task; rolling-loglikelihood tasks (perplexity) without the tokenizer's BOS,
     since lm-eval's rolling windows start with one already."""
     import lm_eval
 
-    rolling = [n for n, t in tasks.items() if t.OUTPUT_TYPE == "loglikelihood_rolling"]
-    others = [n for n in tasks if n not in rolling]
+    def is_rolling(name):
+        return all(
+            tasks.leaves[leaf].OUTPUT_TYPE == "loglikelihood_rolling" for leaf in tasks.requested[name]
+        )
+
+    rolling = [n for n in tasks.requested if is_rolling(n)]
+    others = [n for n in tasks.requested if n not in rolling]
     api = cfg.backend == "local-completions"
     merged: dict[str, Any] = {"results": {}, "samples": {}, "higher_is_better": {}, "n-samples": {}}
     for names, bos in ((rolling, False), (others, True if api else None)):
@@ -335,7 +368,7 @@ def evaluate_model(
         close_lm(lm)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for name, samples in raw["samples"].items():
-        rows = sample_rows(samples, task_metrics(tasks[name]))
+        rows = sample_rows(samples, tasks.metrics(name) if name in tasks.leaves else [])
         atomic_write_text(out / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     record = {
         "key": key,
@@ -406,7 +439,9 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
     samples: dict[str, dict[str, list[dict]]] = {}
     crashed = []
     for model in models:
-        log(f"eval: {model.name} ({model.path}) on {', '.join(tasks)} with lm-eval's {cfg.backend} backend")
+        log(
+            f"eval: {model.name} ({model.path}) on {', '.join(cfg.tasks)} with lm-eval's {cfg.backend} backend"
+        )
         if model.role == "quantized" and cfg.backend != "hf":
             from distill.quantize import scheme_of, serving_problem
 

@@ -146,7 +146,9 @@ def _margin_se(c, gate, model_result, against_result, samples, coef, key) -> tup
         if not isinstance(stderr, int | float):
             return None, "none (no stderr)"
         parts.append((weight * stderr) ** 2)
-    fallback = " (documents differ)" if gate.noise == "paired" else ""
+    fallback = ""
+    if gate.noise == "paired":  # paired was asked for but could not be done
+        fallback = " (documents differ)" if mine else " (no per-document values)"
     return math.sqrt(sum(parts)), f"stderr{fallback}"
 
 

@@ -183,3 +183,59 @@ def test_a_hub_task_while_offline_says_so_instead_of_hanging(models, tmp_path):
     assert out.stderr.startswith(
         "distill: error: eval.tasks: arc_easy needs its dataset from the Hugging Face hub, which cannot be reached"
     ), out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_task_group_is_gated_on_its_aggregate(models, cache_dir, tmp_path):
+    """Groups (mmlu, ...) run as lm-eval groups: their aggregate metric is gated, their leaves scored."""
+    from lm_eval.tasks import TaskManager
+
+    from distill.config import load_recipe
+    from distill.errors import DistillError
+    from distill.evaluate import TASKS_DIR, EvalModel, evaluate_model, load_tasks, settings_of
+    from distill.gate import decide
+
+    groups = tmp_path / "groups"
+    groups.mkdir()
+    (groups / "distill_mc.yaml").write_text(
+        "group: distill_mc\ntask: [distill_cloze]\naggregate_metric_list:\n  - metric: acc\n"
+        "    weight_by_size: true\nmetadata: {version: 1.0}\n"
+    )
+    criteria = "eval.gate.criteria=[{task: distill_mc, metric: acc, min_retention: 1.0}]"
+    recipe = load_recipe(
+        TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}", "eval.tasks=[distill_mc]",
+               "eval.backend=hf", "eval.limit=12", criteria],
+    )  # fmt: skip
+    from distill.prepare import prepare
+
+    corpus = prepare(recipe).corpus
+    manager = TaskManager(
+        include_path=[str(TASKS_DIR), str(groups)],
+        include_defaults=False,
+        metadata={"distill_corpus_dir": str(corpus.root), "distill_seed": 1234},
+    )
+    tasks = load_tasks(recipe.eval, manager)
+    assert tasks.requested == {"distill_mc": ["distill_cloze"]} and tasks.group_metrics == {
+        "distill_mc": ["acc"]
+    }
+    bad = recipe.eval.model_copy(deep=True)
+    bad.gate.criteria[0].metric = "acc_norm"
+    with pytest.raises(
+        DistillError,
+        match="eval.gate.criteria.0..metric: distill_mc does not produce 'acc_norm'; it produces acc",
+    ):
+        load_tasks(bad, manager)
+
+    settings = settings_of(recipe.eval, corpus.content_hash)
+    records, samples = {}, {}
+    for name, role in (("teacher", "teacher"), ("twin", "student")):
+        model = EvalModel(name, models[name], role)
+        records[name] = evaluate_model(
+            model, recipe.eval, settings, manager, tasks, tmp_path / "m", cache_dir
+        )
+        samples[name] = {}
+    assert "acc,none" in records["teacher"]["results"]["distill_mc"]  # the group's own aggregate
+    assert (tmp_path / "m" / "teacher" / "samples" / "distill_cloze.jsonl").exists()
+    gate = decide(recipe.eval.gate, records, samples)
+    assert gate["passed"] and gate["checks"][0]["task"] == "distill_mc"
+    assert gate["checks"][0]["noise"] == "stderr (no per-document values)"
