@@ -15,7 +15,6 @@ from distill import __version__
 from distill.errors import DistillError, NotImplementedYet
 
 NOT_BUILT = {
-    "serve": "vLLM serving of the student and as a draft (issue #7)",
     "bench": "serving benchmarks (issue #7)",
     "promote": "promotion to the registry (issue #7)",
 }
@@ -132,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this scheme (repeatable; default: quantize.schemes)",
     )
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "serve", help="vLLM's OpenAI-compatible server: the student, or the teacher with it as draft"
+    )
+    p.add_argument("recipe", help="recipe YAML file, or a run directory (its recipe.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=9000")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--student", action="store_true", help="serve the student alone")
+    which.add_argument("--draft", action="store_true", help="serve the teacher with the student as its draft")
+    p.add_argument(
+        "--quant", metavar="SCHEME", help="the quantized student quant/SCHEME instead of the student"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the server command (GPU form) and exit")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="write the evaluation report (report.md, report.html) of a run")
     p.add_argument("run", help="a run directory (runs/<name>) or a recipe YAML")
@@ -314,6 +327,15 @@ def cmd_quantize(args) -> int:
         problem = serving_problem(scheme_of(path))
         print(f"{scheme}: {path}" + (f" (note: {problem})" if problem else " (vLLM can serve it here)"))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from distill.serve import run_server, student_model
+
+    recipe = _load_run(args)
+    student = student_model(recipe, args.quant, check=not args.dry_run)
+    mode = "draft" if args.draft else "student"
+    return run_server(recipe, mode, student, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
 
 
 def cmd_report(args) -> int:

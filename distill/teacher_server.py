@@ -41,12 +41,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(engine_args: dict[str, Any], port: int) -> list[str]:
+def serve_command(
+    engine_args: dict[str, Any], port: int, host: str = "127.0.0.1", served_name: str = SERVED_NAME
+) -> list[str]:
     """`vllm serve MODEL --flag value ...` from the keyword arguments `vllm.LLM` would take."""
     args = dict(engine_args)
     model = str(args.pop("model"))
     cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME]
+    cmd += ["--host", host, "--port", str(port), "--served-model-name", served_name]
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

@@ -48,7 +48,7 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"distill {__version__}"
 
 
-@pytest.mark.parametrize("command", ["serve", "bench", "promote"])
+@pytest.mark.parametrize("command", ["bench", "promote"])
 def test_stages_not_built_yet_exit_2_with_a_clear_message(command):
     out = distill(command, TINY)
     assert out.returncode == 2
