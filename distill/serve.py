@@ -30,7 +30,12 @@ def serve_engine_args(
     from distill.vllm_engine import cpu_defaults, has_cuda
 
     cfg = recipe.serve
-    model = student if mode == "student" else teacher_path(recipe)
+    if mode == "student":
+        model = student
+    elif gpu and recipe.teacher.model:  # a dry run for a GPU host: the path need not exist here
+        model = recipe.teacher.model
+    else:
+        model = teacher_path(recipe)
     args: dict[str, Any] = {"model": str(model), "seed": 0}
     if not (has_cuda() if gpu is None else gpu):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -198,3 +198,11 @@ def test_store_and_student_vocabularies_must_match(micro, prepared, tmp_path):
     recipe = micro("train.loss=forward_kl", "student.tiny=null", f"student.model={tmp_path / 'student-1000'}")
     with pytest.raises(DistillError, match="has vocabulary 4096, but student.model has 1000"):
         train_student(recipe)
+
+
+def test_serve_dry_run_prints_the_llama3_draft_command_without_the_models():
+    out = distill("serve", ROOT / "recipes" / "llama3-8b-to-1b.yaml", "--draft", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    assert " serve /models/Meta-Llama-3-8B-Instruct --host " in line and '"method": "draft_model"' in line
+    assert "--enforce-eager" not in line
