@@ -2,22 +2,19 @@
 launch (DDP, DeepSpeed ZeRO-2, ZeRO-3), each is killed with SIGKILL after a checkpoint, resumed, and
 must reproduce the single-process run (same global batch) step by step."""
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, kill_tree
 from .test_pretrain import TEACHER
 
 STORE = [
@@ -88,16 +85,6 @@ def reference(store_runs, tmp_path_factory):
     out = distill("train", *TRAIN, "train.batch_size=8", "--no-progress", runs=runs)
     assert out.returncode == 0, out.stderr[-3000:]
     return runs / "tiny" / "student"
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it (the ranks run in their own sessions)."""
-    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    proc.wait()
-    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.mark.slow

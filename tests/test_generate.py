@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from distill.store import LOGPROB_MAX_ERROR, TeacherStore
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, kill_tree
 from .test_pretrain import TEACHER
 
 SAMPLE = [
@@ -130,8 +129,7 @@ def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(r
             break
         time.sleep(0.02)
     assert proc.poll() is None, "generation finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     done = TeacherStore(store).shards
     assert 3 <= len(done) < 12
     first = store / sorted(done)[0]
