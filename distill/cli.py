@@ -14,10 +14,7 @@ from pathlib import Path
 from distill import __version__
 from distill.errors import DistillError, NotImplementedYet
 
-NOT_BUILT = {
-    "bench": "serving benchmarks (issue #7)",
-    "promote": "promotion to the registry (issue #7)",
-}
+NOT_BUILT: dict[str, str] = {}
 
 
 class Parser(argparse.ArgumentParser):
@@ -135,8 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="vLLM's OpenAI-compatible server: the student, or the teacher with it as draft"
     )
-    p.add_argument("recipe", help="recipe YAML file, or a run directory (its recipe.yaml)")
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        help="recipe YAML file, or a run directory (its recipe.yaml); not with --promoted",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=9000")
+    p.add_argument("--promoted", metavar="NAME[@VERSION]", help="serve a promoted student from the registry")
+    p.add_argument("--registry", help="registry directory (default: $DISTILL_REGISTRY or ./registry)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--student", action="store_true", help="serve the student alone")
     which.add_argument("--draft", action="store_true", help="serve the teacher with the student as its draft")
@@ -145,6 +148,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the server command (GPU form) and exit")
     p.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
+    p = bench.add_parser(
+        "serve",
+        help="vLLM serving benchmark: teacher alone, with the distilled and an undistilled draft, the "
+        "student (and its quantized forms) alone; throughput, TTFT, ITL, speculative acceptance",
+    )
+    p.add_argument("recipe", help="recipe YAML file, or a run directory (its recipe.yaml)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.bench.requests=32"
+    )
+    p.add_argument("--url", help="bench this running OpenAI-compatible server instead of starting the setups")
+    p.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("promote", help="register a run's student that passed the gate (exit 3 when refused)")
+    p.add_argument("recipe", help="a run directory, or its recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (with a recipe)")
+    p.add_argument("--name", help="registry name (default: the run's name)")
+    p.add_argument("--force", action="store_true", help="promote although the gate did not pass")
+    p.add_argument("--reason", help="why --force (required with it; recorded in the entry)")
+    p.add_argument(
+        "--registry", help="registry directory (default: registry_dir, $DISTILL_REGISTRY or ./registry)"
+    )
+    p.set_defaults(func=cmd_promote)
+
+    registry = sub.add_parser("registry", help="promoted students").add_subparsers(
+        dest="action", required=True
+    )
+    p = registry.add_parser("list", help="every promoted version, one line each")
+    p.add_argument("--registry", help="registry directory (default: $DISTILL_REGISTRY or ./registry)")
+    p.set_defaults(func=cmd_registry_list)
+    p = registry.add_parser("show", help="one entry (NAME: its newest version) as JSON")
+    p.add_argument("ref", metavar="NAME[@VERSION]")
+    p.add_argument("--registry", help="registry directory (default: $DISTILL_REGISTRY or ./registry)")
+    p.set_defaults(func=cmd_registry_show)
 
     p = sub.add_parser("report", help="write the evaluation report (report.md, report.html) of a run")
     p.add_argument("run", help="a run directory (runs/<name>) or a recipe YAML")
@@ -332,10 +370,103 @@ def cmd_quantize(args) -> int:
 def cmd_serve(args) -> int:
     from distill.serve import run_server, student_model
 
-    recipe = _load_run(args)
-    student = student_model(recipe, args.quant, check=not args.dry_run)
+    if args.promoted:
+        from distill.config import registry_path
+        from distill.quantize import scheme_of, serving_problem
+        from distill.registry import resolve, served_recipe, student_of
+
+        if args.recipe is not None:  # `serve --promoted NAME key=value`: the first override lands here
+            if "=" not in args.recipe:
+                raise DistillError("--promoted serves from the registry: give no recipe or run directory")
+            args.overrides = [args.recipe, *args.overrides]
+        entry = resolve(registry_path(args.registry), args.promoted)
+        recipe = served_recipe(entry, args.overrides)
+        student = student_of(entry, args.quant)
+        problem = None if args.dry_run else serving_problem(scheme_of(student))
+        if problem:
+            raise DistillError(problem)
+        print(f"promoted: {entry}", flush=True)
+    else:
+        if args.recipe is None:
+            raise DistillError("serve needs a recipe, a run directory, or --promoted NAME[@VERSION]")
+        recipe = _load_run(args)
+        student = student_model(recipe, args.quant, check=not args.dry_run)
     mode = "draft" if args.draft else "student"
     return run_server(recipe, mode, student, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
+
+
+def cmd_bench_serve(args) -> int:
+    from distill.bench_serve import bench_serve, comparison
+
+    recipe = _load_run(args)
+    bench = bench_serve(recipe, url=args.url, log=lambda line: print(line, flush=True))
+    print("\n".join(comparison(bench)))
+    print(f"bench: {recipe.run_dir / 'serve' / 'bench.json'}")
+    gate_path = recipe.run_dir / "eval" / "gate.json"
+    if args.url is None and gate_path.exists():
+        from distill.artifacts import read_json
+        from distill.evaluate import GATE_FAILED
+        from distill.report import write_report
+
+        gate = read_json(gate_path)
+        print(f"report: {write_report(recipe.run_dir)}")
+        if not gate.get("passed"):
+            from distill.gate import failing
+
+            print("gate: FAILED")
+            for line in failing(gate):
+                print(f"  {line}")
+            return GATE_FAILED
+        print("gate: PASSED")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from distill.registry import promote
+
+    entry = promote(
+        _load_run(args),
+        name=args.name,
+        force=args.force,
+        reason=args.reason,
+        registry=Path(args.registry) if args.registry else None,
+    )
+    forced = f" (gate overridden: {entry['reason']})" if entry["forced"] else ""
+    print(f"promoted: {entry['ref']}{forced}")
+    print(f"  student: {entry['student']}")
+    for scheme, path in entry["quantized"].items():
+        print(f"  {scheme}: {path}")
+    print(
+        f"serve it: distill serve --promoted {entry['ref']} --student   (or --draft: the teacher drafting with it)"
+    )
+    return 0
+
+
+def cmd_registry_list(args) -> int:
+    from distill.config import registry_path
+    from distill.registry import entries
+
+    registry = registry_path(args.registry)
+    rows = entries(registry)
+    if not rows:
+        print(f"registry {registry}: empty")
+        return 0
+    for e in rows:
+        gate = "gate passed" if e["gate"]["passed"] else f"FORCED: {e['reason']}"
+        quant = ",".join(e["quantized"]) or "-"
+        print(f"{e['ref']:<24} {e['promoted_at']}  {gate:<22} quant {quant:<12} {e['run']}")
+    return 0
+
+
+def cmd_registry_show(args) -> int:
+    import json
+
+    from distill.artifacts import read_json
+    from distill.config import registry_path
+    from distill.registry import resolve
+
+    print(json.dumps(read_json(resolve(registry_path(args.registry), args.ref) / "entry.json"), indent=2))
+    return 0
 
 
 def cmd_report(args) -> int:

@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -344,6 +344,26 @@ class QuantizeConfig(Section):
     calibration_seq_len: int = Field(256, gt=0, description="Calibration sequence length.")
 
 
+class ServeBenchConfig(Section):
+    concurrency: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [1, 4, 16], min_length=1, description="Concurrent requests, one level each."
+    )
+    requests: int = Field(64, gt=0, description="Requests per concurrency level.")
+    prompt_tokens: int = Field(32, gt=0, description="Prompt length: openings of held-out (test) blocks.")
+    max_tokens: int = Field(64, gt=0, description="Tokens generated per request (EOS ignored).")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the requests (0: greedy).")
+    baseline: str | None = Field(
+        None,
+        description="The undistilled draft: a model directory or a run directory (its student, e.g. the "
+        "SFT baseline's run); default: the initial student (student.model, or student.tiny at train.seed).",
+    )
+    setups: list[str] | None = Field(
+        None,
+        description="Which setups to bench: teacher, teacher+student, teacher+baseline, student, "
+        "student-<scheme>; default: every one this run has.",
+    )
+
+
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Address the vLLM server binds.")
     port: int = Field(8000, gt=0, lt=65536, description="Port the vLLM server binds.")
@@ -351,6 +371,9 @@ class ServeConfig(Section):
     api_key_env: str = Field("DISTILL_API_KEY", description="Environment variable holding the API key.")
     max_model_len: int | None = Field(None, gt=0, description="Context length the server allows.")
     engine: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM server arguments.")
+    bench: ServeBenchConfig = Field(
+        default_factory=ServeBenchConfig, description="`distill bench serve` workload."
+    )
 
 
 class TrackingConfig(Section):
@@ -364,6 +387,11 @@ class TrackingConfig(Section):
 class RecipeConfig(Section):
     name: str = Field(description="Run name; the run directory is <runs_dir>/<name>.")
     runs_dir: str = Field("runs", description="Parent directory of run directories.")
+    registry_dir: str | None = Field(
+        None,
+        description="Registry of promoted students (`distill promote`); default $DISTILL_REGISTRY or "
+        "./registry.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Shared cache of corpora, tokenizers and pretrained tiny teachers, keyed by content "
@@ -412,6 +440,15 @@ class RecipeConfig(Section):
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
         return Path(os.environ.get("DISTILL_CACHE_DIR", "~/.cache/distill")).expanduser()
+
+    @property
+    def registry_path(self) -> Path:
+        return registry_path(self.registry_dir)
+
+
+def registry_path(explicit: str | None = None) -> Path:
+    """The registry of promoted students: `explicit`, else $DISTILL_REGISTRY, else ./registry."""
+    return Path(explicit or os.environ.get("DISTILL_REGISTRY") or "registry").expanduser()
 
 
 # --------------------------------------------------------------------------- loading

@@ -421,7 +421,8 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
     A model whose evaluation crashes fails the gate (fail closed); so does a run killed midway, since
     gate.json says "evaluating" until the decision replaces it."""
     from distill.artifacts import RunManifest
-    from distill.gate import decide
+    from distill.bench_serve import fresh_bench
+    from distill.gate import apply_acceptance, decide
     from distill.prepare import prepare
 
     started = time.perf_counter()
@@ -478,6 +479,8 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         for name, r in records.items()
     }
     decision["settings"] = settings
+    decision["eval_passed"] = decision["passed"]
+    decision = apply_acceptance(decision, cfg.gate, fresh_bench(recipe))  # `distill bench serve`'s, if any
     atomic_write_json(gate_path, decision)
     RunManifest(recipe.run_dir).record(
         "eval",

@@ -197,3 +197,33 @@ def failing(decision: dict) -> list[str]:
             f"({ch['rule']}{against}) by {-ch['margin']:.3g}{noise}"
         )
     return lines
+
+
+def apply_acceptance(decision: dict, gate: GateConfig, bench: dict | None) -> dict:
+    """gate.json with the distilled draft's speculative acceptance (from `distill bench serve`) checked
+    against `min_acceptance_rate`. Without a measurement the check fails (fail closed). The verdict is
+    the evaluation's (`eval_passed`) and this check together; applying it again replaces it."""
+    decision = dict(decision)
+    eval_passed = decision.setdefault("eval_passed", decision["passed"])
+    checks = [c for c in decision["checks"] if c["task"] != "serve"]
+    errors = [e for e in decision["errors"] if not e.startswith("acceptance:")]
+    row = (bench or {}).get("setups", {}).get("teacher+student", {})
+    if gate.min_acceptance_rate is not None:
+        rate = row.get("acceptance_rate")
+        if rate is None:
+            errors.append(
+                "acceptance: the distilled draft's acceptance rate is not measured for the current student "
+                "(run `distill bench serve`)"
+            )
+        else:
+            m = gate.min_acceptance_rate
+            draft_tokens = row.get("draft_tokens") or 0
+            se = math.sqrt(rate * (1 - rate) / draft_tokens) if draft_tokens else None
+            passed = rate >= m or (se is not None and rate >= m - gate.z * se)
+            checks.append(asdict(Check(
+                "student", "bound", "serve", "acceptance_rate", f"min_value {m}", True, rate, None, m,
+                rate - m, se, f"binomial ({draft_tokens} draft tokens)", passed, passed and rate < m,
+            )))  # fmt: skip
+    decision.update(checks=checks, errors=errors)
+    decision["passed"] = bool(eval_passed and not errors and all(c["passed"] for c in checks))
+    return decision

@@ -189,7 +189,38 @@ def gather(run_dir: Path) -> dict:
             sizes[name] = model_size(info["path"])
         except (OSError, ValueError):  # a model moved since: report what is known
             sizes[name] = {"parameters": None, "bytes": None}
-    return {"run": run_dir.name, "gate": gate, "metrics": metrics, "manifest": manifest, "sizes": sizes}
+    bench_path = run_dir / "serve" / "bench.json"
+    bench = read_json(bench_path) if bench_path.exists() else None
+    return {
+        "run": run_dir.name,
+        "gate": gate,
+        "metrics": metrics,
+        "manifest": manifest,
+        "sizes": sizes,
+        "bench": bench,
+    }
+
+
+def serve_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
+    """`distill bench serve`: one row per setup and concurrency level."""
+    header = ["setup", "concurrency", "output tok/s", "vs teacher", "TTFT p50/p95 ms", "ITL p50/p95 ms",
+              "acceptance", "mean acceptance length", "errors", "model on disk"]  # fmt: skip
+    teacher = bench["setups"].get("teacher", {}).get("levels", {})
+    rows = []
+    for name, setup in bench["setups"].items():
+        for level, v in setup["levels"].items():
+            base = teacher.get(level, {}).get("output_tokens_per_s")
+            ratio = f"{v['output_tokens_per_s'] / base:.2f}x" if base and name != "teacher" else ""
+            size = setup.get("bytes")
+            rows.append([
+                name, level, fmt(v["output_tokens_per_s"]), ratio,
+                f"{fmt(v['ttft_ms_p50'])} / {fmt(v['ttft_ms_p95'])}",
+                f"{fmt(v['itl_ms_p50'])} / {fmt(v['itl_ms_p95'])}",
+                fmt(v.get("acceptance_rate")) if v.get("acceptance_rate") is not None else "",
+                fmt(v.get("mean_acceptance_length")) if v.get("mean_acceptance_length") is not None else "",
+                str(v["errors"]), f"{size / 2**20:.1f} MiB" if size else "",
+            ])  # fmt: skip
+    return header, rows
 
 
 def score_rows(gate: dict) -> tuple[list[str], list[list[str]]]:
@@ -322,6 +353,13 @@ def write_report(run_dir: Path) -> Path:
         ("Teacher vs students (value ± lm-eval stderr)", score_rows(gate)),
         ("Sizes", size_rows(data["sizes"])),
     ]
+    if data["bench"]:
+        b = data["bench"]["settings"]
+        title = (
+            f"Serving with vLLM (distill bench serve: {b['requests']} requests per level, {b['prompt_tokens']} "
+            f"prompt + {b['max_tokens']} output tokens, {b['num_speculative_tokens']} draft tokens per step)"
+        )
+        sections.append((title, serve_rows(data["bench"])))
     facts = training_facts(data["manifest"])
 
     md = [f"# distill evaluation report: {data['run']}", "", f"**{verdict_line(gate)}**", ""]

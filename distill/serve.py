@@ -23,9 +23,10 @@ from distill.errors import DistillError
 
 
 def serve_engine_args(
-    recipe: RecipeConfig, mode: str, student: Path, gpu: bool | None = None
+    recipe: RecipeConfig, mode: str, student: Path | None, gpu: bool | None = None
 ) -> dict[str, Any]:
-    """vLLM engine arguments: the student (`mode=student`) or the teacher drafting with the student."""
+    """vLLM engine arguments: the student (`mode=student`), the teacher drafting with the student
+    (`draft`), or the teacher alone (`teacher`, the baseline of the serving benchmark)."""
     from distill.generate import teacher_path
     from distill.vllm_engine import cpu_defaults, has_cuda
 

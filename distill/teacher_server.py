@@ -63,8 +63,16 @@ def serve_command(
 class TeacherServer:
     """`vllm serve` in its own process for as long as the `with` block runs."""
 
-    def __init__(self, engine_args: dict[str, Any], log_path: Path, start_timeout: float = 600.0):
+    def __init__(
+        self,
+        engine_args: dict[str, Any],
+        log_path: Path,
+        start_timeout: float = 600.0,
+        served_name: str = SERVED_NAME,
+        env: dict[str, str] | None = None,
+    ):
         self.engine_args, self.log_path, self.start_timeout = engine_args, Path(log_path), start_timeout
+        self.served_name, self.env = served_name, env
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -74,7 +82,8 @@ class TeacherServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 (the server writes to it for its whole life)
         self.proc = subprocess.Popen(
-            serve_command(self.engine_args, port),
+            serve_command(self.engine_args, port, served_name=self.served_name),
+            env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -84,13 +93,15 @@ class TeacherServer:
         while not _healthy(self.url):
             if self.proc.poll() is not None:
                 raise DistillError(
-                    f"the teacher's vLLM server exited with status {self.proc.returncode} while starting; "
+                    f"the vLLM server of {self.served_name} exited with status {self.proc.returncode} while "
+                    "starting; "
                     f"its log: {self.log_path}"
                 )
             if time.time() > deadline:
                 self.stop()
                 raise DistillError(
-                    f"the teacher's vLLM server did not start in {self.start_timeout:.0f}s; log: {self.log_path}"
+                    f"the vLLM server of {self.served_name} did not start in {self.start_timeout:.0f}s; "
+                    f"log: {self.log_path}"
                 )
             time.sleep(0.5)
         return self

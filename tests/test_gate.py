@@ -202,3 +202,41 @@ def test_a_criterion_needs_exactly_one_rule(tmp_path):
         r"min_value \(got min_retention, max_drop\)",
     ):
         load_recipe(TINY, [bad])
+
+
+def bench_with(rate, draft_tokens=4000):
+    row = {"acceptance_rate": rate, "mean_acceptance_length": 1 + 4 * rate, "draft_tokens": draft_tokens}
+    return {"setups": {"teacher": {"acceptance_rate": None}, "teacher+student": row}}
+
+
+def test_the_serving_benchmark_acceptance_joins_the_gate_and_fails_closed_without_it():
+    from distill.gate import apply_acceptance
+
+    passing = run(gate(RETAIN), pair([1] * 50, [1] * 50))
+    assert passing["passed"]
+    cfg = GateConfig(min_acceptance_rate=0.6)
+    # measured above the floor: passes, with a serve check carrying the number
+    decided = apply_acceptance(passing, cfg, bench_with(0.72))
+    (serve,) = [c for c in decided["checks"] if c["task"] == "serve"]
+    assert decided["passed"] and serve["value"] == 0.72 and serve["threshold"] == 0.6 and serve["passed"]
+    assert serve["noise"] == "binomial (4000 draft tokens)" and len(decided["checks"]) == 2
+    # below it by far more than its noise: fails, and says so
+    low = apply_acceptance(decided, cfg, bench_with(0.3))
+    assert not low["passed"] and len(low["checks"]) == 2  # replaced, not appended
+    assert failing(low) == ["student: serve acceptance_rate 0.3 misses 0.6 (min_value 0.6) by 0.3, "
+                            "beyond 1.0 x its standard error 0.00725"]  # fmt: skip
+    # a shortfall within z standard errors of a small sample passes, as every other check
+    assert apply_acceptance(passing, cfg, bench_with(0.58, draft_tokens=100))["passed"]
+    # not measured (no bench, or one of another student): fail closed
+    unmeasured = apply_acceptance(passing, cfg, None)
+    assert not unmeasured["passed"]
+    assert unmeasured["errors"] == [
+        "acceptance: the distilled draft's acceptance rate is not measured for the current student "
+        "(run `distill bench serve`)"
+    ]
+    # back above the floor: the evaluation's own verdict stands again
+    assert apply_acceptance(unmeasured, cfg, bench_with(0.9))["passed"]
+    # without a floor, the acceptance is not part of the gate
+    assert apply_acceptance(passing, GateConfig(), None)["passed"]
+    failed_eval = {**passing, "passed": False, "eval_passed": False}
+    assert not apply_acceptance(failed_eval, cfg, bench_with(0.9))["passed"]
