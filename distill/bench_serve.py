@@ -355,10 +355,17 @@ def bench_serve(recipe: RecipeConfig, url: str | None = None, log=print) -> dict
     }
     atomic_write_json(out / "bench.json", bench)
     gate_path = recipe.run_dir / "eval" / "gate.json"
-    if gate_path.exists() and read_json(gate_path).get("status") != "evaluating":
+    if url is None and gate_path.exists() and read_json(gate_path).get("status") != "evaluating":
         decision = apply_acceptance(read_json(gate_path), recipe.eval.gate, bench)
         atomic_write_json(gate_path, decision)
     return bench
+
+
+def in_order(setups: dict) -> list[tuple[str, dict]]:
+    """bench.json's setups (stored with sorted keys) in the order of the table: teacher, its drafts,
+    the student, the quantized students."""
+    rank = {"teacher": 0, DISTILLED_DRAFT: 1, "teacher+baseline": 2, "student": 3}
+    return sorted(setups.items(), key=lambda kv: (rank.get(kv[0], 4), kv[0]))
 
 
 def fresh_bench(recipe: RecipeConfig) -> dict | None:
@@ -379,8 +386,8 @@ def comparison(bench: dict) -> list[str]:
     setups = bench["setups"]
     lines = []
     base = setups.get("teacher")
-    for name, row in setups.items():
-        for level, values in row["levels"].items():
+    for name, row in in_order(setups):
+        for level, values in sorted(row["levels"].items(), key=lambda kv: int(kv[0])):
             speed = values["output_tokens_per_s"]
             ratio = ""
             if base and name != "teacher" and base["levels"].get(level, {}).get("output_tokens_per_s"):

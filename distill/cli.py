@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 from distill import __version__
-from distill.errors import DistillError, NotImplementedYet
-
-NOT_BUILT: dict[str, str] = {}
+from distill.errors import DistillError
 
 
 class Parser(argparse.ArgumentParser):
@@ -194,10 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
-    for name, what in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{what} [not implemented yet]")
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args, what=what: _not_built(what))
     return parser
 
 
@@ -492,10 +486,6 @@ def cmd_run(args) -> int:
     summary = run(_load(args), progress=not args.no_progress)
     print("\n".join(summary.lines()))
     return 0
-
-
-def _not_built(what: str) -> int:
-    raise NotImplementedYet(what)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,18 +204,20 @@ def gather(run_dir: Path) -> dict:
 def serve_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
     """`distill bench serve`: one row per setup and concurrency level."""
     header = ["setup", "concurrency", "output tok/s", "vs teacher", "TTFT p50/p95 ms", "ITL p50/p95 ms",
-              "acceptance", "mean acceptance length", "errors", "model on disk"]  # fmt: skip
+              "TPOT ms", "acceptance", "mean acceptance length", "errors", "model on disk"]  # fmt: skip
     teacher = bench["setups"].get("teacher", {}).get("levels", {})
     rows = []
-    for name, setup in bench["setups"].items():
-        for level, v in setup["levels"].items():
+    from distill.bench_serve import in_order
+
+    for name, setup in in_order(bench["setups"]):
+        for level, v in sorted(setup["levels"].items(), key=lambda kv: int(kv[0])):
             base = teacher.get(level, {}).get("output_tokens_per_s")
             ratio = f"{v['output_tokens_per_s'] / base:.2f}x" if base and name != "teacher" else ""
             size = setup.get("bytes")
             rows.append([
                 name, level, fmt(v["output_tokens_per_s"]), ratio,
                 f"{fmt(v['ttft_ms_p50'])} / {fmt(v['ttft_ms_p95'])}",
-                f"{fmt(v['itl_ms_p50'])} / {fmt(v['itl_ms_p95'])}",
+                f"{fmt(v['itl_ms_p50'])} / {fmt(v['itl_ms_p95'])}", fmt(v["tpot_ms_mean"]),
                 fmt(v.get("acceptance_rate")) if v.get("acceptance_rate") is not None else "",
                 fmt(v.get("mean_acceptance_length")) if v.get("mean_acceptance_length") is not None else "",
                 str(v["errors"]), f"{size / 2**20:.1f} MiB" if size else "",

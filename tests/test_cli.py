@@ -38,6 +38,7 @@ def test_help_lists_every_stage():
         "bench",
         "run",
         "promote",
+        "registry",
         "config",
     ):
         assert command in out.stdout
@@ -48,12 +49,18 @@ def test_version():
     assert out.returncode == 0 and out.stdout.strip() == f"distill {__version__}"
 
 
-@pytest.mark.parametrize("command", ["bench", "promote"])
-def test_stages_not_built_yet_exit_2_with_a_clear_message(command):
-    out = distill(command, TINY)
-    assert out.returncode == 2
-    assert out.stderr.startswith("distill: error: ") and "is not implemented yet" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["promote"], "no student to promote at {run}/student/final (run `distill train` first)"),
+        (["bench", "serve"], "no student to bench at {run}/student/final (run `distill train` first)"),
+        (["serve", "--student"], "no model to serve at {run}/student/final (run `distill train` first)"),
+    ],
+)
+def test_later_stages_before_training_say_what_is_missing(command, message, tmp_path):
+    out = distill(*command, TINY, f"runs_dir={tmp_path}")
+    assert out.returncode == 1
+    assert out.stderr == f"distill: error: {message.format(run=tmp_path / 'tiny')}\n"
 
 
 def test_config_show_prints_the_resolved_recipe_with_overrides():

@@ -26,7 +26,7 @@ def distill(*args, runs, env=None):
         sys.executable,
         "-m",
         "distill",
-        args[0],
+        *args[0].split(),  # "quantize", "bench serve"
         str(TINY),
         *MICRO,
         *TEACHER,
@@ -127,3 +127,23 @@ def test_a_failed_quantization_leaves_nothing_half_written(quantized, tmp_path):
     env["DISTILL_QUANT_PYTHON"] = str(tmp_path / "missing")
     out = distill("quantize", runs=runs, env=env)
     assert out.returncode == 1 and "llm-compressor's environment is missing" in out.stderr
+
+
+def test_w8a8_and_fp8_students_serve_in_vllm(quantized):
+    """vLLM's server loads both compressed-tensors students and answers a parallel workload in full."""
+    runs, _ = quantized
+    out = distill(
+        "bench serve",
+        "serve.bench.setups=[student-w8a8,student-fp8]",
+        "serve.bench.requests=24",
+        "serve.bench.concurrency=[4]",
+        "serve.bench.max_tokens=8",
+        runs=runs,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    setups = json.loads((runs / "tiny" / "serve" / "bench.json").read_text())["setups"]
+    assert set(setups) == {"student-w8a8", "student-fp8"}
+    for scheme, row in setups.items():
+        assert row["model"] == str(runs / "tiny" / "quant" / scheme.removeprefix("student-"))
+        level = row["levels"]["4"]
+        assert level["errors"] == 0 and level["output_tokens"] == 24 * 8 and row["healthy_after"], scheme

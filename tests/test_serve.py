@@ -1,5 +1,6 @@
 """`distill serve` for real: vLLM's OpenAI-compatible server on loopback, driven by the openai client."""
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from .conftest import MICRO, TINY
 from .test_pretrain import TEACHER
 
 pytestmark = pytest.mark.slow
+LOAD = ["serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16"]  # short requests: many of them
 
 
 def free_port() -> int:
@@ -29,7 +31,7 @@ def free_port() -> int:
 def runs(cache_dir, tmp_path_factory):
     """Two runs on the micro teacher: one whose student is a byte copy of the teacher, one whose student
     is random weights of the same shape (same tokenizer, so both can draft)."""
-    from distill.config import load_recipe
+    from distill.config import load_recipe, recipe_to_yaml
     from distill.generate import teacher_path
     from distill.models import build_tiny_llama
     from distill.tokenizer import load_tokenizer
@@ -42,29 +44,25 @@ def runs(cache_dir, tmp_path_factory):
     random = root / "random" / "tiny" / "student" / "final"
     build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=3).save_pretrained(random)
     tokenizer.save_pretrained(random)
-    return {"copy": root / "copy", "random": root / "random", "teacher": teacher}
+    for name in ("copy", "random"):
+        (root / name / "tiny" / "recipe.yaml").write_text(
+            recipe_to_yaml(recipe.model_copy(update={"runs_dir": str(root / name)}))
+        )
+    return {"copy": root / "copy", "random": root / "random", "teacher": teacher, "root": root}
 
 
-def command(runs_dir, *args):
-    return [
-        sys.executable,
-        "-m",
-        "distill",
-        "serve",
-        str(TINY),
-        *MICRO,
-        *TEACHER,
-        f"runs_dir={runs_dir}",
-        *args,
-    ]
+def command(runs_dir, *args, verb=("serve",)):
+    """`distill serve` (or another verb) on a run of the fixture; runs_dir None: no recipe (--promoted)."""
+    recipe = [] if runs_dir is None else [str(TINY), *MICRO, *TEACHER, f"runs_dir={runs_dir}"]
+    return [sys.executable, "-m", "distill", *verb, *recipe, *args]
 
 
 class Server:
     """`distill serve` as a user runs it, until the block ends with SIGTERM."""
 
-    def __init__(self, runs_dir, *args, key=None):
+    def __init__(self, runs_dir, *args, key=None, env=None):
         self.port = free_port()
-        env = {**os.environ}
+        env = {**os.environ, **(env or {})}
         env.pop("DISTILL_API_KEY", None)
         if key:
             env["DISTILL_API_KEY"] = key
@@ -121,6 +119,23 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
         assert reply.choices[0].text and reply.usage.completion_tokens == 8
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
+        # a bounded load test through `distill bench serve --url`: hundreds of streamed requests, 16 at a time
+        load = [*LOAD, "serve.bench.concurrency=[16]", "serve.bench.requests=240"]
+        bench = subprocess.run(
+            command(runs["copy"], "--url", f"{server.url}/v1", *load, verb=["bench", "serve"]),
+            capture_output=True, text=True, timeout=600, env={**os.environ, "DISTILL_API_KEY": "sekret"},
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stderr[-3000:]
+        row = json.loads((runs["copy"] / "tiny" / "serve" / "bench.json").read_text())["setups"]["server"]
+        level = row["levels"]["16"]
+        assert level["requests"] == 240 and level["errors"] == 0 and level["output_tokens"] == 240 * 8
+        assert (
+            0 < level["ttft_ms_p50"] <= level["ttft_ms_p95"]
+            and 0 < level["itl_ms_p50"] <= level["itl_ms_p95"]
+        )
+        assert row["healthy_after"] and row["acceptance_rate"] is None  # no draft on this server
+        reply = client.completions.create(model="student", prompt="The function", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens == 4  # still answering
         group = [
             p
             for p in psutil.process_iter(["cmdline"])
@@ -132,11 +147,17 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
     assert not [p for p in [*group, *children] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_a_distilled_draft_keeps_greedy_output_and_is_accepted_unlike_a_random_one(runs):
+def test_a_promoted_draft_keeps_greedy_output(runs, tmp_path):
     import openai
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    registry = {"DISTILL_REGISTRY": str(tmp_path / "registry")}
+    promoted = subprocess.run(
+        [*command(runs["copy"], verb=["promote"]), "--force", "--reason", "no gate in this test"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **registry},
+    )  # fmt: skip
+    assert promoted.returncode == 0 and promoted.stdout.startswith("promoted: tiny@1"), promoted.stderr
     prompts = ["The function returns", "If the value is", "A list of", "This module provides"]
     tokenizer = AutoTokenizer.from_pretrained(runs["teacher"])
     model = AutoModelForCausalLM.from_pretrained(runs["teacher"], dtype=torch.float32)
@@ -145,23 +166,65 @@ def test_a_distilled_draft_keeps_greedy_output_and_is_accepted_unlike_a_random_o
         ids = tokenizer(p, return_tensors="pt").input_ids
         out = model.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0)
         want.append(out[0, ids.shape[1] :].tolist())
-    rates = {}
-    for name in ("copy", "random"):
-        with Server(runs[name], "--draft") as server:
-            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-            got = []
-            for p in prompts:
-                reply = client.completions.create(
-                    model="teacher",
-                    prompt=p,
-                    max_tokens=16,
-                    temperature=0,
-                    extra_body={"return_token_ids": True, "ignore_eos": True},
-                )
-                got.append(reply.choices[0].token_ids)
-            drafted = server.metric("vllm:spec_decode_num_draft_tokens_total")
-            accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total")
-        assert got == want, name  # speculative decoding never changes greedy output
-        assert drafted > 0
-        rates[name] = accepted / drafted
-    assert rates["copy"] > 0.9 and rates["random"] < 0.1, rates
+    with Server(None, "--promoted", "tiny", "--draft", env=registry) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        got = []
+        for p in prompts:
+            reply = client.completions.create(
+                model="teacher",
+                prompt=p,
+                max_tokens=16,
+                temperature=0,
+                extra_body={"return_token_ids": True, "ignore_eos": True},
+            )
+            got.append(reply.choices[0].token_ids)
+        drafted = server.metric("vllm:spec_decode_num_draft_tokens_total")
+        accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total")
+    assert got == want  # speculative decoding never changes greedy output
+    assert drafted > 0 and accepted / drafted > 0.9  # the promoted draft (a copy of the teacher) drafted
+
+
+def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_drafts(runs):
+    """The copy run's student is the "distilled" draft, the random run's the undistilled baseline."""
+    from distill.artifacts import atomic_write_json
+
+    run_dir = runs["copy"] / "tiny"
+    passed = {"passed": True, "eval_passed": True, "noise": "paired", "z": 1.0, "checks": [], "errors": [],
+              "models": {}}  # fmt: skip
+    atomic_write_json(run_dir / "eval" / "gate.json", passed)  # an evaluation that passed
+    args = [
+        "serve.max_model_len=256",
+        "serve.bench.requests=16",
+        "serve.bench.concurrency=[1,4]",
+        "serve.bench.max_tokens=16",
+        f"serve.bench.baseline={runs['random'] / 'tiny'}",
+        "serve.bench.setups=[teacher,teacher+student,teacher+baseline]",
+        "eval.gate.min_acceptance_rate=0.8",
+    ]
+    out = subprocess.run(
+        command(runs["copy"], *args, verb=["bench", "serve"]), capture_output=True, text=True, timeout=1200
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "gate: PASSED" in out.stdout
+    bench = json.loads((run_dir / "serve" / "bench.json").read_text())
+    setups = bench["setups"]
+    assert set(setups) == {"teacher", "teacher+student", "teacher+baseline"}
+    assert setups["teacher+baseline"]["draft"] == str(runs["random"] / "tiny" / "student" / "final")
+    for row in setups.values():
+        assert set(row["levels"]) == {"1", "4"} and row["healthy_after"]
+        for level in row["levels"].values():
+            assert level["requests"] == 16 and level["errors"] == 0 and level["output_tokens"] == 16 * 16
+            assert level["output_tokens_per_s"] > 0 and 0 < level["ttft_ms_p50"] <= level["ttft_ms_p95"]
+    assert setups["teacher"]["acceptance_rate"] is None
+    assert setups["teacher+student"]["acceptance_rate"] > 0.9  # a copy of the teacher: nearly always
+    assert setups["teacher+student"]["mean_acceptance_length"] > 4  # of at most 1 + 4 draft tokens
+    assert setups["teacher+baseline"]["acceptance_rate"] < 0.1  # random weights: almost never
+    assert "teacher+student    acceptance " in out.stdout
+    # the acceptance joined the gate, and the report shows the serving table
+    gate = json.loads((run_dir / "eval" / "gate.json").read_text())
+    (check,) = gate["checks"]
+    assert check["task"] == "serve" and check["value"] == setups["teacher+student"]["acceptance_rate"]
+    assert gate["passed"] and check["threshold"] == 0.8
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "## Serving with vLLM (distill bench serve: 16 requests per level" in report
+    assert "| teacher+baseline | 4 |" in report
