@@ -96,6 +96,26 @@ def test_each_scheme_is_a_compressed_tensors_model_that_transformers_loads(quant
     )
 
 
+def test_w8a8_and_fp8_students_serve_in_vllm(quantized):
+    """vLLM's server loads both compressed-tensors students and answers a parallel workload in full."""
+    runs, _ = quantized
+    out = distill(
+        "bench serve",
+        "serve.bench.setups=[student-w8a8,student-fp8]",
+        "serve.bench.requests=24",
+        "serve.bench.concurrency=[4]",
+        "serve.bench.max_tokens=8",
+        runs=runs,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    setups = json.loads((runs / "tiny" / "serve" / "bench.json").read_text())["setups"]
+    assert set(setups) == {"student-w8a8", "student-fp8"}
+    for scheme, row in setups.items():
+        assert row["model"] == str(runs / "tiny" / "quant" / scheme.removeprefix("student-"))
+        level = row["levels"]["4"]
+        assert level["errors"] == 0 and level["output_tokens"] == 24 * 8 and row["healthy_after"], scheme
+
+
 def test_the_serving_check_reads_the_kernels_vllm_loads():
     from distill.quantize import serving_problem
 
@@ -127,23 +147,3 @@ def test_a_failed_quantization_leaves_nothing_half_written(quantized, tmp_path):
     env["DISTILL_QUANT_PYTHON"] = str(tmp_path / "missing")
     out = distill("quantize", runs=runs, env=env)
     assert out.returncode == 1 and "llm-compressor's environment is missing" in out.stderr
-
-
-def test_w8a8_and_fp8_students_serve_in_vllm(quantized):
-    """vLLM's server loads both compressed-tensors students and answers a parallel workload in full."""
-    runs, _ = quantized
-    out = distill(
-        "bench serve",
-        "serve.bench.setups=[student-w8a8,student-fp8]",
-        "serve.bench.requests=24",
-        "serve.bench.concurrency=[4]",
-        "serve.bench.max_tokens=8",
-        runs=runs,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    setups = json.loads((runs / "tiny" / "serve" / "bench.json").read_text())["setups"]
-    assert set(setups) == {"student-w8a8", "student-fp8"}
-    for scheme, row in setups.items():
-        assert row["model"] == str(runs / "tiny" / "quant" / scheme.removeprefix("student-"))
-        level = row["levels"]["4"]
-        assert level["errors"] == 0 and level["output_tokens"] == 24 * 8 and row["healthy_after"], scheme
