@@ -169,9 +169,13 @@ class RunManifest:
         return self.data["stages"].get(name)
 
     def record(
-        self, name: str, status: str, inputs_hash: str, outputs: dict[str, Any], seconds: float
+        self, name: str, status: str, inputs_hash: str, outputs: dict[str, Any], seconds: float, **extra: Any
     ) -> None:
+        old = self.data["stages"].get(name) or {}
+        if "pipeline_hash" in old and "pipeline_hash" not in extra and old.get("inputs_hash") == inputs_hash:
+            extra["pipeline_hash"] = old["pipeline_hash"]  # the stage redone by hand with the same inputs
         self.data["stages"][name] = {
+            **extra,
             "status": status,
             "inputs_hash": inputs_hash,
             "outputs": outputs,

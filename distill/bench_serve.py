@@ -12,8 +12,8 @@ yields). The setups:
 
 - `teacher`: the teacher alone (the baseline);
 - `teacher+student`: the teacher with the distilled student as its draft;
-- `teacher+baseline`: the teacher with an undistilled draft of the same size (serve.bench.baseline: the
-  SFT baseline's run, or by default the initial student);
+- `teacher+baseline`: the teacher with an undistilled draft of the same size (serve.bench.baseline, else
+  the run's SFT baseline (<run>/baseline), else the initial student);
 - `student`, `student-<scheme>`: the student alone, unquantized and per quant/<scheme>.
 
 Results go to <run>/serve/bench.json; the acceptance of `teacher+student` joins the gate
@@ -73,7 +73,8 @@ def initial_student(recipe: RecipeConfig) -> Path:
 def baseline_draft(recipe: RecipeConfig) -> Path:
     given = recipe.serve.bench.baseline
     if given is None:
-        return initial_student(recipe)
+        sft = recipe.run_dir / "baseline" / "final"  # the SFT baseline `distill run` trains
+        return sft if (sft / "config.json").exists() else initial_student(recipe)
     path = Path(given)
     if (path / "student" / "final" / "config.json").exists():  # a run directory (e.g. the SFT baseline's)
         path = path / "student" / "final"

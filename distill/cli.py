@@ -187,9 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (with a recipe)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("run", help="run every stage of a recipe")
+    p = sub.add_parser(
+        "run", help="every stage of a recipe, skipping finished ones (exit 3 when the gate fails)"
+    )
     _recipe_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="rerun this stage and every one after it")
+    p.add_argument("--only", metavar="STAGE", help="run only this stage")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and the commands (accelerate launch, vllm serve)",
+    )
     p.set_defaults(func=cmd_run)
 
     return parser
@@ -426,6 +435,8 @@ def cmd_promote(args) -> int:
         registry=Path(args.registry) if args.registry else None,
     )
     forced = f" (gate overridden: {entry['reason']})" if entry["forced"] else ""
+    if entry.get("reused"):
+        forced += " (already promoted: the same student)"
     print(f"promoted: {entry['ref']}{forced}")
     print(f"  student: {entry['student']}")
     for scheme, path in entry["quantized"].items():
@@ -481,10 +492,21 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from distill.pipeline import run
+    from distill.artifacts import read_json
+    from distill.evaluate import GATE_FAILED
+    from distill.pipeline import run, summary
 
-    summary = run(_load(args), progress=not args.no_progress)
-    print("\n".join(summary.lines()))
+    recipe = _load(args)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    result = run(
+        recipe, start=args.start, only=args.only, dry_run=args.dry_run, progress=not args.no_progress, log=log
+    )
+    if args.dry_run:
+        return 0
+    print("\n".join(summary(recipe, result)))
+    gate = recipe.run_dir / "eval" / "gate.json"
+    if gate.exists() and not read_json(gate).get("passed"):
+        return GATE_FAILED
     return 0
 
 

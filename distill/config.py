@@ -236,6 +236,12 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
+    output: str = Field(
+        "student",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Subdirectory of the run the student is trained into (the SFT baseline of `distill run` "
+        "goes to 'baseline'); eval, quantize, serve and promote use 'student'.",
+    )
     eval_every: int = Field(50, gt=0, description="Validation loss every N steps (and at the end).")
     eval_batches: int = Field(8, gt=0, description="Validation micro-batches per evaluation.")
     save_every: int = Field(50, gt=0, description="Checkpoint every N steps (and at the end).")
@@ -376,6 +382,17 @@ class ServeConfig(Section):
     )
 
 
+class PipelineConfig(Section):
+    sft_baseline: bool = Field(
+        False,
+        description="Also train the SFT baseline (train.loss=ce on the same sequences) into <run>/baseline; "
+        "it is evaluated next to the KD student and is the undistilled draft of the serving benchmark.",
+    )
+    quantize: bool = Field(True, description="Run the quantize stage (quantize.schemes).")
+    bench: bool = Field(True, description="Run the serving benchmark (serve.bench).")
+    promote: bool = Field(True, description="Promote the student when the gate passes.")
+
+
 class TrackingConfig(Section):
     wandb: Literal["offline", "online", "disabled"] = Field(
         "offline", description="wandb mode; offline writes a local run you can `wandb sync` later."
@@ -410,6 +427,9 @@ class RecipeConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Quantization.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking.")
+    pipeline: PipelineConfig = Field(
+        default_factory=PipelineConfig, description="Which optional stages `distill run` chains."
+    )
 
     @model_validator(mode="after")
     def _sequences_fit(self) -> RecipeConfig:

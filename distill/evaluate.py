@@ -32,7 +32,7 @@ GATE_FAILED = 3  # exit status of `distill eval` when the gate fails (0: it pass
 class EvalModel:
     name: str  # teacher, student, or the name given with --model
     path: Path
-    role: str  # teacher | student | quantized
+    role: str  # teacher | student | quantized | baseline (evaluated, not gated)
     base: str | None = None  # a quantized student's unquantized student
 
 
@@ -43,6 +43,11 @@ def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> li
 
     models = [EvalModel("teacher", teacher_path(recipe), "teacher")]
     student = recipe.run_dir / "student" / "final"
+    baseline = (
+        recipe.run_dir / "baseline" / "final"
+    )  # the SFT baseline `distill run` trains: shown, not gated
+    if (baseline / "config.json").exists():
+        models.append(EvalModel("sft", baseline, "baseline"))
     if (student / "config.json").exists():
         models.append(EvalModel("student", student, "student"))
         for config in sorted((recipe.run_dir / "quant").glob("*/config.json")):  # distill quantize
@@ -54,7 +59,7 @@ def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> li
             )
         models = [m for m in models if m.name != name]
         models.append(EvalModel(name, check_causal_lm(path, f"--model {name}"), "student"))
-    if len(models) == 1:
+    if not any(m.role in ("student", "quantized") for m in models):
         raise DistillError(
             f"no student to evaluate: {student} does not exist (run `distill train` first, or name one "
             "with --model NAME=DIR)"

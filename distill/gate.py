@@ -160,7 +160,7 @@ def decide(gate: GateConfig, records: dict[str, dict], samples: dict[str, dict[s
     teacher = next((n for n, r in records.items() if r["model"]["role"] == "teacher"), None)
     for name, record in records.items():
         role = record["model"]["role"]
-        if role == "teacher":
+        if role in ("teacher", "baseline"):  # the reference, and a student shown for comparison only
             continue
         for c in gate.criteria:
             against = teacher if role == "student" else record["model"]["base"]

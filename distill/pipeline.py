@@ -1,47 +1,405 @@
-"""`distill run`: chain the stages of a recipe and print a summary.
+"""`distill run`: every stage of a recipe in order, skipping what is already done.
 
-Stages built so far: prepare, pretrain (when the recipe has a tiny teacher). The rest of the pipeline
-(generate, train, eval, quantize, serve) joins here as it lands.
+The stages: prepare, pretrain (a tiny teacher), generate (the teacher store and the held-out store),
+train (the KD student; through `accelerate launch` when train.distributed asks), baseline (the SFT
+student, pipeline.sft_baseline), quantize, eval (lm-eval and the gate, quantized students included),
+bench (the vLLM serving benchmark; its acceptance joins the gate), report, promote (when the gate
+passed).
+
+Each stage's inputs hash chains the recipe sections it reads with the hash of the stage before it, so a
+changed section redoes its stage and everything after. The run's manifest.json records per stage its
+status, inputs hash, outputs, duration and package versions; a stage is skipped when its record is
+finished under the same hash and its outputs exist, and no stage before it ran (a stage that runs
+changes what the later ones read, so they run too; their own reuse, per model in eval and per student
+in quantize, keeps that cheap). A stage starts by recording itself as `running`
+under its hash: after a kill, the rerun finds it there and continues it (generation resumes at the
+first unfinished shard, training from its last checkpoint) instead of starting over.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from distill.artifacts import RunManifest, hash_json, read_json
 from distill.config import RecipeConfig
-from distill.prepare import prepare
-from distill.pretrain import TeacherSummary, pretrain
+from distill.errors import DistillError
 
-STAGES = ("prepare", "pretrain", "generate", "train", "eval", "quantize", "serve", "bench", "promote")
-CHAINED = ("prepare", "pretrain")
+STAGES = (
+    "prepare",
+    "pretrain",
+    "generate",
+    "train",
+    "baseline",
+    "quantize",
+    "eval",
+    "bench",
+    "report",
+    "promote",
+)
+FINISHED = ("done", "refused")
 
 
 @dataclass
-class RunSummary:
-    recipe: RecipeConfig
-    teacher: TeacherSummary | None
-    seconds: float
+class Stage:
+    name: str
+    inputs: dict[str, Any]  # the recipe sections the stage reads
+    run: Callable[[bool], dict]  # run(redo) -> outputs; redo: the inputs changed since the last run
+    outputs: Callable[[], list[Path]]  # what must exist for the stage to count as done
+    plan: Callable[[], list[str]]  # the commands a dry run prints
+    off: str | None = None  # why the recipe leaves it out
+    hash: str = ""
 
-    def lines(self) -> list[str]:
-        out = [f"run: {self.recipe.run_dir}"]
-        t = self.teacher
-        if t is not None:
-            out += [
-                f"teacher: {t.path}{' (reused from cache)' if t.reused else ''}",
-                f"  parameters {t.parameters / 1e6:.2f}M, vocab {t.vocab_size}, {t.steps} steps, {t.tokens:,} tokens",
-                f"  held-out (test) loss {t.test_loss:.3f} nats, perplexity {t.test_perplexity:.1f}",
-                f"  uniform over the vocabulary: loss {t.uniform_loss:.3f}, perplexity {t.vocab_size}",
-            ]
-        pending = [s for s in STAGES if s not in CHAINED]
-        out.append(f"not chained by `distill run` yet: {', '.join(pending)}")
-        out.append(f"done in {self.seconds:.0f}s")
+
+@dataclass
+class RunResult:
+    recipe: RecipeConfig
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _dump(model) -> Any:
+    return model.model_dump() if model is not None else None
+
+
+def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage]:
+    r = recipe
+    run_dir = r.run_dir
+    recipe_file = run_dir / "recipe.yaml"
+
+    def prepare_stage(redo: bool) -> dict:
+        from distill.prepare import prepare
+
+        return prepare(r).summary()
+
+    def pretrain_stage(redo: bool) -> dict:
+        from distill.pretrain import pretrain
+
+        t = pretrain(r, resume=True, progress=progress)
+        log(f"teacher: {t.path}{' (reused from cache)' if t.reused else ''}, held-out loss {t.test_loss:.3f}")
+        return {"teacher": str(t.path), "test_loss": t.test_loss, "reused": t.reused}
+
+    def generate_stage(redo: bool) -> dict:
+        from distill.generate import generate
+
+        store = generate(r, overwrite=redo)
+        out = {"store": str(store.root)}
+        if r.generate.validation_sequences:
+            out["validation_store"] = str(generate(r, overwrite=redo, split="validation").root)
         return out
 
+    def train_stage(recipe_: RecipeConfig, extra: list[str]) -> Callable[[bool], dict]:
+        def go(redo: bool) -> dict:
+            from distill.student import launch_student, needs_launch, train_student
 
-def run(recipe: RecipeConfig, resume: bool = True, progress: bool = True) -> RunSummary:
-    """Run every built stage of `recipe` in order; a rerun reuses cached results."""
+            out_dir = run_dir / recipe_.train.output
+            if needs_launch(recipe_):
+                args = ["train", str(recipe_file), *extra, "--resume", "--no-progress"]
+                status = launch_student(recipe_, args, resume=True, overwrite=redo)
+                if status != 0:
+                    raise DistillError(
+                        f"train ({recipe_.train.output}): the launched training exited with {status}"
+                    )
+                if not (out_dir / "final" / "config.json").exists():
+                    raise DistillError(
+                        f"train ({recipe_.train.output}): launched on {recipe_.train.distributed.num_machines} "
+                        "machines; rerun `distill run` when they have finished"
+                    )
+                return {"student": str(out_dir / "final"), "launched": True}
+            result = train_student(recipe_, resume=not redo, overwrite=redo, progress=progress)
+            return {"student": str(result.final_dir), "val_loss": result.val_loss, "steps": result.steps}
+
+        return go
+
+    baseline = r.model_copy(
+        update={"train": r.train.model_copy(update={"loss": "ce", "output": "baseline", "mode": "offline"})}
+    )
+
+    def quantize_stage(redo: bool) -> dict:
+        from distill.quantize import quantize
+
+        return {s: str(p) for s, p in quantize(r, log=log).items()}
+
+    def eval_stage(redo: bool) -> dict:
+        from distill.evaluate import run_eval
+
+        decision = run_eval(r, log=log)
+        # the verdict so far: the serving benchmark's acceptance may still join it (bench)
+        return {"gate": str(run_dir / "eval" / "gate.json"), "passed": decision["passed"],
+                "eval_passed": decision["eval_passed"]}  # fmt: skip
+
+    def bench_stage(redo: bool) -> dict:
+        from distill.bench_serve import bench_serve
+
+        bench_serve(r, log=log)
+        return {"bench": str(run_dir / "serve" / "bench.json")}
+
+    def report_stage(redo: bool) -> dict:
+        from distill.report import write_report
+
+        return {"report": str(write_report(run_dir))}
+
+    def promote_stage(redo: bool) -> dict:
+        from distill.registry import gate_failures, promote
+
+        gate_path = run_dir / "eval" / "gate.json"
+        failures = gate_failures(read_json(gate_path) if gate_path.exists() else None)
+        if failures:
+            return {"promoted": None, "refused": failures}
+        entry = promote(r)
+        return {
+            "promoted": entry["ref"],
+            "entry": str(r.registry_path / entry["name"] / str(entry["version"])),
+        }
+
+    def serve_plan() -> list[str]:
+        from distill.serve import serve_engine_args
+        from distill.teacher_server import serve_command
+
+        student = run_dir / "student" / "final"
+        # the plan names the tiny teacher instead of pretraining it to learn its cache path
+        plan_recipe = (
+            r
+            if r.teacher.model
+            else r.model_copy(
+                update={"teacher": r.teacher.model_copy(update={"model": "<the pretrained tiny teacher>"})}
+            )
+        )
+        commands = [
+            serve_command(serve_engine_args(plan_recipe, mode, model, gpu=True), r.serve.port, served_name=name)
+            for mode, model, name in (("teacher", None, "teacher"), ("draft", student, "teacher"),
+                                      ("student", student, "student"))
+        ]  # fmt: skip
+        return [shlex.join(c) for c in commands]
+
+    def launch_plan(recipe_: RecipeConfig, extra: list[str]) -> list[str]:
+        from distill.launch import launch_command
+
+        args = ["train", str(recipe_file), *extra, "--resume", "--no-progress"]
+        if recipe_.train.distributed.backend == "none":
+            return [shlex.join(["distill", *args]) + "   (in this process)"]
+        return [shlex.join(launch_command(recipe_.train.distributed, args, None))]
+
+    def vllm_plan() -> list[str]:
+        import json
+
+        model = r.teacher.model or "the pretrained tiny teacher"
+        engine = json.dumps(dict(r.generate.engine))
+        return [f"distill generate {recipe_file}   (vllm.LLM on {model}, engine {engine}, in process)"]
+
+    def exists(*paths: Path) -> Callable[[], list[Path]]:
+        return lambda: list(paths)
+
+    student_final = run_dir / "student" / "final" / "config.json"
+    p = r.pipeline
+    serve_inputs = r.serve.model_dump(exclude={"host", "port", "api_key_env"})
+    return [
+        Stage("prepare", {"data": _dump(r.data), "tokenizer_from": r.teacher.model}, prepare_stage,
+              exists(recipe_file), lambda: [f"distill prepare {recipe_file}"]),
+        Stage("pretrain", {"teacher": _dump(r.teacher), "pretrain": _dump(r.pretrain)}, pretrain_stage,
+              exists(), lambda: [f"distill pretrain {recipe_file}"],
+              off=None if r.teacher.tiny else "the teacher is a model directory (teacher.model)"),
+        Stage("generate", {"teacher": _dump(r.teacher), "generate": _dump(r.generate)}, generate_stage,
+              exists(run_dir / "teacher" / "manifest.json"), vllm_plan,
+              off="train.mode on_policy with lmbda 1 reads no store" if (
+                  r.train.mode == "on_policy" and r.train.on_policy.lmbda >= 1.0) else None),
+        Stage("train", {"student": _dump(r.student), "train": _dump(r.train)}, train_stage(r, []),
+              exists(student_final), lambda: launch_plan(r, [])),
+        Stage("baseline", {"student": _dump(r.student), "train": _dump(baseline.train)},
+              train_stage(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
+              exists(run_dir / "baseline" / "final" / "config.json"),
+              lambda: launch_plan(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
+              off=None if p.sft_baseline else "pipeline.sft_baseline is false"),
+        Stage("quantize", {"quantize": _dump(r.quantize)}, quantize_stage,
+              exists(*(run_dir / "quant" / s / "config.json" for s in r.quantize.schemes)),
+              lambda: [f"distill quantize {run_dir}   (.venv-quant: llm-compressor oneshot)"],
+              off=None if p.quantize and r.quantize.schemes else "pipeline.quantize is false"),
+        Stage("eval", {"eval": _dump(r.eval)}, eval_stage, exists(run_dir / "eval" / "gate.json"),
+              lambda: [f"distill eval {run_dir}   (lm-eval {r.eval.backend} backend: {', '.join(r.eval.tasks)})"]),
+        Stage("bench", {"serve": serve_inputs, "gate": _dump(r.eval.gate)}, bench_stage,
+              exists(run_dir / "serve" / "bench.json"), serve_plan,
+              off=None if p.bench else "pipeline.bench is false"),
+        Stage("report", {}, report_stage, exists(run_dir / "report" / "report.html"),
+              lambda: [f"distill report {run_dir}"]),
+        Stage("promote", {"registry": str(r.registry_path)}, promote_stage, exists(),
+              lambda: [f"distill promote {run_dir}   (only if the gate passed)"],
+              off=None if p.promote else "pipeline.promote is false"),
+    ]  # fmt: skip
+
+
+def plan(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage]:
+    """The recipe's stages with their chained inputs hashes."""
+    upstream = hash_json({"distill-pipeline": 1, "name": recipe.name, "device": recipe.device})
+    out = stages(recipe, progress, log)
+    for stage in out:
+        if stage.off is None:
+            stage.hash = hash_json({"stage": stage.name, "inputs": stage.inputs, "upstream": upstream})
+            upstream = stage.hash
+    return out
+
+
+def state(stage: Stage, manifest: RunManifest) -> str:
+    """finished (same inputs, outputs present), interrupted (started under these inputs), changed (run by
+    `distill run` with other inputs), or new (never run by `distill run`: the stage's own reuse decides)."""
+    record = manifest.stage(stage.name)
+    if record is None or "pipeline_hash" not in record:
+        return "new"
+    if record["pipeline_hash"] != stage.hash:
+        return "changed"
+    if record["status"] in FINISHED and all(p.exists() for p in stage.outputs()):
+        return "finished"
+    return "interrupted"
+
+
+def select(names: list[str], start: str | None, only: str | None) -> set[str]:
+    for value, flag in ((start, "--from"), (only, "--only")):
+        if value is not None and value not in names:
+            raise DistillError(f"{flag} {value}: not a stage (stages: {', '.join(names)})")
+    if only is not None:
+        return {only}
+    if start is not None:
+        return set(names[names.index(start) :])
+    return set()
+
+
+def run(
+    recipe: RecipeConfig,
+    start: str | None = None,
+    only: str | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    log=print,
+) -> RunResult:
+    """Run the stages of `recipe` in order: a finished stage with unchanged inputs is skipped (unless
+    `start`/`only` forces it), an interrupted one continues, a changed one is redone."""
     started = time.perf_counter()
-    prepare(recipe)
-    teacher = pretrain(recipe, resume=resume, progress=progress) if recipe.teacher.tiny else None
-    return RunSummary(recipe, teacher, time.perf_counter() - started)
+    all_stages = plan(recipe, progress, log)
+    forced = select([s.name for s in all_stages], start, only)
+    result = RunResult(recipe)
+    manifest = RunManifest(recipe.run_dir)
+    for stage in all_stages:
+        if only is not None and stage.name != only:
+            continue
+        if stage.off is not None:
+            log(f"[{stage.name}] off: {stage.off}")
+            continue
+        status = state(stage, manifest)
+        if status == "finished" and stage.name not in forced and not result.ran:
+            log(f"[{stage.name}] unchanged: skipped")
+            result.skipped.append(stage.name)
+            continue
+        if dry_run:
+            rerun = (
+                "will rerun (--from/--only)" if stage.name in forced else "will rerun (an earlier stage runs)"
+            )
+            what = {"new": "will run", "interrupted": "will continue", "changed": "inputs changed: will redo",
+                    "finished": rerun}[status]  # fmt: skip
+            result.ran.append(stage.name)  # what follows a stage that runs runs too
+            log(f"[{stage.name}] {what}")
+            for line in stage.plan():
+                log(f"    {line}")
+            continue
+        log(f"[{stage.name}] {'continuing' if status == 'interrupted' else 'running'}")
+        t0 = time.perf_counter()
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        RunManifest(recipe.run_dir).record(
+            stage.name, "running", stage.hash, {}, 0.0, pipeline_hash=stage.hash
+        )
+        outputs = stage.run(status in ("changed",) or (status == "finished" and stage.name in forced))
+        fresh = RunManifest(recipe.run_dir)  # stages write their own records: merge their outputs
+        own_record = fresh.stage(stage.name) or {}
+        own = own_record.get("outputs", {})
+        # the stage's own inputs hash stays (its reruns by hand with the same inputs keep this record)
+        inputs_hash = own_record["inputs_hash"] if own_record.get("status") != "running" else stage.hash
+        status_word = "done"
+        if stage.name == "promote" and outputs.get("refused"):
+            status_word = "refused"
+        seconds = time.perf_counter() - t0
+        fresh.record(
+            stage.name, status_word, inputs_hash, {**own, **outputs}, seconds, pipeline_hash=stage.hash
+        )
+        manifest = fresh
+        result.ran.append(stage.name)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def _score(models: dict, name: str, task: str, metric: str) -> str:
+    value = models.get(name, {}).get("scores", {}).get(task, {}).get(metric)
+    return "" if value is None else f"{value:.4g}"
+
+
+def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
+    """The table `distill run` ends with: every model's size, scores, acceptance and speed, the gate,
+    the report and how to serve the promoted student."""
+    from distill.bench_serve import DISTILLED_DRAFT
+    from distill.report import _md_table, model_size
+
+    run_dir = recipe.run_dir
+    lines = [f"run: {run_dir} (ran: {', '.join(result.ran) or 'nothing'}; "
+             f"skipped as unchanged: {', '.join(result.skipped) or 'nothing'}; {result.seconds:.0f}s)"]  # fmt: skip
+    gate_path = run_dir / "eval" / "gate.json"
+    if not gate_path.exists():
+        return lines
+    gate = read_json(gate_path)
+    if gate.get("status") == "evaluating":
+        return [*lines, f"gate: the evaluation did not finish ({gate_path})"]
+    models = gate.get("models", {})
+    bench_path = run_dir / "serve" / "bench.json"
+    bench = read_json(bench_path)["setups"] if bench_path.exists() else {}
+    manifest = RunManifest(run_dir)
+    columns = [(c.task, c.metric) for c in recipe.eval.gate.criteria] or [
+        (task, next(iter(row), "")) for task, row in next(iter(models.values()), {}).get("scores", {}).items()
+    ]
+    expected = {"student": (manifest.stage("train") or {}).get("outputs", {}).get("val_acceptance"),
+                "sft": (manifest.stage("train-baseline") or {}).get("outputs", {}).get("val_acceptance")}  # fmt: skip
+    measured = {"student": bench.get(DISTILLED_DRAFT, {}).get("acceptance_rate"),
+                "sft": bench.get("teacher+baseline", {}).get("acceptance_rate")}  # fmt: skip
+    header = ["model", "parameters", "on disk", *[f"{t} {m}" for t, m in columns], "expected acceptance",
+              "measured acceptance", "tokens/s alone"]  # fmt: skip
+    rows = []
+    order = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
+    for name, info in sorted(models.items(), key=lambda kv: (order.get(kv[1]["role"], 4), kv[0])):
+        try:
+            size = model_size(info["path"])
+        except (OSError, ValueError):
+            size = {"parameters": None, "bytes": None}
+        setup = "teacher" if info["role"] == "teacher" else name
+        speed = bench.get(setup, {}).get("levels", {})
+        top = speed[max(speed, key=int)]["output_tokens_per_s"] if speed else None
+        label = {"sft": "SFT baseline", "student": "KD student"}.get(name, name)
+        rows.append([
+            label,
+            f"{size['parameters'] / 1e6:.2f} M" if size["parameters"] else "n/a",
+            f"{size['bytes'] / 2**20:.1f} MiB" if size["bytes"] else "n/a",
+            *[_score(models, name, t, m) for t, m in columns],
+            "" if expected.get(name) is None else f"{expected[name]:.3f}",
+            "" if measured.get(name) is None else f"{measured[name]:.3f}",
+            "" if top is None else f"{top:,.0f}" + (f" (c={max(speed, key=int)})" if speed else ""),
+        ])  # fmt: skip
+    lines += ["", _md_table(header, rows), ""]
+    from distill.gate import failing
+
+    verdict = "PASSED" if gate["passed"] else "FAILED"
+    lines.append(f"gate: {verdict} ({len(gate['checks'])} checks, noise {gate['noise']})")
+    lines += [f"  {line}" for line in failing(gate)]
+    report = run_dir / "report" / "report.html"
+    if report.exists():
+        lines.append(f"report: {report}")
+    promoted = (manifest.stage("promote") or {}).get("outputs", {}).get("promoted")
+    if promoted:
+        lines.append(f"promoted: {promoted}; serve it: distill serve --promoted {promoted} --student "
+                     "(or --draft: the teacher with it as draft)")  # fmt: skip
+    else:
+        lines.append(
+            f"not promoted (the gate did not pass); to serve the student anyway: distill serve {run_dir} --student"
+        )
+    return lines

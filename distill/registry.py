@@ -132,6 +132,7 @@ def promote(
     """Register the run's student as the next version of `name` (default: the run's name). Refused when
     the gate did not pass, unless `force` with a `reason`, which the entry records."""
     from distill.bench_serve import fresh_bench
+    from distill.models import model_fingerprint
 
     name = name or recipe.name
     parse_ref(name)
@@ -152,10 +153,18 @@ def promote(
         )
     quants = sorted(p.parent for p in (run_dir / "quant").glob("*/config.json"))
     bench = fresh_bench(recipe)
+    weights = model_fingerprint(student, recipe.cache_path)["weights_hash"]
     root = registry / name
     with _locked(root):
         remove_stale_temps(root)
-        version = (versions(registry, name) or [0])[-1] + 1
+        have = versions(registry, name)
+        if have:  # promoting the same student again names the version it already has
+            newest = read_json(root / str(have[-1]) / "entry.json")
+            if newest.get("weights_hash") == weights and newest["quantized"].keys() == {
+                q.name for q in quants
+            }:
+                return {**newest, "reused": True}
+        version = (have or [0])[-1] + 1
         target = root / str(version)
         tmp = begin_directory(target)
         shutil.copytree(student, tmp / "student")
@@ -171,6 +180,7 @@ def promote(
             "student": str((target / "student").resolve()),
             "quantized": {q.name: str((target / "quant" / q.name).resolve()) for q in quants},
             "source": {"student": str(student.resolve()), **{q.name: str(q.resolve()) for q in quants}},
+            "weights_hash": weights,
             "teacher": teacher_identity(recipe),
             "gate": {
                 "passed": not failures,

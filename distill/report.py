@@ -182,8 +182,8 @@ def gather(run_dir: Path) -> dict:
         read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {"stages": {}}
     )
     sizes = {}
-    order = {"teacher": 0, "student": 1, "quantized": 2}
-    models = sorted(gate.get("models", {}).items(), key=lambda kv: (order.get(kv[1]["role"], 3), kv[0]))
+    order = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
+    models = sorted(gate.get("models", {}).items(), key=lambda kv: (order.get(kv[1]["role"], 4), kv[0]))
     for name, info in models:
         try:
             sizes[name] = model_size(info["path"])
@@ -227,8 +227,8 @@ def serve_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
 
 def score_rows(gate: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the teacher-vs-students table: one row per task metric, value ± stderr."""
-    order = {"teacher": 0, "student": 1, "quantized": 2}
-    models = sorted(gate["models"], key=lambda m: (order.get(gate["models"][m]["role"], 3), m))
+    order = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
+    models = sorted(gate["models"], key=lambda m: (order.get(gate["models"][m]["role"], 4), m))
     header = ["task", "metric", *models]
     keys = []
     for info in gate["models"].values():

@@ -108,7 +108,7 @@ def launch_student(
     recipes print theirs on any machine)."""
     from distill.launch import run_launch
 
-    out_dir = recipe.run_dir / "student"
+    out_dir = recipe.run_dir / recipe.train.output
     if dry_run:
         return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
     _preflight(recipe)
@@ -129,7 +129,7 @@ def train_student(
 ) -> TrainResult:
     started = time.perf_counter()
     data, store, val_store = _preflight(recipe)
-    out_dir = recipe.run_dir / "student"
+    out_dir = recipe.run_dir / recipe.train.output
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
 
@@ -165,7 +165,7 @@ def train_student(
         result = train(job)
     if is_main_process():
         RunManifest(recipe.run_dir).record(
-            "train",
+            "train" if recipe.train.output == "student" else f"train-{recipe.train.output}",
             "done",
             hash_json({"train": recipe.train.model_dump(), "student": recipe.student.model_dump()}),
             {

@@ -190,7 +190,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # Settings that only change logging and bookkeeping; anything else must match to resume exactly.
-BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last", "log_every"})
+BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "output"})
 
 
 def settings_hash(job: TrainJob) -> str:

@@ -70,6 +70,8 @@ def test_promote_copies_a_passing_student_into_numbered_immutable_versions(run):
     assert out.returncode == 0 and out.stdout.startswith("promoted: coder-draft@1"), out.stderr
     assert cli("promote", str(root), "--registry", str(registry)).stdout.startswith("promoted: tiny@2")
     assert (registry / "tiny" / "2" / "student" / "model.safetensors").read_bytes() == b"weights-v2"
+    again = cli("promote", str(root), "--registry", str(registry))  # the same student: no new version
+    assert again.stdout.startswith("promoted: tiny@2 (already promoted: the same student)"), again.stderr
 
     listing = cli("registry", "list", "--registry", str(registry)).stdout.splitlines()
     assert [line.split()[0] for line in listing] == ["coder-draft@1", "tiny@1", "tiny@2"]
