@@ -21,7 +21,9 @@ STRICT = [
 
 
 def distill_eval(*args, runs, env=None):
-    cmd = [sys.executable, "-m", "distill", "eval", str(TINY), *MICRO, *TEACHER, f"runs_dir={runs}", *args]
+    # the serving benchmark's acceptance floor of tiny.yaml is not what these tests judge (test_serve does)
+    cmd = [sys.executable, "-m", "distill", "eval", str(TINY), *MICRO, *TEACHER, f"runs_dir={runs}",
+           "eval.gate.min_acceptance_rate=null", *args]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
