@@ -266,6 +266,8 @@ def summarise(results: list[dict], seconds: float) -> dict:
 def drive(url: str, served: str, prompts: list[list[int]], recipe: RecipeConfig, key: str | None,
           label: str, log=print) -> dict:  # fmt: skip
     """Every concurrency level against one running server; acceptance per level and in all."""
+    from distill.teacher_server import _healthy
+
     cfg = recipe.serve.bench
     asyncio.run(_level(url, served, prompts, 1, 1, cfg.max_tokens, cfg.temperature, key))  # warm-up
     first = before = spec_counters(url, key)
@@ -286,12 +288,6 @@ def drive(url: str, served: str, prompts: list[list[int]], recipe: RecipeConfig,
             + (f", {row['errors']} errors" if row["errors"] else "")
         )
     return {"levels": levels, **acceptance(first, before), "healthy_after": _healthy(url)}
-
-
-def _healthy(url: str) -> bool:
-    from distill.teacher_server import _healthy as healthy
-
-    return healthy(url)
 
 
 def served_name(url: str, key: str | None) -> str:

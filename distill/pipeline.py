@@ -341,7 +341,7 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     """The table `distill run` ends with: every model's size, scores, acceptance and speed, the gate,
     the report and how to serve the promoted student."""
     from distill.bench_serve import DISTILLED_DRAFT
-    from distill.report import _md_table, model_size
+    from distill.report import _md_table, by_role, gather
 
     run_dir = recipe.run_dir
     lines = [f"run: {run_dir} (ran: {', '.join(result.ran) or 'nothing'}; "
@@ -349,12 +349,12 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     gate_path = run_dir / "eval" / "gate.json"
     if not gate_path.exists():
         return lines
-    gate = read_json(gate_path)
-    if gate.get("status") == "evaluating":
+    if read_json(gate_path).get("status") == "evaluating":
         return [*lines, f"gate: the evaluation did not finish ({gate_path})"]
+    data = gather(run_dir)  # what the report shows: gate, model sizes, serving benchmark
+    gate, sizes = data["gate"], data["sizes"]
     models = gate.get("models", {})
-    bench_path = run_dir / "serve" / "bench.json"
-    bench = read_json(bench_path)["setups"] if bench_path.exists() else {}
+    bench = (data["bench"] or {}).get("setups", {})
     manifest = RunManifest(run_dir)
     columns = [(c.task, c.metric) for c in recipe.eval.gate.criteria] or [
         (task, next(iter(row), "")) for task, row in next(iter(models.values()), {}).get("scores", {}).items()
@@ -366,12 +366,8 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     header = ["model", "parameters", "on disk", *[f"{t} {m}" for t, m in columns], "expected acceptance",
               "measured acceptance", "tokens/s alone"]  # fmt: skip
     rows = []
-    order = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
-    for name, info in sorted(models.items(), key=lambda kv: (order.get(kv[1]["role"], 4), kv[0])):
-        try:
-            size = model_size(info["path"])
-        except (OSError, ValueError):
-            size = {"parameters": None, "bytes": None}
+    for name, info in by_role(models):
+        size = sizes[name]
         setup = "teacher" if info["role"] == "teacher" else name
         speed = bench.get(setup, {}).get("levels", {})
         top = speed[max(speed, key=int)]["output_tokens_per_s"] if speed else None

@@ -167,6 +167,14 @@ def model_size(path: str) -> dict:
     return {"parameters": params or None, "bytes": disk}
 
 
+ROLE_ORDER = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
+
+
+def by_role(models: dict) -> list[tuple[str, dict]]:
+    """gate.json's models in table order: the teacher, the SFT baseline, students, quantized students."""
+    return sorted(models.items(), key=lambda kv: (ROLE_ORDER.get(kv[1]["role"], 4), kv[0]))
+
+
 def gather(run_dir: Path) -> dict:
     gate_path = run_dir / "eval" / "gate.json"
     if not gate_path.exists():
@@ -182,9 +190,7 @@ def gather(run_dir: Path) -> dict:
         read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {"stages": {}}
     )
     sizes = {}
-    order = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
-    models = sorted(gate.get("models", {}).items(), key=lambda kv: (order.get(kv[1]["role"], 4), kv[0]))
-    for name, info in models:
+    for name, info in by_role(gate.get("models", {})):
         try:
             sizes[name] = model_size(info["path"])
         except (OSError, ValueError):  # a model moved since: report what is known
@@ -227,8 +233,7 @@ def serve_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
 
 def score_rows(gate: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the teacher-vs-students table: one row per task metric, value ± stderr."""
-    order = {"teacher": 0, "baseline": 1, "student": 2, "quantized": 3}
-    models = sorted(gate["models"], key=lambda m: (order.get(gate["models"][m]["role"], 4), m))
+    models = [name for name, _ in by_role(gate["models"])]
     header = ["task", "metric", *models]
     keys = []
     for info in gate["models"].values():
