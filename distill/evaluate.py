@@ -483,6 +483,9 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         }
         for name, r in records.items()
     }
+    for name, row in _expected_acceptance(recipe, models, log).items():
+        if name in decision["models"]:
+            decision["models"][name]["expected_acceptance"] = row
     decision["settings"] = settings
     decision["eval_passed"] = decision["passed"]
     decision = apply_acceptance(decision, cfg.gate, fresh_bench(recipe))  # `distill bench serve`'s, if any
@@ -495,6 +498,18 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         time.perf_counter() - started,
     )
     return decision
+
+
+def _expected_acceptance(recipe: RecipeConfig, models: list[EvalModel], log) -> dict[str, dict]:
+    """Each draft candidate's expected acceptance in the serving benchmark, predicted offline
+    (distill.acceptance); informational, so a failure is reported and the evaluation goes on."""
+    from distill.acceptance import draft_acceptance
+
+    try:
+        return draft_acceptance(recipe, models, log)
+    except (DistillError, OSError, RuntimeError, ValueError) as exc:
+        log(f"eval: no expected acceptance: {' '.join(str(exc).split())}")
+        return {}
 
 
 def _headline(record: dict) -> str:

@@ -198,6 +198,9 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
     student_final = run_dir / "student" / "final" / "config.json"
     p = r.pipeline
     serve_inputs = r.serve.model_dump(exclude={"host", "port", "api_key_env"})
+    # the eval stage predicts the serving benchmark's acceptance (distill.acceptance)
+    workload = r.serve.bench.model_dump(include={"requests", "prompt_tokens", "max_tokens", "temperature"})
+    expected_inputs = {"k": r.serve.num_speculative_tokens, **workload}
     return [
         Stage("prepare", {"data": _dump(r.data), "tokenizer_from": r.teacher.model}, prepare_stage,
               exists(recipe_file), lambda: [f"distill prepare {recipe_file}"]),
@@ -219,7 +222,8 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
               exists(*(run_dir / "quant" / s / "config.json" for s in r.quantize.schemes)),
               lambda: [f"distill quantize {run_dir}   (.venv-quant: llm-compressor oneshot)"],
               off=None if p.quantize and r.quantize.schemes else "pipeline.quantize is false"),
-        Stage("eval", {"eval": _dump(r.eval)}, eval_stage, exists(run_dir / "eval" / "gate.json"),
+        Stage("eval", {"eval": _dump(r.eval), "expected_acceptance": expected_inputs}, eval_stage,
+              exists(run_dir / "eval" / "gate.json"),
               lambda: [f"distill eval {run_dir}   (lm-eval {r.eval.backend} backend: {', '.join(r.eval.tasks)})"]),
         Stage("bench", {"serve": serve_inputs, "gate": _dump(r.eval.gate)}, bench_stage,
               exists(run_dir / "serve" / "bench.json"), serve_plan,
@@ -359,8 +363,8 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     columns = [(c.task, c.metric) for c in recipe.eval.gate.criteria] or [
         (task, next(iter(row), "")) for task, row in next(iter(models.values()), {}).get("scores", {}).items()
     ]
-    expected = {"student": (manifest.stage("train") or {}).get("outputs", {}).get("val_acceptance"),
-                "sft": (manifest.stage("train-baseline") or {}).get("outputs", {}).get("val_acceptance")}  # fmt: skip
+    expected = {name: m["expected_acceptance"]["acceptance_rate"] for name, m in models.items()
+                if m.get("expected_acceptance")}  # fmt: skip
     measured = {"student": bench.get(DISTILLED_DRAFT, {}).get("acceptance_rate"),
                 "sft": bench.get("teacher+baseline", {}).get("acceptance_rate")}  # fmt: skip
     header = ["model", "parameters", "on disk", *[f"{t} {m}" for t, m in columns], "expected acceptance",

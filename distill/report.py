@@ -249,6 +249,14 @@ def score_rows(gate: dict) -> tuple[list[str], list[list[str]]]:
             value, stderr = row.get(metric), row.get(f"{metric}_stderr")
             cells.append(fmt(value) + (f" ± {stderr:.2g}" if isinstance(stderr, float) else ""))
         rows.append([task, metric, *cells])
+    expected = [gate["models"][m].get("expected_acceptance") or {} for m in models]
+    settings = next((e for e in expected if e), None)
+    if settings:  # distill.acceptance: each draft's predicted serving-benchmark acceptance
+        what = (
+            f"as the teacher's draft (k={settings['num_speculative_tokens']}, T={settings['temperature']:g})"
+        )
+        for metric in ("acceptance_rate", "mean_acceptance_length", "alpha"):
+            rows.append([what, f"expected {metric}", *[fmt(e[metric]) if e else "" for e in expected]])
     return header, rows
 
 
@@ -288,7 +296,7 @@ def training_facts(manifest: dict) -> list[tuple[str, str]]:
     for key, label in (
         ("val_loss", "held-out CE"),
         ("val_kl", "held-out KL to the teacher"),
-        ("val_acceptance", "expected acceptance as the teacher's draft"),
+        ("val_acceptance", "expected acceptance on the student's samples (val_acceptance, T = 1)"),
     ):
         if out.get(key) is not None:
             facts.append((label, fmt(out[key])))

@@ -90,6 +90,14 @@ def test_every_stage_runs_from_nothing_and_a_rerun_does_no_work(full_run):
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in table[1:]] == ["| teacher", "| SFT baseline", "| KD student",
                                                           "| student-w8a8"]  # fmt: skip
+    # the eval stage's expected acceptance of both drafts, next to the measured one for the KD student
+    expected = {name: gate["models"][name]["expected_acceptance"] for name in ("sft", "student")}
+    assert expected["student"]["acceptance_rate"] == pytest.approx(
+        bench["teacher+student"]["acceptance_rate"], abs=0.05
+    )
+    for label, name in (("| SFT baseline", "sft"), ("| KD student", "student")):
+        (row,) = [r.split(" | ") for r in table if r.startswith(label + " ")]
+        assert row[-3] == f"{expected[name]['acceptance_rate']:.3f}", row
     assert "gate: PASSED" in stdout and f"report: {run_dir / 'report' / 'report.html'}" in stdout
     assert "promoted: tiny@1; serve it: distill serve --promoted tiny@1 --student" in stdout
 
@@ -130,6 +138,33 @@ def test_kill_9_during_training_then_rerun_ends_with_the_uninterrupted_student(f
     a = load_file(runs / "tiny" / "student" / "final" / "model.safetensors")
     b = load_file(killed / "tiny" / "student" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_train_stage_launches_ddp_processes_and_matches_one_process(full_run, tmp_path):
+    """train.distributed asks for DDP over 2 processes: `distill run` trains through `accelerate launch`,
+    with half the batch per process, the same global batch and so (nearly) the same student."""
+    runs, _ = full_run
+    launched = tmp_path / "runs"
+    shutil.copytree(runs / "tiny", launched / "tiny")
+    started = time.time()
+    flags = ["pipeline.quantize=false", "pipeline.bench=false", "pipeline.sft_baseline=false",
+             "train.distributed.backend=ddp", "train.distributed.num_processes=2", "train.batch_size=4"]  # fmt: skip
+    out = subprocess.run(run_cmd(launched, "--only", "train", *flags), capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[train] running" in out.stdout
+    assert (
+        "accelerate launch --config_file" in out.stdout + out.stderr
+        and "--num_processes 2" in out.stdout + out.stderr
+    )
+    record = json.loads((launched / "tiny" / "manifest.json").read_text())["stages"]["train"]
+    assert record["status"] == "done" and record["outputs"]["launched"] is True
+    one = load_file(runs / "tiny" / "student" / "final" / "model.safetensors")
+    two = load_file(launched / "tiny" / "student" / "final" / "model.safetensors")
+    assert one.keys() == two.keys()
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)  # only the reduction order differs
+    # retrained (not the copied student): written after the test started
+    assert (launched / "tiny" / "student" / "final" / "model.safetensors").stat().st_mtime > started
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))

@@ -78,6 +78,10 @@ def run_dir(tmp_path):
         }
         for n, r in records.items()
     }
+    gate["models"]["student"]["expected_acceptance"] = {
+        "acceptance_rate": 0.4426, "mean_acceptance_length": 2.7705, "alpha": 0.7024,
+        "num_speculative_tokens": 4, "temperature": 0.0,
+    }  # fmt: skip
     gate["settings"] = {"backend": "hf", "dtype": "auto", "batch_size": 8, "seed": 1234}
     run = tmp_path / "runs" / "demo"
     (run / "eval").mkdir(parents=True)
@@ -128,6 +132,9 @@ def test_the_report_renders_and_holds_the_gate_numbers(run_dir):
     assert fmt(check["margin"], 3) in md and "FAIL" in text and "paired (100 documents)" in md
     # teacher vs student with stderr, sizes from the safetensors headers
     assert f"{fmt(gate['models']['teacher']['scores']['cloze']['acc'])} ± 0.05" in md
+    # the student's expected acceptance as the teacher's draft; the teacher has none
+    assert "| as the teacher's draft (k=4, T=0) | expected acceptance_rate |  | 0.4426 |" in md
+    assert "| expected mean_acceptance_length |  | 2.77" in md
     assert "| teacher | 2,080 |" in md and "| student | 512 |" in md  # 64 x 32 + 32 and 16 x 32
     # charts: retention (one bar, red) and training curves, embedded in the HTML and beside the Markdown
     assert (
@@ -138,7 +145,7 @@ def test_the_report_renders_and_holds_the_gate_numbers(run_dir):
     training = (run / "report" / "training.svg").read_text()
     for series in ("loss", "val_loss", "val_kl", "val_acceptance"):
         assert f">{series}</text>" in training
-    assert "expected acceptance as the teacher's draft: 0.3" in md
+    assert "expected acceptance on the student's samples (val_acceptance, T = 1): 0.3" in md
 
 
 def test_no_evaluation_no_report(tmp_path):

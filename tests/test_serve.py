@@ -184,7 +184,7 @@ def test_a_promoted_draft_keeps_greedy_output(runs, tmp_path):
     assert drafted > 0 and accepted / drafted > 0.9  # the promoted draft (a copy of the teacher) drafted
 
 
-def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_drafts(runs):
+def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_drafts(runs, cache_dir):
     """The copy run's student is the "distilled" draft, the random run's the undistilled baseline."""
     from distill.artifacts import atomic_write_json
 
@@ -220,6 +220,22 @@ def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_d
     assert setups["teacher+student"]["mean_acceptance_length"] > 4  # of at most 1 + 4 draft tokens
     assert setups["teacher+baseline"]["acceptance_rate"] < 0.1  # random weights: almost never
     assert "teacher+student    acceptance " in out.stdout
+    # the eval stage's offline prediction (transformers, no server) agrees with what vLLM measured
+    from distill.acceptance import draft_acceptance
+    from distill.config import load_recipe
+    from distill.evaluate import eval_models
+
+    recipe = load_recipe(
+        TINY, [*MICRO, *TEACHER, f"runs_dir={runs['copy']}", f"cache_dir={cache_dir}", *args]
+    )
+    drafts = eval_models(recipe, {"random": str(runs["random"] / "tiny" / "student" / "final")})
+    expected = draft_acceptance(recipe, drafts, log=lambda line: None)
+    for name, setup in (("student", "teacher+student"), ("random", "teacher+baseline")):
+        measured = setups[setup]
+        assert expected[name]["acceptance_rate"] == pytest.approx(measured["acceptance_rate"], abs=0.05)
+        assert expected[name]["mean_acceptance_length"] == pytest.approx(
+            measured["mean_acceptance_length"], abs=0.2
+        )
     # the acceptance joined the gate, and the report shows the serving table
     gate = json.loads((run_dir / "eval" / "gate.json").read_text())
     (check,) = gate["checks"]
