@@ -483,7 +483,8 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         }
         for name, r in records.items()
     }
-    for name, row in _expected_acceptance(recipe, models, log).items():
+    evaluated = [m for m in models if m.name in records]  # not the models whose evaluation crashed
+    for name, row in _expected_acceptance(recipe, evaluated, log).items():
         if name in decision["models"]:
             decision["models"][name]["expected_acceptance"] = row
     decision["settings"] = settings
@@ -507,8 +508,8 @@ def _expected_acceptance(recipe: RecipeConfig, models: list[EvalModel], log) -> 
 
     try:
         return draft_acceptance(recipe, models, log)
-    except (DistillError, OSError, RuntimeError, ValueError) as exc:
-        log(f"eval: no expected acceptance: {' '.join(str(exc).split())}")
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the gate's decision must still be written
+        log(f"eval: no expected acceptance: {type(exc).__name__}: {' '.join(str(exc).split())}")
         return {}
 
 
