@@ -51,26 +51,33 @@ def _batches(count: int, size: int):
         yield slice(lo, min(lo + size, count))
 
 
+def _load(path: Path, field: str, device: str | None):
+    """(model in eval mode on the detected device: bf16 on GPUs, fp32 on CPUs, device)."""
+    from distill.models import load_causal_lm, resolve_device, resolve_dtype
+
+    device = device or resolve_device("auto")
+    return load_causal_lm(path, field, resolve_dtype("auto", device)).to(device).eval(), device
+
+
 def teacher_continuations(
     teacher_dir: Path, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int = 0,
     batch_size: int = 16, device: str | None = None,
 ) -> Continuations:  # fmt: skip
     import torch
 
-    from distill.models import load_causal_lm, resolve_device, resolve_dtype
-
-    device = device or resolve_device("auto")
-    model = load_causal_lm(teacher_dir, "teacher", resolve_dtype("auto", device)).to(device).eval()
+    model, device = _load(teacher_dir, "teacher", device)
     if len({len(p) for p in prompts}) != 1:
         raise DistillError("expected acceptance: the benchmark prompts must have one length")
     prompt_len = len(prompts[0])
     ids = torch.tensor(prompts, dtype=torch.long)
     torch.manual_seed(seed)
+    sampling = {"do_sample": False}
+    if temperature > 0:  # the whole distribution, as vLLM's requests (no top-k or top-p)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     out, top_ids, top_probs = [], [], []
     with torch.no_grad():
         for part in _batches(len(prompts), batch_size):
             chunk = ids[part].to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}  # fmt: skip
             seqs = model.generate(
                 chunk,
                 attention_mask=torch.ones_like(chunk),
@@ -95,10 +102,7 @@ def draft_tokens(draft_dir: Path, c: Continuations, batch_size: int = 16, device
     """The draft's argmax at each completion position of the teacher's continuations: (B, M)."""
     import torch
 
-    from distill.models import load_causal_lm, resolve_device, resolve_dtype
-
-    device = device or resolve_device("auto")
-    model = load_causal_lm(draft_dir, "draft", resolve_dtype("auto", device)).to(device).eval()
+    model, device = _load(draft_dir, "draft", device)
     out = []
     with torch.no_grad():
         for part in _batches(len(c.tokens), batch_size):
