@@ -2,7 +2,10 @@
 
 import importlib.metadata as metadata
 import importlib.util
+import json
 import os
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +78,45 @@ def test_pins_cover_what_is_installed():
         if name in {"distill", "vllm", "pip", "setuptools", "wheel"}:
             continue
         assert pins.get(name) == dist.version, f"{name} {dist.version} is not pinned in constraints-cpu.txt"
+
+
+KERNELS_IN_USE = """
+import json
+from vllm.platforms import current_platform
+
+current_platform.import_kernels()  # vLLM's own choice of kernel library, as a server makes it
+with open("/proc/self/maps") as fh:
+    print(json.dumps(sorted({line.split()[-1] for line in fh if "/vllm/_C" in line})))
+"""
+
+
+def test_cpu_isa_and_the_vllm_kernels_in_use(record_property, capsys):
+    """Which machine this ran on: the CPU's instruction sets (from /proc/cpuinfo) and the vLLM CPU kernel
+    build they select, printed into the test log and recorded as properties (junit XML). The build
+    predicted from the flags is torch's CPUID answer too, and the library vLLM itself then loads."""
+    from distill.quantize import cpu_flags, cpu_isa, cpu_library, isa_from_flags
+
+    if platform.machine() != "x86_64":
+        pytest.skip("vLLM's kernel builds per instruction set are x86-64 only")
+    flags = cpu_flags()
+    isa_flags = sorted(f for f in flags if re.fullmatch(r"sse4_2|avx\w*|fma|f16c|amx\w*", f))
+    predicted = isa_from_flags(flags)
+    names = re.findall(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+    model = names[0] if names else "unknown CPU"
+    lib = cpu_library(predicted).name if not _cuda() else "CUDA build"
+    line = f"CPU: {model}; ISA flags: {' '.join(isa_flags)}; vLLM CPU kernels: {predicted} ({lib})"
+    record_property("cpu_isa_flags", " ".join(isa_flags))
+    record_property("vllm_cpu_kernels", predicted)
+    print(line)
+    with capsys.disabled():  # visible in `pytest -q` output without -s
+        print(f"\n[environment] {line}")
+    assert "avx2" in flags and "fma" in flags  # the least vLLM's x86 CPU build needs
+    assert cpu_isa() == predicted, (cpu_isa(), predicted)  # torch (CPUID) and the kernel's flags agree
+    if _cuda():
+        return
+    out = subprocess.run([sys.executable, "-c", KERNELS_IN_USE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [Path(p).name for p in json.loads(out.stdout.splitlines()[-1])] == [lib]
 
 
 def _norm(name: str) -> str:
