@@ -222,8 +222,12 @@ class TrainConfig(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (skew_*).")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature applied to both sides.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label CE mixed into the KD loss.")
-    tail: Literal["bucket", "renormalize"] = Field(
-        "bucket", description="Missing top-k tail mass: one extra bucket, or renormalise the top-k."
+    tail: Literal["bucket", "renormalize", "sample"] = Field(
+        "bucket",
+        description="What stands for the teacher's tail outside its stored top-k: one bucket of its mass, "
+        "the renormalised top-k, or sample (the top-k exactly plus the teacher's own sampled next token "
+        "for the rest: an unbiased estimate of the full-vocabulary forward KL; needs loss forward_kl, "
+        "temperature 1 and a sample-mode store made at generate.temperature 1, top_p 1).",
     )
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a fraction of lr.")
@@ -251,6 +255,22 @@ class TrainConfig(Section):
     on_policy: OnPolicyConfig = Field(
         default_factory=OnPolicyConfig, description="On-policy distillation (train.mode=on_policy)."
     )
+
+    @model_validator(mode="after")
+    def _sampled_tail_is_forward_kl_at_temperature_1(self):
+        if self.tail != "sample" or self.loss == "ce":
+            return self
+        if self.loss != "forward_kl" or self.temperature != 1.0:
+            raise ValueError(
+                f"tail: sample estimates forward_kl at temperature 1 (got loss {self.loss}, temperature "
+                f"{self.temperature}); use tail: bucket for other objectives"
+            )
+        if self.mode == "on_policy":
+            raise ValueError(
+                "tail: sample needs the teacher's own samples; on-policy sequences are the student's "
+                "(use tail: bucket)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sampling_needs_whole_weights(self):
@@ -319,10 +339,21 @@ class GateConfig(Section):
 class EvalConfig(Section):
     backend: Literal["vllm", "hf", "local-completions"] = Field("vllm", description="lm-eval model backend.")
     tasks: list[str] = Field(
-        default_factory=lambda: ["distill_ppl", "distill_cloze", "distill_nextword"],
+        default_factory=lambda: ["distill_ppl", "distill_outside_ppl", "distill_cloze", "distill_nextword"],
         description="lm-eval task names (the distill_* ones are local, in eval/tasks).",
     )
     batch_size: int = Field(8, gt=0, description="Evaluation batch size (identical for every model).")
+    teacher_match: list[Literal["test", "outside"]] = Field(
+        default_factory=lambda: ["test", "outside"],
+        description="Held-out text on which each model's full-vocabulary KL to the teacher and top-1 "
+        "agreement are measured (transformers, both models in memory), as tasks distill_match_<source> "
+        "(metrics kl, top1_agreement) the gate can name: test (the corpus's test split), outside "
+        "(text that ships with Python but is not in the corpus); [] for none.",
+    )
+    teacher_match_documents: int = Field(
+        256, gt=0, description="Documents per teacher_match source (the first N, in a fixed order)."
+    )
+    teacher_match_tokens: int = Field(256, gt=1, description="Tokens per document in teacher_match.")
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples.")
     limit: int | None = Field(None, gt=0, description="Cap on examples per task.")
     seed: int = Field(1234, description="lm-eval seed.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -24,7 +25,8 @@ from distill.config import EvalConfig, RecipeConfig
 from distill.errors import DistillError
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
-LOCAL_TASKS = ("distill_ppl", "distill_cloze", "distill_nextword")
+LOCAL_TASKS = ("distill_ppl", "distill_outside_ppl", "distill_cloze", "distill_nextword")
+MATCH_METRICS = {"kl": False, "top1_agreement": True}  # teacher_match metric: higher is better
 GATE_FAILED = 3  # exit status of `distill eval` when the gate fails (0: it passes)
 
 
@@ -70,7 +72,12 @@ def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> li
 # --------------------------------------------------------------------------- tasks
 
 
-def task_manager(cfg: EvalConfig, corpus_dir: Path):
+def match_task(source: str) -> str:
+    """The task name teacher_match results go under (and gate criteria name)."""
+    return f"distill_match_{source}"
+
+
+def task_manager(cfg: EvalConfig, corpus_dir: Path, outside_dir: Path):
     """lm-eval's TaskManager with our local tasks (eval/tasks) first; lm-eval's own tasks are indexed
     only when the recipe names one (indexing all of them takes seconds)."""
     from lm_eval.tasks import TaskManager
@@ -80,7 +87,11 @@ def task_manager(cfg: EvalConfig, corpus_dir: Path):
     return TaskManager(
         include_path=str(TASKS_DIR),
         include_defaults=builtin,
-        metadata={"distill_corpus_dir": str(corpus_dir), "distill_seed": cfg.seed},
+        metadata={
+            "distill_corpus_dir": str(corpus_dir),
+            "distill_outside_dir": str(outside_dir),
+            "distill_seed": cfg.seed,
+        },
     )
 
 
@@ -144,8 +155,24 @@ def load_tasks(cfg: EvalConfig, manager) -> TaskSet:
         leaves = _walk(loaded, tasks.group_metrics)
         tasks.leaves.update(leaves)
         tasks.requested[name] = list(leaves)
+    matched = {match_task(source) for source in cfg.teacher_match}
     for i, c in enumerate(cfg.gate.criteria):
         where = f"eval.gate.criteria[{i}]"
+        if c.task in matched:
+            if c.metric == "kl" and c.min_value is None:
+                raise DistillError(
+                    f"{where}: the teacher's KL to itself is 0, so kl takes an absolute ceiling (min_value), "
+                    "not min_retention or max_drop"
+                )
+            if c.metric not in MATCH_METRICS:
+                raise DistillError(
+                    f"{where}.metric: {c.task} produces {', '.join(MATCH_METRICS)}, not {c.metric!r}"
+                )
+            continue
+        if c.task.startswith("distill_match_"):
+            raise DistillError(
+                f"{where}.task: {c.task!r} is not measured (eval.teacher_match: {', '.join(cfg.teacher_match) or 'none'})"
+            )
         if c.task not in tasks.leaves and c.task not in tasks.group_metrics:
             raise DistillError(
                 f"{where}.task: {c.task!r} is not evaluated (eval.tasks: {', '.join(cfg.tasks)})"
@@ -323,6 +350,101 @@ def evaluate_lm(lm, cfg: EvalConfig, manager, tasks: TaskSet) -> dict:
     return merged
 
 
+@dataclass
+class TeacherMatch:
+    """eval.teacher_match: each model's full-vocabulary KL to the teacher and top-1 agreement on held-out
+    documents (distill.heldout), as lm-eval-shaped results under distill_match_<source>, so the gate,
+    the report and the paired comparisons read them like any task."""
+
+    teacher: Path
+    docs: dict[str, Any]  # source -> heldout.Documents
+    batch_size: int
+    _teacher_model: Any = None
+
+    @classmethod
+    def build(cls, cfg: EvalConfig, teacher: Path, texts: dict[str, list[str]]) -> TeacherMatch:
+        from transformers import AutoTokenizer
+
+        from distill.heldout import Documents, require_outside
+
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher), trust_remote_code=cfg.trust_remote_code)
+        if "outside" in cfg.teacher_match:
+            require_outside(texts["outside"], "eval.teacher_match")
+        docs = {
+            source: Documents.encode(
+                texts[source], tokenizer, cfg.teacher_match_tokens, cfg.teacher_match_documents
+            )
+            for source in cfg.teacher_match
+        }
+        return cls(teacher, docs, cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+
+    trust_remote_code: bool = False
+
+    def _load(self, path: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from distill.models import resolve_device
+
+        device = resolve_device("auto")
+        # NOTE: fp32 on CPUs, bf16 on GPUs: the log-softmax and the KL are taken in fp32 either way.
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        extra = {}
+        if "quantization_config" in json.loads((Path(path) / "config.json").read_text()):
+            from transformers.utils.quantization_config import CompressedTensorsConfig
+
+            # a compressed-tensors student, decompressed to float: its quantized weights, float arithmetic
+            extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=self.trust_remote_code, **extra
+        )
+        return model.to(device).eval(), device
+
+    def results(self, model: EvalModel) -> dict[str, dict]:
+        """{"results", "higher_is_better", "samples"} for `model`, one task per source."""
+        from distill.heldout import measure
+
+        out: dict[str, dict] = {"results": {}, "higher_is_better": {}, "samples": {}}
+        if model.role != "teacher":
+            if self._teacher_model is None:
+                self._teacher_model = self._load(self.teacher)[0]
+            lm, device = self._load(model.path)
+        for source, docs in self.docs.items():
+            if model.role == "teacher":  # the teacher against itself, by definition
+                per_doc = {"kl": [0.0] * len(docs.ids), "top1": [1.0] * len(docs.ids)}
+            else:
+                per_doc = measure(lm, self._teacher_model, docs, self.batch_size, device)
+            task = match_task(source)
+            rows = [
+                {"doc_id": i, "kl": kl, "top1_agreement": top1}
+                for i, (kl, top1) in enumerate(zip(per_doc["kl"], per_doc["top1"], strict=True))
+            ]
+            row: dict[str, float] = {"alias": task}
+            for metric in MATCH_METRICS:
+                values = [r[metric] for r in rows]
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+                row[f"{metric},none"] = mean
+                row[f"{metric}_stderr,none"] = math.sqrt(var / len(values))
+            out["results"][task] = row
+            out["higher_is_better"][task] = dict(MATCH_METRICS)
+            out["samples"][task] = rows
+        if model.role != "teacher":
+            del lm
+            _free_accelerator_memory()
+        return out
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():  # the next model's vLLM engine checks free GPU memory at start
+        torch.cuda.empty_cache()
+
+
 def _jsonable(value):
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
@@ -350,6 +472,7 @@ def evaluate_model(
     out_root: Path,
     cache_dir: Path,
     url=None,
+    match: TeacherMatch | None = None,
 ) -> dict:
     """The model's results: reused from `out_root/<name>` when its files and the settings match, else
     evaluated now and written there (samples first, results.json last: a kill leaves no half result)."""
@@ -375,14 +498,25 @@ def evaluate_model(
     for name, samples in raw["samples"].items():
         rows = sample_rows(samples, tasks.metrics(name) if name in tasks.leaves else [])
         atomic_write_text(out / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    match_error = None
+    try:
+        matched = match.results(model) if match is not None else None
+    except Exception as exc:  # noqa: BLE001 - a criterion on these metrics then fails closed, naming it
+        matched, match_error = None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if matched is not None:
+        raw["results"].update(matched["results"])
+        raw["higher_is_better"].update(matched["higher_is_better"])
+        for name, rows in matched["samples"].items():
+            atomic_write_text(out / "samples" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     record = {
-        "key": key,
+        "key": key if match_error is None else None,  # a failed teacher match is retried next time
         "model": {"name": model.name, "role": model.role, "base": model.base, **fingerprint},
         "settings": settings,
         "results": _jsonable_tree(raw["results"]),
         "higher_is_better": raw["higher_is_better"],
         "n_samples": raw["n-samples"],
         "seconds": time.perf_counter() - started,
+        "teacher_match_error": match_error,
     }
     atomic_write_json(out / "results.json", record)
     record["reused"] = False
@@ -428,19 +562,39 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
     from distill.artifacts import RunManifest
     from distill.bench_serve import fresh_bench
     from distill.gate import apply_acceptance, decide
+    from distill.heldout import prepare_outside, read_texts
+    from distill.models import model_fingerprint
     from distill.prepare import prepare
 
     started = time.perf_counter()
     cfg = recipe.eval
     data = prepare(recipe)
-    manager = task_manager(cfg, data.corpus.root)
+    outside = prepare_outside(recipe.cache_path)
+    manager = task_manager(cfg, data.corpus.root, outside)
     tasks = load_tasks(cfg, manager)
     models = eval_models(recipe, extra)
+    if "distill_outside_ppl" in cfg.tasks:
+        from distill.heldout import require_outside
+
+        require_outside(read_texts(outside / "outside.jsonl"), "eval.tasks: distill_outside_ppl")
+    match = None
+    if cfg.teacher_match:
+        texts = {"test": data.corpus.texts("test"), "outside": read_texts(outside / "outside.jsonl")}
+        match = TeacherMatch.build(cfg, models[0].path, texts)
     out = recipe.run_dir / "eval"
     gate_path = out / "gate.json"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(gate_path, {"passed": False, "status": "evaluating"})
     settings = settings_of(cfg, data.corpus.content_hash)
+    settings["outside"] = outside.name  # its content hash: Python's own files differ between releases
+    if match is not None:  # the KL depends on the teacher, the documents and the device's dtype too
+        from distill.models import resolve_device
+
+        settings["teacher_match"] = {
+            "device": resolve_device("auto"),
+            "teacher": model_fingerprint(match.teacher, recipe.cache_path)["weights_hash"],
+            "documents": hash_json({s: d.ids for s, d in match.docs.items()}),
+        }
     records: dict[str, dict] = {}
     samples: dict[str, dict[str, list[dict]]] = {}
     crashed = []
@@ -459,7 +613,7 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         try:
             with model_server(cfg, model, out) as url:
                 record = evaluate_model(
-                    model, cfg, settings, manager, tasks, out / "models", recipe.cache_path, url
+                    model, cfg, settings, manager, tasks, out / "models", recipe.cache_path, url, match
                 )
         except Exception as exc:  # fail closed: the gate cannot pass on a model it could not evaluate
             crashed.append(
@@ -468,6 +622,8 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
             log(f"eval: {crashed[-1]}")
             continue
         records[model.name] = record
+        if record.get("teacher_match_error"):
+            log(f"eval: {model.name}: no teacher match: {record['teacher_match_error']}")
         samples[model.name] = read_samples(out / "models" / model.name)
         how = "reused (same files and settings)" if record["reused"] else f"{record['seconds']:.0f}s"
         log(f"eval: {model.name}: {_headline(record)} [{how}]")

@@ -15,7 +15,11 @@ Distillation compares, at every masked position, the teacher's distribution p wi
 - skew_reverse_kl  KL(q || alpha q + (1 - alpha) p)
 
 The teacher is either sparse (its stored top-k ids and raw logprobs, (B, T, K)) or dense (logits of a
-teacher loaded in-process, (B, T, V)): one interface, `kd_loss`.
+teacher loaded in-process, (B, T, V)): one interface, `kd_loss`. A sparse teacher lacks the V - K tail;
+`tail` says what stands for it: one bucket holding its mass ("bucket", the KL of coarse-grained
+distributions: biased low, and it says nothing of how the student spreads its tail), the head alone
+("renormalize"), or draws from the teacher's full distribution ("sample": an unbiased estimate of the
+full-vocabulary forward KL; see `sampled_tail_kl`, and docs/losses.md for the derivation).
 """
 
 from __future__ import annotations
@@ -55,15 +59,21 @@ def cross_entropy(student_logits, labels, chunk_tokens: int = 8192):
 
 
 def _kl(log_a, log_b):
-    """KL(a || b) per row over the last dim; 0 log 0 = 0."""
+    """KL(a || b) per row over the last dim; 0 log 0 = 0.
+
+    NOTE: where a = 0 both logs are replaced by 0 before the product, so an -inf there (a masked
+    vocabulary entry) gives 0 and a zero gradient instead of 0 * inf = NaN in the backward pass.
+    """
     import torch
 
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    live = a > 0
+    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
+    return (a * (torch.where(live, log_a, zero) - torch.where(live, log_b, zero))).sum(-1)
 
 
 def _log_mix(log_a, log_b, weight: float):
-    """log(weight a + (1 - weight) b), stably."""
+    """log(weight a + (1 - weight) b), stably; -inf (with zero gradient) where a = b = 0."""
     import math
 
     import torch
@@ -72,7 +82,14 @@ def _log_mix(log_a, log_b, weight: float):
         return log_b
     if weight >= 1:
         return log_a
-    return torch.logaddexp(log_a + math.log(weight), log_b + math.log(1 - weight))
+    top = torch.maximum(log_a, log_b)
+    finite = torch.isfinite(top)
+    zero = torch.zeros((), dtype=top.dtype, device=top.device)
+    top = torch.where(finite, top, zero)
+    mixed = weight * (log_a - top).exp() + (1 - weight) * (log_b - top).exp()
+    # NOTE: log(1) where both are 0, then -inf put back: log'(0) = inf would turn the zero gradient to NaN.
+    safe = torch.where(finite, mixed, torch.ones((), dtype=mixed.dtype, device=mixed.device))
+    return torch.where(finite, top + safe.log(), torch.full_like(top, -math.inf))
 
 
 def divergence(log_p, log_q, name: str, beta: float = 0.5, alpha: float = 0.1):
@@ -103,10 +120,26 @@ def divergence(log_p, log_q, name: str, beta: float = 0.5, alpha: float = 0.1):
 
 @dataclass
 class SparseTeacher:
-    """Stored top-k: ids (B, T, K) and raw logprobs (B, T, K) (before temperature)."""
+    """What a teacher store holds per position: the top-k ids (B, T, K) and raw logprobs (B, T, K) (before
+    temperature), and optionally S tokens drawn from the teacher's full distribution with their raw
+    logprobs, (B, T, S) each, which `tail="sample"` needs (`from_continuation` builds them when the
+    sequence itself was sampled from the teacher)."""
 
     topk_ids: object
     topk_logprobs: object
+    sample_ids: object = None
+    sample_logprobs: object = None
+
+    @classmethod
+    def from_continuation(cls, topk_ids, topk_logprobs, input_ids, token_logprobs) -> SparseTeacher:
+        """The draws are the sequence's own next tokens: position t's draw is input_ids[:, t + 1], with the
+        teacher's logprob token_logprobs[:, t] (B, T). Right only where the teacher sampled the sequence at
+        temperature 1 with no truncation (a sample-mode store made with temperature 1, top_p 1)."""
+        import torch
+
+        draws = torch.zeros_like(input_ids)
+        draws[:, :-1] = input_ids[:, 1:]
+        return cls(topk_ids, topk_logprobs, draws[..., None], token_logprobs[..., None])
 
 
 @dataclass
@@ -114,6 +147,9 @@ class DenseTeacher:
     """A teacher's full logits (B, T, V), e.g. from a teacher loaded in-process."""
 
     logits: object
+
+
+TAILS = ("bucket", "renormalize", "sample")
 
 
 def _log1mexp(log_s):
@@ -126,30 +162,72 @@ def _log1mexp(log_s):
     return torch.where(log_s > -math.log(2), torch.log(-torch.expm1(log_s)), torch.log1p(-torch.exp(log_s)))
 
 
-def _sparse_bins(student_logprobs, ids, teacher_logprobs, temperature: float, tail: str):
-    """(n, V) student log-probs at temperature, (n, K) teacher top-k -> matching (n, bins) log-probs.
+def _tail_logmass(log_q, ids):
+    """log of the mass of `log_q` (n, V) outside the ids (n, K), summed exactly over the other V - K
+    entries (1 - sum(head) loses every bit once the head holds almost all the mass)."""
+    import math
 
-    NOTE: temperature on a sparse teacher: each stored raw logprob is divided by T and renormalised with
-    the tail; the tail bucket is treated as one outcome of mass 1 - sum(top-k), so its tempered share is
-    approximate for T != 1 (exact at T = 1, where the bucket gives the exact KL of the coarse-grained
-    distributions).
+    import torch
+
+    rest = log_q.masked_fill(torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, ids, True), -math.inf)
+    live = torch.isfinite(rest).any(-1, keepdim=True)  # all -inf: no tail, and no NaN gradient from it
+    mass = torch.where(live, rest, torch.zeros_like(rest)).logsumexp(-1)
+    return torch.where(live[:, 0], mass, torch.full_like(mass, -math.inf))
+
+
+def _sparse_bins(logits, ids, teacher_logprobs, temperature: float, tail: str):
+    """Student logits (n, V) and the teacher's top-k (n, K) -> both sides' (n, bins) log-probs at temperature.
+
+    NOTE: temperature on a sparse teacher. Each side is first coarse-grained at temperature 1 into the K
+    head tokens plus one bucket for the rest (the teacher's bucket holds 1 - sum(top-k), the student's its
+    exact mass outside the head), and then both are tempered as the same K + 1 outcomes. So a student
+    equal to the teacher gives 0 at every T, and a head that covers the vocabulary gives the dense
+    tempered KL exactly. Tempering token by token on the student's side but as one outcome on the
+    teacher's side (the obvious alternative) is biased at any T != 1: mass is compared with mass^(1/T).
+    `renormalize` drops the bucket and tempers the renormalised head.
     """
     import torch
 
-    log_q = student_logprobs.gather(-1, ids)  # (n, K)
-    log_p = teacher_logprobs / temperature
-    if tail == "renormalize":
-        return log_p.log_softmax(-1), log_q.log_softmax(-1)
-    raw_tail_p = _log1mexp(torch.logsumexp(teacher_logprobs, -1).clamp(max=0))  # mass outside the top-k
-    log_p = torch.cat([log_p, (raw_tail_p / temperature)[:, None]], -1).log_softmax(-1)  # (n, K + 1)
-    log_q = torch.cat([log_q, _log1mexp(torch.logsumexp(log_q, -1))[:, None]], -1)
-    return log_p, log_q
+    log_q = logits.log_softmax(-1)
+    head_q = log_q.gather(-1, ids)  # (n, K)
+    if tail == "renormalize" or ids.size(-1) >= logits.size(-1):
+        return (teacher_logprobs / temperature).log_softmax(-1), (head_q / temperature).log_softmax(-1)
+    tail_p = _log1mexp(torch.logsumexp(teacher_logprobs, -1).clamp(max=0))
+    bins_p = torch.cat([teacher_logprobs, tail_p[:, None]], -1)  # (n, K + 1)
+    bins_q = torch.cat([head_q, _tail_logmass(log_q, ids)[:, None]], -1)
+    return (bins_p / temperature).log_softmax(-1), (bins_q / temperature).log_softmax(-1)
+
+
+def sampled_tail_kl(logits, ids, teacher_logprobs, sample_ids, sample_logprobs):
+    """Forward KL(p || q) per row, estimated without bias from the exact head and draws for the tail.
+
+    Split the vocabulary into the head H (the teacher's top-k) and the rest. The head's part,
+    sum_{v in H} p_v (log p_v - log q_v), is computed exactly from the stored top-k. For the tail's part,
+    each draw x ~ p of the teacher's full distribution gives 1[x not in H] (log p_x - log q_x), whose
+    expectation over x is exactly sum_{v not in H} p_v (log p_v - log q_v); S draws are averaged. The sum
+    is an unbiased estimate of the full-vocabulary KL, in value and in gradient (the tail's gradient is
+    the hard-label CE gradient of the draws that fall outside the head), at temperature 1 only: a draw
+    from p is not a draw from p^(1/T) / Z, whose Z the top-k cannot give.
+
+    Args: logits (n, V); ids, teacher_logprobs (n, K) raw; sample_ids, sample_logprobs (n, S) raw.
+    Returns: (n,) per-row estimates.
+    """
+    import torch
+
+    log_q = logits.log_softmax(-1)
+    head = _kl(
+        teacher_logprobs, log_q.gather(-1, ids)
+    )  # unnormalised: sum over the head of p (log p - log q)
+    outside = ~(sample_ids[..., None] == ids[:, None, :]).any(-1)  # (n, S)
+    per_draw = sample_logprobs - log_q.gather(-1, sample_ids)
+    return head + torch.where(outside, per_draw, torch.zeros_like(per_draw)).mean(-1)
 
 
 @dataclass
 class LossParts:
-    """One micro-batch: `total` = kd_weight x kd + ce_weight x ce (differentiable), the parts (detached, for
-    logging) and the number of target tokens they sum over."""
+    """One micro-batch: `total` = kd_weight x kd + ce_weight x ce (backward through it), the parts as
+    detached sums (for logging; no gradient reaches the logits through them) and the number of target
+    tokens they sum over."""
 
     total: object
     kd: object
@@ -166,11 +244,15 @@ def _chunk_losses(logits, labels, targets, cfg: dict):
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-    log_q = (logits / temperature).log_softmax(-1)
-    if len(targets) == 2:
-        log_p, log_q = _sparse_bins(log_q, targets[0], targets[1].to(log_q.dtype), temperature, cfg["tail"])
+    if cfg["tail"] == "sample":
+        ids, lps, draw_ids, draw_lps = targets
+        div = sampled_tail_kl(logits, ids, lps.to(logits.dtype), draw_ids, draw_lps.to(logits.dtype))
+        return div.sum(), ce
+    if len(targets) == 1:
+        log_p = (targets[0].to(logits.dtype) / temperature).log_softmax(-1)
+        log_q = (logits / temperature).log_softmax(-1)
     else:
-        log_p = (targets[0].to(log_q.dtype) / temperature).log_softmax(-1)
+        log_p, log_q = _sparse_bins(logits, targets[0], targets[1].to(logits.dtype), temperature, cfg["tail"])
     div = divergence(log_p, log_q, cfg["name"], cfg["beta"], cfg["alpha"])
     return div.sum() * temperature**2, ce
 
@@ -245,7 +327,9 @@ def kd_loss(
         input_ids: (B, T); the hard label at position t is input_ids[:, t + 1].
         temperature: applied to both sides; the divergence is multiplied by T^2 so the gradient scale
             does not shrink with T (Hinton et al.).
-        tail: "bucket" (one extra outcome for the mass outside the teacher's top-k) or "renormalize".
+        tail: what a sparse teacher's missing tail becomes: "bucket" (one extra outcome for the mass
+            outside the top-k), "renormalize" (the head alone), or "sample" (the unbiased head + sampled
+            tail estimate of `sampled_tail_kl`; forward_kl at temperature 1, and the teacher needs draws).
         chunk_tokens: positions per chunk. The loss and its gradient are computed together chunk by
             chunk, so besides the logits and their gradient only one (chunk_tokens, V) fp32 block is
             alive at a time: B x T x V is never materialised twice in fp32.
@@ -256,6 +340,14 @@ def kd_loss(
 
     if divergence_name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence_name!r}; expected one of {DIVERGENCES}")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r}; expected one of {TAILS}")
+    sampled = tail == "sample" and isinstance(teacher, SparseTeacher)
+    if sampled and (divergence_name != "forward_kl" or temperature != 1.0 or teacher.sample_ids is None):
+        raise ValueError(
+            "tail='sample' estimates forward_kl at temperature 1 from the teacher's draws "
+            f"(got {divergence_name} at T={temperature}, draws {'absent' if teacher.sample_ids is None else 'given'})"
+        )
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     mask = loss_mask.clone()
@@ -264,6 +356,9 @@ def kd_loss(
     if isinstance(teacher, SparseTeacher):
         k = teacher.topk_ids.size(-1)
         targets = (teacher.topk_ids.reshape(-1, k), teacher.topk_logprobs.reshape(-1, k))
+        if sampled:
+            draws = teacher.sample_ids.size(-1)
+            targets += (teacher.sample_ids.reshape(-1, draws), teacher.sample_logprobs.reshape(-1, draws))
     else:
         targets = (teacher.logits.reshape(-1, teacher.logits.size(-1)),)
     cfg = {
@@ -271,10 +366,12 @@ def kd_loss(
         "temperature": temperature,
         "beta": beta,
         "alpha": alpha,
-        "tail": tail,
+        "tail": tail if isinstance(teacher, SparseTeacher) else "dense",
         "chunk_tokens": chunk_tokens,
     }
     total, kd, ce = _ChunkedLoss.get().apply(
         student_logits, rows, labels.reshape(-1), (kd_weight, ce_weight), cfg, *targets
     )
-    return LossParts(total, kd, ce, int(rows.numel()))
+    # NOTE: the parts are outputs of the same Function as `total`, whose backward ignores them: detached
+    # here, so parts.kd.backward() fails loudly instead of silently giving a zero gradient.
+    return LossParts(total, kd.detach(), ce.detach(), int(rows.numel()))

@@ -341,6 +341,14 @@ def _score(models: dict, name: str, task: str, metric: str) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+HELD_OUT_COLUMNS = (
+    ("distill_outside_ppl", "bits_per_byte"),
+    ("distill_match_test", "kl"),
+    ("distill_match_outside", "kl"),
+    ("distill_match_outside", "top1_agreement"),
+)
+
+
 def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     """The table `distill run` ends with: every model's size, scores, acceptance and speed, the gate,
     the report and how to serve the promoted student."""
@@ -363,6 +371,11 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     columns = [(c.task, c.metric) for c in recipe.eval.gate.criteria] or [
         (task, next(iter(row), "")) for task, row in next(iter(models.values()), {}).get("scores", {}).items()
     ]
+    # the figures no training objective reaches, whether or not the gate names them
+    scored = next(iter(models.values()), {}).get("scores", {})
+    for task, metric in HELD_OUT_COLUMNS:
+        if (task, metric) not in columns and metric in scored.get(task, {}):
+            columns.append((task, metric))
     expected = {name: m["expected_acceptance"]["acceptance_rate"] for name, m in models.items()
                 if m.get("expected_acceptance")}  # fmt: skip
     measured = {"student": bench.get(DISTILLED_DRAFT, {}).get("acceptance_rate"),

@@ -207,6 +207,16 @@ class TeacherStore:
         }
 
     @property
+    def teacher_draws(self) -> bool:
+        """Each stored next token is a draw from the teacher's full distribution at its raw logits:
+        sampled (not scored corpus text) at temperature 1 with no nucleus cut."""
+        identity = self.manifest["identity"]
+        capture = identity.get("capture", {})
+        return (
+            identity["mode"] == "sample" and capture.get("temperature") == 1.0 and capture.get("top_p") == 1.0
+        )
+
+    @property
     def complete(self) -> bool:
         """Every shard of the whole job is present (a `--shard I/N` store alone never is, unless N=1)."""
         return len(self.shards) == self.manifest["num_shards"]

@@ -22,6 +22,25 @@ from distill.tokenizer import load_tokenizer, tokenizer_hash
 from distill.train import TrainJob, TrainResult, check_checkpoints, train
 
 VALIDATION_STORE = "teacher-validation"
+# A teacher whose weights take at most this much is loaded beside the student for validation (dense
+# full-vocabulary KL and top-1 agreement on held-out text); a larger one is measured by `distill eval`.
+DENSE_VALIDATION_TEACHER_BYTES = 2 << 30
+
+
+def heldout_validation(recipe: RecipeConfig, data: PreparedData) -> tuple[dict[str, list[str]], Path | None]:
+    """(held-out texts by name, the teacher for dense validation or None) for the training loop."""
+    from distill.heldout import outside_documents
+    from distill.pretrain import teacher_key
+
+    texts = {"val": data.corpus.texts("validation"), "outside": [d["text"] for d in outside_documents()]}
+    if not texts["outside"]:  # a Python without idlelib: validate on what there is
+        del texts["outside"]
+    if recipe.teacher.model:
+        teacher = Path(recipe.teacher.model)
+    else:  # the embedded teacher if it is pretrained already (never pretrained for this)
+        teacher = recipe.cache_path / "teachers" / teacher_key(recipe, data) / "final"
+    weights = sum(f.stat().st_size for f in teacher.glob("*.safetensors"))
+    return texts, (teacher if 0 < weights <= DENSE_VALIDATION_TEACHER_BYTES else None)
 
 
 def student_stores(recipe: RecipeConfig) -> tuple[Path | None, Path | None]:
@@ -146,6 +165,7 @@ def train_student(
             )
         return with_lora(model, recipe.student.lora) if recipe.student.lora else model
 
+    texts, dense_teacher = heldout_validation(recipe, data)
     with teacher_service(recipe) as url:
         source, held_out = on_policy_source(recipe, data, url) if url else (None, None)
         job = TrainJob.from_recipe(
@@ -161,6 +181,8 @@ def train_student(
             val_store=val_store,
             on_policy=source,
             val_prompts=held_out,
+            heldout=texts,
+            heldout_teacher=dense_teacher,
         )
         result = train(job)
     if is_main_process():
@@ -174,6 +196,7 @@ def train_student(
                 "val_kl": result.val_kl,
                 "val_acceptance": result.val_acceptance,
                 "start_acceptance": result.start_acceptance,
+                "heldout": result.heldout,
                 "steps": result.steps,
             },
             time.perf_counter() - started,

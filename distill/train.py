@@ -51,6 +51,8 @@ class TrainJob:
     val_store: Path | None = None  # a held-out teacher store: validation KL of the model to the teacher
     on_policy: Any = None  # an onpolicy.OnPolicySource when train.mode=on_policy
     val_prompts: list[list[int]] | None = None  # held-out prompts for val_acceptance (on-policy runs)
+    heldout: dict[str, list[str]] = field(default_factory=dict)  # name -> texts: held-out bits per byte
+    heldout_teacher: Path | None = None  # a teacher small enough to load: dense KL and top-1 on them
     model_settings: dict[str, Any] = field(default_factory=dict)  # what build_model builds (for resume)
     device: str = "cpu"
     mixed_precision: str = "no"
@@ -94,6 +96,7 @@ class TrainResult:
     val_kl: float | None = None
     val_acceptance: float | None = None
     start_acceptance: float | None = None
+    heldout: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- data
@@ -130,6 +133,7 @@ class StoreItems:
         store = TeacherStore(path)
         store.require_complete()
         self.k, self.pad_id = store.k, pad_id
+        self.teacher_draws = store.teacher_draws
         self.rows = list(store.rows())
         if not self.rows:
             raise DistillError(f"teacher store {path} is empty: run `distill generate` first")
@@ -307,9 +311,14 @@ def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
     if cfg.loss == "ce":
         ce_sum, n = cross_entropy(logits, next_token_labels(ids, batch["loss_mask"]))
         return ce_sum * scale, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
+    teacher = SparseTeacher(batch["topk_ids"], batch["topk_logprobs"])
+    if cfg.tail == "sample":  # the sequence's own next tokens are the teacher's draws
+        teacher = SparseTeacher.from_continuation(
+            batch["topk_ids"], batch["topk_logprobs"], ids, batch["token_logprobs"]
+        )
     parts = kd_loss(
         logits,
-        SparseTeacher(batch["topk_ids"], batch["topk_logprobs"]),
+        teacher,
         batch["loss_mask"],
         ids,
         cfg.loss,
@@ -370,6 +379,51 @@ def evaluate_kl(model, items: StoreItems, batch_size: int, max_batches: int, dev
             total, count = total + parts.kd.item(), count + parts.tokens
     model.train()
     return total / max(count, 1)
+
+
+class HeldOutText:
+    """Validation in units the objective does not train on: bits per byte of human text the student
+    never saw (the corpus's validation split, and text from outside the corpus), and with a teacher in
+    memory its full-vocabulary KL to the teacher and top-1 agreement (distill.heldout)."""
+
+    def __init__(self, job: TrainJob, documents: int, accelerator):
+        from transformers import AutoModelForCausalLM
+
+        from distill.heldout import Documents
+        from distill.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(job.tokenizer_dir)
+        self.docs = {
+            name: Documents.encode(texts, tokenizer, job.seq_len, documents)
+            for name, texts in job.heldout.items()
+        }
+        from contextlib import nullcontext
+
+        from distill.launch import is_zero3
+
+        self.device, self.teacher = accelerator.device, None
+        if job.heldout_teacher is not None:
+            import torch
+
+            # NOTE: a frozen model loaded inside a ZeRO-3 run is partitioned and cannot run on its own.
+            plugin = accelerator.state.deepspeed_plugin if is_zero3(accelerator) else None
+            with plugin.zero3_init_context_manager(enable=False) if plugin else nullcontext():
+                self.teacher = AutoModelForCausalLM.from_pretrained(
+                    str(job.heldout_teacher), dtype=torch.float32
+                )
+            self.teacher.to(self.device).eval()
+
+    def evaluate(self, model, batch_size: int) -> dict[str, float]:
+        """{<name>_bpb, <name>_kl_full, <name>_top1} for each held-out text."""
+        from distill.heldout import measure, summarize
+
+        row = {}
+        for name, docs in self.docs.items():
+            figures = summarize(measure(model, self.teacher, docs, batch_size, self.device))
+            row[f"{name}_bpb"] = figures["bits_per_byte"]
+            if "kl" in figures:
+                row[f"{name}_kl_full"], row[f"{name}_top1"] = figures["kl"], figures["top1_agreement"]
+        return row
 
 
 def evaluate_acceptance(model, job: TrainJob, batch_size: int) -> float:
@@ -492,8 +546,14 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
     else:
         train_items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
+    if cfg.tail == "sample" and cfg.loss != "ce" and not getattr(train_items, "teacher_draws", True):
+        raise DistillError(
+            f"train.tail=sample needs a store whose tokens the teacher sampled at temperature 1, top_p 1 "
+            f"(generate.mode=sample); {job.store} holds other tokens: use train.tail=bucket"
+        )
     val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
     val_items = StoreItems(job.val_store, pad_id=_pad_id(job.tokenizer_dir)) if job.val_store else None
+    heldout = HeldOutText(job, cfg.eval_batches * cfg.batch_size, accelerator) if job.heldout else None
     order = BlockOrder(train_items.num_items, cfg.seed) if train_items is not None else None
     # Every process evaluates the same global micro-batches (ZeRO-3 needs all of them in each forward),
     # so the validation figures do not depend on how the batch is split across processes.
@@ -508,6 +568,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         "val_kl": None,
         "val_acceptance": None,
         "start_acceptance": None,
+        "heldout": {},
         "sampled_batches": 0,  # on-policy micro-batches so far, over all processes
         "store_batches": 0,
         "settings": settings,
@@ -643,6 +704,9 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                         model, val_items, eval_batch, cfg.eval_batches, accelerator.device
                     )
                     row.update(val_kl=state["val_kl"])
+                if heldout is not None:
+                    state["heldout"] = heldout.evaluate(model, eval_batch)
+                    row.update(state["heldout"])
                 if job.val_prompts and main:
                     if job.on_policy.sampler is not None:  # the engine samples with the current weights
                         job.on_policy.sampler.refresh(accelerator.unwrap_model(model), step)
@@ -686,6 +750,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         state.get("val_kl"),
         state.get("val_acceptance"),
         state.get("start_acceptance"),
+        state.get("heldout", {}),
     )
 
 

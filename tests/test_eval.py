@@ -147,6 +147,43 @@ def test_a_model_that_crashes_fails_the_gate_closed(models, tmp_path):
     assert "teacher" in gate["models"] and "broken" not in gate["models"]
 
 
+@pytest.mark.slow
+def test_full_vocabulary_kl_and_top1_agreement_are_measured_and_gated(models, tmp_path):
+    """distill_match_<source>: the teacher's twin has KL 0 and agrees everywhere; a random student does
+    not, and a gate on them fails it. distill_outside_ppl scores text from outside the corpus."""
+    criteria = (
+        "eval.gate.criteria=[{task: distill_match_outside, metric: kl, min_value: 0.3},"
+        " {task: distill_match_test, metric: top1_agreement, min_value: 0.5}]"
+    )
+    out = distill_eval("eval.limit=20", "eval.backend=hf", "eval.tasks=[distill_outside_ppl]",
+                       "eval.teacher_match_documents=20", criteria, f"--model=twin={models['twin']}",
+                       f"--model=random={models['random']}", runs=tmp_path)  # fmt: skip
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    gate = gate_of(tmp_path)
+    twin, rand = gate["models"]["twin"]["scores"], gate["models"]["random"]["scores"]
+    for source in ("test", "outside"):
+        assert twin[f"distill_match_{source}"]["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert twin[f"distill_match_{source}"]["top1_agreement"] == 1.0
+        assert (
+            rand[f"distill_match_{source}"]["kl"] > 0.3  # measured 0.86 against the 40-step micro teacher
+            and rand[f"distill_match_{source}"]["top1_agreement"] < 0.5
+        )
+    teacher = gate["models"]["teacher"]["scores"]
+    assert 0 < teacher["distill_outside_ppl"]["bits_per_byte"] < rand["distill_outside_ppl"]["bits_per_byte"]
+    verdicts = {(c["model"], c["task"]): c["passed"] for c in gate["checks"]}
+    assert verdicts == {
+        ("twin", "distill_match_outside"): True,
+        ("twin", "distill_match_test"): True,
+        ("random", "distill_match_outside"): False,
+        ("random", "distill_match_test"): False,
+    }
+    rows = per_doc(tmp_path, "random", "distill_match_outside")
+    assert len(rows) == 20 and all(r["kl"] > 0 for r in rows)
+    assert len(per_doc(tmp_path, "teacher", "distill_outside_ppl")) == 20
+    report = (tmp_path / "tiny" / "report" / "report.md").read_text()
+    assert "distill_match_outside" in report and "distill_outside_ppl" in report
+
+
 def test_bad_input_is_refused_before_any_model_runs(models, tmp_path):
     twin = f"--model=twin={models['twin']}"
     cases = [
@@ -160,8 +197,19 @@ def test_bad_input_is_refused_before_any_model_runs(models, tmp_path):
         ),
         (
             ["eval.gate.criteria=[{task: hellaswag, metric: acc, min_retention: 0.9}]"],
-            "eval.gate.criteria[0].task: 'hellaswag' is not evaluated (eval.tasks: distill_ppl, distill_cloze, "
-            "distill_nextword)",
+            "eval.gate.criteria[0].task: 'hellaswag' is not evaluated (eval.tasks: distill_ppl, "
+            "distill_outside_ppl, distill_cloze, distill_nextword)",
+        ),
+        (
+            ["eval.gate.criteria=[{task: distill_match_outside, metric: acc, min_value: 0.9}]"],
+            "eval.gate.criteria[0].metric: distill_match_outside produces kl, top1_agreement, not 'acc'",
+        ),
+        (
+            [
+                "eval.teacher_match=[test]",
+                "eval.gate.criteria=[{task: distill_match_outside, metric: kl, min_value: 1}]",
+            ],
+            "eval.gate.criteria[0].task: 'distill_match_outside' is not measured (eval.teacher_match: test)",
         ),
     ]
     for overrides, message in cases:

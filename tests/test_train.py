@@ -229,3 +229,70 @@ def test_kd_accumulation_matches_a_larger_batch_with_ragged_rows(prepared, tmp_p
         train(kd)
     assert losses(tmp_path / "b4") == pytest.approx(losses(tmp_path / "b2x2"), rel=1e-5)
     assert losses(tmp_path / "b4") == pytest.approx(losses(tmp_path / "b1x4"), rel=1e-5)
+
+
+def _draw_store(tmp_path, temperature):
+    import numpy as np
+
+    from .test_store import make_store, random_capture
+
+    rng = np.random.default_rng(1)
+    captures = [
+        random_capture(rng, f"r{i}", length=20 + 3 * i, start=2 + i, vocab=4096, k=8) for i in range(8)
+    ]
+    identity = {
+        "mode": "sample",
+        "k": 8,
+        "vocab_size": 4096,
+        "encoding": {"id_bits": 12},
+        "capture": {"backend": "hf", "temperature": temperature, "top_p": 1.0},
+    }
+    return make_store(tmp_path / f"store-{temperature}", captures, identity=identity).root
+
+
+def test_sampled_tail_trains_and_accumulation_matches_a_larger_batch(prepared, tmp_path):
+    store = _draw_store(tmp_path, 1.0)
+    for name, batch, accum in (("b4", 4, 1), ("b1x4", 1, 4)):
+        kd = job(prepared, tmp_path / name, max_steps=3, batch_size=batch, grad_accum=accum, loss="forward_kl",
+                 tail="sample")  # fmt: skip
+        kd.store = store
+        train(kd)
+    assert losses(tmp_path / "b4") == pytest.approx(losses(tmp_path / "b1x4"), rel=1e-5)
+    bucket = job(prepared, tmp_path / "bucket", max_steps=3, batch_size=4, loss="forward_kl", tail="bucket")
+    bucket.store = store
+    train(bucket)
+    assert losses(tmp_path / "b4")[0] != pytest.approx(losses(tmp_path / "bucket")[0], rel=1e-3)
+
+
+def test_sampled_tail_refuses_a_store_sampled_at_another_temperature(prepared, tmp_path):
+    kd = job(prepared, tmp_path / "out", max_steps=1, batch_size=4, loss="forward_kl", tail="sample")
+    kd.store = _draw_store(tmp_path, 0.7)
+    with pytest.raises(
+        DistillError, match="train.tail=sample needs a store whose tokens the teacher sampled"
+    ):
+        train(kd)
+
+
+def test_validation_reports_held_out_bits_per_byte_and_the_full_vocabulary_kl(prepared, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distill.heldout import Documents, measure, outside_documents, summarize
+
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    teacher = tmp_path / "teacher"
+    build_tiny_llama(MODEL, tok, seed=9).save_pretrained(teacher)
+    j = job(prepared, tmp_path / "out", max_steps=4, eval_every=4)
+    j.heldout = {
+        "val": prepared.corpus.texts("validation")[:8],
+        "outside": [d["text"] for d in outside_documents()][:8],
+    }
+    j.heldout_teacher = teacher
+    result = train(j)
+    row = read_metrics(tmp_path / "out" / "metrics.jsonl")[-1]
+    for name in ("val", "outside"):
+        assert row[f"{name}_bpb"] > 1 and row[f"{name}_kl_full"] > 0 and 0 <= row[f"{name}_top1"] <= 1
+    assert result.heldout == {key: row[key] for key in result.heldout} and len(result.heldout) == 6
+    # the figure is the exported student's own NLL per byte, recomputed here independently of the loop
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    docs = Documents.encode(j.heldout["val"], tok, j.seq_len, j.cfg.eval_batches * j.cfg.batch_size)
+    assert summarize(measure(model, None, docs))["bits_per_byte"] == pytest.approx(row["val_bpb"], rel=1e-4)

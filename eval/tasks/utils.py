@@ -73,11 +73,22 @@ def _cloze(docs: list[dict], words: int, choices: int, seed: int) -> list[dict]:
     return items
 
 
-def load_docs(distill_corpus_dir=None, distill_split="test", kind="text", distill_seed=1234, **_metadata):
-    """{"test": Dataset} of one task's documents; lm-eval also passes its own metadata (version, ...)."""
+def load_docs(
+    distill_corpus_dir=None,
+    distill_split="test",
+    kind="text",
+    distill_seed=1234,
+    distill_outside_dir=None,
+    **_metadata,
+):
+    """{"test": Dataset} of one task's documents; lm-eval also passes its own metadata (version, ...).
+    `distill_split: outside` reads the out-of-corpus source (distill.heldout) from `distill_outside_dir`."""
     import datasets
 
-    docs = _documents(distill_corpus_dir, distill_split)
+    if distill_split == "outside":
+        docs = _documents(distill_outside_dir, "outside")
+    else:
+        docs = _documents(distill_corpus_dir, distill_split)
     if kind == "text":  # perplexity over whole held-out documents
         rows = [{"id": d["id"], "text": d["text"]} for d in docs]
     elif kind == "cloze":  # the true next 3 words among 4 phrases
