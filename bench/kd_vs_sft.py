@@ -68,8 +68,9 @@ def train_all(recipe: str, variants: list[str], seeds: list[int], run_dir: Path)
     return seconds
 
 
-def judge(recipe, run_dir: Path, students: dict[str, Path]) -> dict[str, dict]:
-    """Per student: per-document held-out figures by source, and the expected acceptance."""
+def judge(recipe, run_dir: Path, students: dict[str, Path], done: dict | None = None) -> dict[str, dict]:
+    """Per student: per-document held-out figures by source, and the expected acceptance (`done`: the
+    figures of students judged before, whose directories are unchanged, kept as they are)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,6 +91,9 @@ def judge(recipe, run_dir: Path, students: dict[str, Path]) -> dict[str, dict]:
     continuations = teacher_continuations(teacher_dir, held_out_prompts(recipe), bench.max_tokens, 0.0)
     out = {"teacher": {s: measure(teacher, None, d) for s, d in docs.items()}}
     for name, path in students.items():
+        if done and name in done:
+            out[name] = done[name]
+            continue
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         row = {s: measure(model, teacher, d) for s, d in docs.items()}
         row["expected_acceptance"] = predict(draft_tokens(path, continuations), continuations, k, 0.0)
@@ -136,32 +140,29 @@ def aggregate(per_doc: dict[str, list[float]], metric: str, index=None) -> float
     return float(np.mean(np.asarray(per_doc[metric])[idx]))
 
 
-def seed_mean(rows: list[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Per-document values averaged over seeds (same documents, same order)."""
-    return {key: list(np.mean([r[key] for r in rows], axis=0)) for key in rows[0]}
+def paired(a: list[dict], b: list[dict], metric: str, rng) -> dict[str, float]:
+    """mean over seeds of (a - b) on the aggregate, a[i] and b[i] trained from the same seed, with a 95%
+    interval from a two-level bootstrap (seeds, then documents, resampled together for both sides, so
+    both the training seed's and the documents' variance count), and the share of documents where a is
+    better (values averaged over the seeds)."""
+    n, seeds = len(a[0]["nll"]), len(a)
 
+    def diff(seed_idx, doc_idx) -> float:
+        return float(
+            np.mean([aggregate(a[s], metric, doc_idx) - aggregate(b[s], metric, doc_idx) for s in seed_idx])
+        )
 
-def paired(a: dict, b: dict, metric: str, rng) -> dict[str, float]:
-    """a - b on the aggregate, with a bootstrap-over-documents 95% interval and the share of documents
-    where a is better."""
-    n = len(a["nll"])
-    diffs = []
-    for _ in range(BOOTSTRAP):
-        idx = rng.integers(0, n, n)
-        diffs.append(aggregate(a, metric, idx) - aggregate(b, metric, idx))
-    lower_better = metric in ("bits_per_byte", "kl")
-    if metric == "bits_per_byte":
-        da = np.asarray(a["nll"]) / np.asarray(a["bytes"])
-        db = np.asarray(b["nll"]) / np.asarray(b["bytes"])
-    else:
-        da, db = np.asarray(a[metric]), np.asarray(b[metric])
-    better = float(np.mean(da < db)) if lower_better else float(np.mean(da > db))
+    diffs = [diff(rng.integers(0, seeds, seeds), rng.integers(0, n, n)) for _ in range(BOOTSTRAP)]
+
+    def per_doc(rows):
+        if metric == "bits_per_byte":
+            return np.mean([np.asarray(r["nll"]) / np.asarray(r["bytes"]) for r in rows], axis=0)
+        return np.mean([np.asarray(r[metric]) for r in rows], axis=0)
+
+    da, db = per_doc(a), per_doc(b)
+    better = float(np.mean(da < db)) if metric in ("bits_per_byte", "kl") else float(np.mean(da > db))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return {
-        "diff": aggregate(a, metric) - aggregate(b, metric),
-        "ci95": [float(lo), float(hi)],
-        "docs_better": better,
-    }
+    return {"diff": diff(range(seeds), None), "ci95": [float(lo), float(hi)], "docs_better": better}
 
 
 METRICS = (("bits_per_byte", "test"), ("bits_per_byte", "outside"), ("kl", "test"), ("kl", "outside"),
@@ -176,8 +177,9 @@ def summarize(judged: dict, variants: list[str], seeds: list[int], measured: dic
             for s in ("test", "outside")
         }
     }
-    means = {v: {s: seed_mean([judged[f"{v}-s{seed}"][s] for seed in seeds]) for s in ("test", "outside")}
-             for v in variants}  # fmt: skip
+    runs = {
+        v: {s: [judged[f"{v}-s{seed}"][s] for seed in seeds] for s in ("test", "outside")} for v in variants
+    }
     for v in variants:
         row = {"description": VARIANTS[v][0], "overrides": VARIANTS[v][1], "per_seed": {}}
         for metric, source in METRICS:
@@ -186,7 +188,7 @@ def summarize(judged: dict, variants: list[str], seeds: list[int], measured: dic
             row["per_seed"][key] = per_seed
             row[key] = float(np.mean(per_seed))
             if v != "sft":
-                row[f"{key}_vs_sft"] = paired(means[v][source], means["sft"][source], metric, rng)
+                row[f"{key}_vs_sft"] = paired(runs[v][source], runs["sft"][source], metric, rng)
         exp = [judged[f"{v}-s{seed}"]["expected_acceptance"]["acceptance_rate"] for seed in seeds]
         row["per_seed"]["expected_acceptance"] = exp
         row["expected_acceptance"] = float(np.mean(exp))
@@ -212,8 +214,9 @@ def render(result: dict) -> str:
         "student on the same teacher samples. Held-out text: the corpus's test split "
         f"({result['documents']['test']} documents) and `outside` ({result['documents']['outside']} documents "
         "of IDLE's guide, change logs and Python's license, which ship with Python and are not in the corpus). "
-        "Bits per byte (bpb) and full-vocabulary KL: lower is better. Differences are against SFT, "
-        "per-document values averaged over the seeds, with a 95% bootstrap interval over documents; "
+        "Bits per byte (bpb) and full-vocabulary KL: lower is better. Differences are against SFT trained "
+        "from the same seed, averaged over the seeds, with a 95% interval from a bootstrap over seeds and "
+        "documents together; "
         f"measured acceptance: vLLM, seed(s) {', '.join(map(str, result['measured_seeds']))}, greedy, "
         f"k = {result['k']}.",
         "",
@@ -260,6 +263,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kd_vs_sft.json"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "kd-vs-sft.md"))
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs table from --out")
+    parser.add_argument(
+        "--from-judged", action="store_true", help="re-summarise the saved per-document figures"
+    )
     args = parser.parse_args()
     if args.render_only:
         Path(args.docs).write_text(render(json.loads(Path(args.out).read_text())))
@@ -269,12 +275,24 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe)
     run_dir = recipe.run_dir
-    seconds = train_all(args.recipe, args.variants, args.seeds, run_dir)
+    seconds = {} if args.from_judged else train_all(args.recipe, args.variants, args.seeds, run_dir)
     students = {f"{v}-s{s}": run_dir / f"bench-{v}-s{s}" / "final" for v in args.variants for s in args.seeds}
-    judged = judge(recipe, run_dir, students)
-    measured = {}
-    for v in args.variants:
+    judged_path = run_dir / "bench-kd-vs-sft-judged.json"  # per-document figures, to re-summarise from
+    # students are retrained only when their final/ is missing: the figures of existing ones are kept
+    done = json.loads(judged_path.read_text()) if judged_path.exists() else {}
+    if args.from_judged:
+        judged = done
+    else:
+        judged = judge(
+            recipe, run_dir, students, {k: v for k, v in done.items() if f"bench-{k}" not in seconds}
+        )
+        judged_path.write_text(json.dumps(judged))
+    previous = json.loads(Path(args.out).read_text())["measured"] if Path(args.out).exists() else {}
+    measured = {k: v for k, v in previous.items() if k in students and f"bench-{k}" not in seconds}
+    for v in args.variants if not args.from_judged else []:
         for seed in args.measured_seeds:
+            if f"{v}-s{seed}" in measured:
+                continue
             measured[f"{v}-s{seed}"] = measured_acceptance(recipe, students[f"{v}-s{seed}"])
             print(f"measured {v}-s{seed}: {measured[f'{v}-s{seed}']}", flush=True)
     result = {

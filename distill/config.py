@@ -222,12 +222,14 @@ class TrainConfig(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="Skew KL mixing weight (skew_*).")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature applied to both sides.")
     ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label CE mixed into the KD loss.")
-    tail: Literal["bucket", "renormalize", "sample"] = Field(
-        "bucket",
-        description="What stands for the teacher's tail outside its stored top-k: one bucket of its mass, "
-        "the renormalised top-k, or sample (the top-k exactly plus the teacher's own sampled next token "
-        "for the rest: an unbiased estimate of the full-vocabulary forward KL; needs loss forward_kl, "
-        "temperature 1 and a sample-mode store made at generate.temperature 1, top_p 1).",
+    tail: Literal["auto", "sample", "bucket", "renormalize"] = Field(
+        "auto",
+        description="What stands for the teacher's tail outside its stored top-k: sample (the top-k exactly "
+        "plus the teacher's own sampled next token for the rest: an unbiased estimate of the "
+        "full-vocabulary forward KL; needs loss forward_kl, temperature 1 and a sample-mode store made at "
+        "generate.temperature 1, top_p 1), bucket (one outcome holding the tail's mass), renormalize (the "
+        "top-k alone), or auto: sample where those hold and ce_weight is 0, else bucket (with CE mixed in, "
+        "bucket + CE measured better).",
     )
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a fraction of lr.")
@@ -288,6 +290,11 @@ class PretrainConfig(TrainConfig):
 
     loss: Literal["ce"] = Field("ce", description="Pretraining is next-token cross-entropy on the corpus.")
     mode: Literal["offline"] = Field("offline", description="Pretraining reads the corpus (offline).")
+    # NOTE: these settings key the cached teacher (pretrain.teacher_key): a KD-only field added to
+    # TrainConfig gets a fixed value here, so that it never re-pretrains a teacher it cannot affect.
+    tail: Literal["bucket"] = Field(
+        "bucket", description="Unused by pretraining (cross-entropy has no tail)."
+    )
 
 
 class GateCriterion(Section):

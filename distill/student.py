@@ -197,6 +197,7 @@ def train_student(
                 "val_acceptance": result.val_acceptance,
                 "start_acceptance": result.start_acceptance,
                 "heldout": result.heldout,
+                "tail": result.tail,
                 "steps": result.steps,
             },
             time.perf_counter() - started,

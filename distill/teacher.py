@@ -212,6 +212,24 @@ class HfTeacher:
             )
         return out
 
+    def _sampling(self, settings: SampleSettings):
+        """Exactly the recipe's sampling: a fresh GenerationConfig, so none of the model's own defaults
+        (repetition_penalty, top_k, min_p, ...) bends the draws away from the teacher's distribution,
+        which train.tail=sample relies on."""
+        from transformers import GenerationConfig
+
+        sampled = settings.temperature > 0
+        return GenerationConfig(
+            do_sample=sampled,
+            temperature=settings.temperature if sampled else None,
+            top_p=settings.top_p if sampled else None,
+            top_k=0 if sampled else None,
+            max_new_tokens=settings.max_new_tokens,
+            num_return_sequences=settings.samples_per_prompt,
+            eos_token_id=self.model.config.eos_token_id,
+            pad_token_id=self.model.config.eos_token_id,
+        )
+
     def sample(self, items: list[Item], settings: SampleSettings, first_index: int) -> list[Capture]:
         """Generate per prompt (seeded like vLLM: seed + global prompt index), then score the sequences."""
         import torch
@@ -224,14 +242,7 @@ class HfTeacher:
             torch.manual_seed(settings.seed + first_index + i)
             with torch.no_grad():
                 out = self.model.generate(
-                    torch.tensor([fitted], device=self.device),
-                    do_sample=settings.temperature > 0,
-                    temperature=settings.temperature if settings.temperature > 0 else None,
-                    top_p=settings.top_p,
-                    top_k=0,
-                    max_new_tokens=settings.max_new_tokens,
-                    num_return_sequences=settings.samples_per_prompt,
-                    pad_token_id=self.model.config.eos_token_id,
+                    torch.tensor([fitted], device=self.device), generation_config=self._sampling(settings)
                 )
             for j, row in enumerate(out.tolist()):
                 sequences.append(

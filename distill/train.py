@@ -97,6 +97,7 @@ class TrainResult:
     val_acceptance: float | None = None
     start_acceptance: float | None = None
     heldout: dict[str, float] = field(default_factory=dict)
+    tail: str | None = None  # train.tail as resolved for this run (auto -> sample or bucket)
 
 
 # --------------------------------------------------------------------------- data
@@ -165,6 +166,26 @@ class BlockOrder:
 
 
 # --------------------------------------------------------------------------- optimisation
+
+
+def resolve_tail(cfg: TrainConfig, train_items, store: Path | None) -> str:
+    """train.tail for this run: `auto` becomes sample where the unbiased sampled tail applies (forward KL
+    at temperature 1 on a store of teacher draws) and nothing else teaches the tail (ce_weight 0), else
+    bucket; an explicit sample is checked.
+
+    NOTE: with CE mixed in, the draws' CE already carries the tail and the bucket pins its mass: bucket
+    + CE measured better than sample + CE on every held-out figure (docs/kd-vs-sft.md)."""
+    draws = isinstance(train_items, StoreItems) and train_items.teacher_draws
+    if cfg.tail == "auto":
+        fits = cfg.loss == "forward_kl" and cfg.temperature == 1.0 and cfg.mode == "offline" and draws
+        fits = fits and cfg.ce_weight == 0
+        return "sample" if fits else "bucket"
+    if cfg.tail == "sample" and cfg.loss != "ce" and not draws:
+        raise DistillError(
+            f"train.tail=sample needs a store whose tokens the teacher sampled at temperature 1, top_p 1 "
+            f"(generate.mode=sample); {store} holds other tokens: use train.tail=bucket"
+        )
+    return cfg.tail
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -546,11 +567,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
     else:
         train_items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
-    if cfg.tail == "sample" and cfg.loss != "ce" and not getattr(train_items, "teacher_draws", True):
-        raise DistillError(
-            f"train.tail=sample needs a store whose tokens the teacher sampled at temperature 1, top_p 1 "
-            f"(generate.mode=sample); {job.store} holds other tokens: use train.tail=bucket"
-        )
+    cfg = cfg.model_copy(update={"tail": resolve_tail(cfg, train_items, job.store)})
     val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
     val_items = StoreItems(job.val_store, pad_id=_pad_id(job.tokenizer_dir)) if job.val_store else None
     heldout = HeldOutText(job, cfg.eval_batches * cfg.batch_size, accelerator) if job.heldout else None
@@ -751,6 +768,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         state.get("val_acceptance"),
         state.get("start_acceptance"),
         state.get("heldout", {}),
+        cfg.tail if cfg.loss != "ce" else None,
     )
 
 

@@ -221,3 +221,16 @@ def test_shipped_accelerate_configs_match_the_backends_they_serve():
         cfg = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"{name}.yaml").read_text())
         assert cfg["distributed_type"] == kind
         assert cfg.get("deepspeed_config", {}).get("zero_stage") == stage
+
+
+def test_the_sampled_tail_only_where_it_is_unbiased(tmp_path):
+    for overrides, why in (
+        (["train.tail=sample", "train.loss=jsd"], "got loss jsd, temperature 1.0"),
+        (["train.tail=sample", "train.temperature=2.0"], "got loss forward_kl, temperature 2.0"),
+    ):
+        msg = _error(tmp_path, BASE, overrides)
+        assert "train: tail: sample estimates forward_kl at temperature 1" in msg and why in msg, msg
+    assert "tail: sample needs the teacher's own samples" in _error(
+        tmp_path, BASE, ["train.tail=sample", "train.mode=on_policy"]
+    )
+    assert load_recipe(tmp_path / "r.yaml", ["train.loss=jsd"]).train.tail == "auto"  # auto resolves later

@@ -262,6 +262,20 @@ def test_sampled_tail_trains_and_accumulation_matches_a_larger_batch(prepared, t
     bucket.store = store
     train(bucket)
     assert losses(tmp_path / "b4")[0] != pytest.approx(losses(tmp_path / "bucket")[0], rel=1e-3)
+    # auto: the sampled tail on a store of teacher draws at T = 1 ...
+    auto = job(prepared, tmp_path / "auto", max_steps=3, batch_size=4, loss="forward_kl")
+    auto.store = store
+    assert train(auto).tail == "sample" and losses(tmp_path / "auto") == pytest.approx(
+        losses(tmp_path / "b4")
+    )
+    # ... and the bucket for an objective it cannot estimate, or a store of other tokens
+    jsd = job(prepared, tmp_path / "jsd", max_steps=1, batch_size=4, loss="jsd")
+    jsd.store = store
+    other = job(prepared, tmp_path / "other", max_steps=1, batch_size=4, loss="forward_kl")
+    other.store = _draw_store(tmp_path, 0.7)
+    mixed = job(prepared, tmp_path / "mixed", max_steps=1, batch_size=4, loss="forward_kl", ce_weight=0.5)
+    mixed.store = store
+    assert train(jsd).tail == "bucket" and train(other).tail == "bucket" and train(mixed).tail == "bucket"
 
 
 def test_sampled_tail_refuses_a_store_sampled_at_another_temperature(prepared, tmp_path):
