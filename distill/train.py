@@ -418,20 +418,15 @@ class HeldOutText:
             name: Documents.encode(texts, tokenizer, job.seq_len, documents)
             for name, texts in job.heldout.items()
         }
-        from contextlib import nullcontext
-
         from distill.launch import is_zero3
 
         self.device, self.teacher = accelerator.device, None
-        if job.heldout_teacher is not None:
+        # NOTE: a frozen model loaded inside a ZeRO-3 run is partitioned and cannot run on its own, so
+        # under ZeRO-3 the loop logs bits per byte only; `distill eval` measures the full KL densely.
+        if job.heldout_teacher is not None and not is_zero3(accelerator):
             import torch
 
-            # NOTE: a frozen model loaded inside a ZeRO-3 run is partitioned and cannot run on its own.
-            plugin = accelerator.state.deepspeed_plugin if is_zero3(accelerator) else None
-            with plugin.zero3_init_context_manager(enable=False) if plugin else nullcontext():
-                self.teacher = AutoModelForCausalLM.from_pretrained(
-                    str(job.heldout_teacher), dtype=torch.float32
-                )
+            self.teacher = AutoModelForCausalLM.from_pretrained(str(job.heldout_teacher), dtype=torch.float32)
             self.teacher.to(self.device).eval()
 
     def evaluate(self, model, batch_size: int) -> dict[str, float]:
