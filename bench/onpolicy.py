@@ -38,9 +38,10 @@ from distill.onpolicy import Prompts, VllmSampler, sample_hf  # noqa: E402
 from distill.prepare import prepare  # noqa: E402
 from distill.store import collate  # noqa: E402
 from distill.teacher import HfTeacher  # noqa: E402
-from distill.teacher_server import TeacherClient, TeacherServer  # noqa: E402
+from distill.teacher_server import TeacherClient  # noqa: E402
 from distill.tokenizer import load_tokenizer  # noqa: E402
 from distill.train import micro_batch_loss  # noqa: E402
+from distill.vllm_server import VllmServer  # noqa: E402
 
 SIZES = {  # name: (hidden, layers, heads, intermediate)
     "student_tiny_yaml": None,
@@ -206,7 +207,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        with TeacherServer(engine_args(recipe, teacher), work / "server.log") as server:
+        with VllmServer(engine_args(recipe, teacher), work / "server.log") as server:
             max_len = json.loads((teacher / "config.json").read_text())["max_position_embeddings"]
             client = TeacherClient(server.url, args.top_k, max_len)
             student = build_tiny_llama(recipe.student.tiny, tokenizer, seed=0)

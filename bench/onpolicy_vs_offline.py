@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from distill.config import load_recipe  # noqa: E402
 from distill.generate import engine_args, generate, teacher_path  # noqa: E402
 from distill.student import train_student  # noqa: E402
-from distill.teacher_server import TeacherServer  # noqa: E402
+from distill.vllm_server import VllmServer  # noqa: E402
 
 MODES = {
     "offline": ["train.mode=offline"],
@@ -85,7 +85,7 @@ def main() -> None:
     results: dict = {"batch": args.batch, "new_tokens": args.new_tokens, "warm_steps": args.warm_steps}
     results["steps"], results["runs"] = args.steps, {}
     try:
-        with TeacherServer(engine_args(first, teacher), work / "server.log") as server:
+        with VllmServer(engine_args(first, teacher), work / "server.log") as server:
             url = f"train.on_policy.teacher_url={server.url}"
             steps = [f"train.max_steps={args.warm_steps}", f"train.eval_every={args.warm_steps}"]
             warm = train_student(recipe(*MODES["offline"], *steps, "train.lr=3e-3", url), progress=False)

@@ -117,13 +117,28 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     commit_directory(tmp, target)
 
 
+def _writer_alive(name: str) -> bool:
+    """`.name.tmp-PID` of another process of this machine that is still running (still writing it)."""
+    tag = name.rsplit("-", 1)[-1]
+    if not tag.isdigit() or int(tag) == os.getpid():
+        return False
+    try:
+        os.kill(int(tag), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def remove_stale_temps(directory: Path) -> None:
     """Clean up after writes that died: delete `.name.tmp-PID` and `.name.del-PID`; a `.name.old-PID`
-    whose `name` is gone (killed between the two renames of `atomic_directory`) is put back."""
+    whose `name` is gone (killed between the two renames of `atomic_directory`) is put back. The
+    temporaries of a writer that is still running are left alone."""
     if not directory.is_dir():
         return
     for path in sorted(directory.iterdir()):
-        if not path.name.startswith("."):
+        if not path.name.startswith(".") or _writer_alive(path.name):
             continue
         if ".old-" in path.name:
             target = directory / path.name[1:].rsplit(".old-", 1)[0]
@@ -132,6 +147,20 @@ def remove_stale_temps(directory: Path) -> None:
                 continue
         if any(marker in path.name for marker in (".tmp-", ".old-", ".del-")):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+QUANT_RECORD = "distill-quant.json"  # written last into quant/<scheme>/: the directory is finished
+
+
+def quantized_students(run_dir: Path) -> list[Path]:
+    """The run's finished quantized students, `quant/<scheme>/` with their record, by scheme name.
+
+    Never a temporary `quant/.<scheme>.tmp-PID/` of a quantize that was killed (it may hold a
+    config.json and weights, but not the record `quantize` adds before renaming it)."""
+    root = Path(run_dir) / "quant"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / QUANT_RECORD).is_file())
 
 
 def remove_directory(path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distill import __version__
 from distill.errors import DistillError
+from distill.processes import Terminated, handle_termination
 
 
 class Parser(argparse.ArgumentParser):
@@ -524,8 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     # Our own bar shows training progress; the per-file bars of model loading and saving are noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    handle_termination()  # SIGTERM unwinds like Ctrl-C: every server and engine started is stopped
     try:
         return args.func(args)
+    except Terminated as exc:
+        print(f"distill: terminated ({exc}); servers and engines it started were stopped", file=sys.stderr)
+        return exc.exit_code
     except DistillError as exc:
         if debug:
             raise

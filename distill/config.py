@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import DistillError
 
@@ -469,6 +469,16 @@ class RecipeConfig(Section):
         default_factory=PipelineConfig, description="Which optional stages `distill run` chains."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or name in (".", ".."):
+            raise ValueError(
+                f"{name!r} is not a run name: the run directory is <runs_dir>/<name>, so it is one "
+                "directory name of letters, digits, '_', '-' and '.' (no '/', not empty, not '..')"
+            )
+        return name
+
     @model_validator(mode="after")
     def _sequences_fit(self) -> RecipeConfig:
         for role, tiny in (("teacher", self.teacher.tiny), ("student", self.student.tiny)):
@@ -572,7 +582,7 @@ def validate_recipe(
 def _with_origin(text: str, err: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> str:
     """Name the command-line override an error came from, so nobody hunts for it in the file."""
     dotted = ".".join(str(p) for p in err["loc"])
-    for item in overrides:
+    for item in reversed(overrides):  # the last override of a key is the one that took effect
         key = item.partition("=")[0]
         if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
             return f"{text} (from override {item})"

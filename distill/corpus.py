@@ -59,6 +59,12 @@ class Corpus:
     def content_hash(self) -> str:
         return self.manifest["content_hash"]
 
+    @property
+    def text_hash(self) -> str:
+        """The hash of the split texts alone: what a tokenizer, token arrays or a teacher trained on the
+        corpus depend on (the prompts for sampling are not among them, so changing them retrains nothing)."""
+        return hash_json({name: h for name, h in self.manifest["files"].items() if name != "prompts.jsonl"})
+
     def split_path(self, split: str) -> Path:
         return self.root / f"{split}.jsonl"
 

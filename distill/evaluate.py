@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import atomic_write_json, atomic_write_text, hash_json, hash_tree, read_json
+from distill.artifacts import (
+    atomic_write_json,
+    atomic_write_text,
+    hash_json,
+    hash_tree,
+    quantized_students,
+    read_json,
+)
 from distill.config import EvalConfig, RecipeConfig
 from distill.errors import DistillError
 
@@ -52,8 +59,8 @@ def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> li
         models.append(EvalModel("sft", baseline, "baseline"))
     if (student / "config.json").exists():
         models.append(EvalModel("student", student, "student"))
-        for config in sorted((recipe.run_dir / "quant").glob("*/config.json")):  # distill quantize
-            models.append(EvalModel(f"student-{config.parent.name}", config.parent, "quantized", "student"))
+        for quant in quantized_students(recipe.run_dir):  # distill quantize
+            models.append(EvalModel(f"student-{quant.name}", quant, "quantized", "student"))
     for name, path in (extra or {}).items():
         if name == "teacher" or not name.replace("-", "").replace("_", "").isalnum():
             raise DistillError(
@@ -273,12 +280,12 @@ def model_server(cfg: EvalConfig, model: EvalModel, log_dir: Path):
     if model.name in cfg.servers:
         yield cfg.servers[model.name]
         return
-    from distill.teacher_server import TeacherServer
     from distill.vllm_engine import engine_kwargs
+    from distill.vllm_server import VllmServer
 
     args = engine_kwargs(str(model.path), max_model_len=_max_len(cfg, model.path), seed=cfg.seed)
     args["trust_remote_code"] = cfg.trust_remote_code
-    with TeacherServer(args, log_dir / f"server-{model.name}.log") as server:
+    with VllmServer(args, log_dir / f"server-{model.name}.log") as server:
         yield server.url
 
 

@@ -25,6 +25,7 @@ from distill.store import (
     STORE_FORMAT,
     TeacherStore,
     id_bits,
+    identity_key,
     open_or_create,
     record_shard,
     shard_name,
@@ -127,15 +128,16 @@ def store_identity(
             top_p=g.top_p,
             seed=g.seed,
         )
-    return {
+    teacher = {k: v for k, v in model_fingerprint(model, recipe.cache_path).items() if k != "path"}
+    return {  # content only: where the inputs lie is `made_from`, so a moved cache keeps its stores
         "mode": g.mode,
         "k": g.top_k,
         "vocab_size": vocab,
-        "teacher": model_fingerprint(model, recipe.cache_path),
+        "teacher": teacher,
         "tokenizer_hash": tokenizer_hash(data.tokenizer_dir)
         if (data.tokenizer_dir / "tokenizer.json").exists()
         else None,
-        "source": source,
+        "source": {k: v for k, v in source.items() if k != "file"},
         "capture": capture,
         "encoding": {"format": STORE_FORMAT, "id_bits": id_bits(vocab), "logprob_scale": LOGPROB_SCALE},
     }
@@ -175,8 +177,14 @@ def generate(
     base = "teacher" if split == "train" else f"teacher-{split}"
     if out is None:
         out = recipe.run_dir / (base if shard is None else f"{base}.shard-{shard[0]}-of-{shard[1]}")
+    if g.top_k > vocab:
+        raise DistillError(
+            f"generate.top_k={g.top_k} exceeds the teacher's vocabulary ({vocab} tokens, {model / 'config.json'})"
+        )
     identity = store_identity(recipe, model, data, source, vocab, dtype)
-    manifest = open_or_create(out, identity, num_shards, list(shard) if shard else None, overwrite)
+    made_from = {"teacher": str(model), "source": source["file"]}
+    manifest = open_or_create(out, identity, num_shards, list(shard) if shard else None, overwrite, made_from)
+    key = identity_key(identity)
     mine = [i for i in range(num_shards) if shard is None or i % shard[1] == shard[0]]
     todo = [i for i in mine if not _shard_done(out, manifest, shard_name(i))]
     if todo:
@@ -187,7 +195,7 @@ def generate(
                 lo = i * g.items_per_shard
                 chunk = items[lo : lo + g.items_per_shard]
                 captures = teacher.sample(chunk, settings, lo) if g.mode == "sample" else teacher.score(chunk)
-                entry = write_shard(out / shard_name(i), captures, identity["encoding"]["id_bits"])
+                entry = write_shard(out / shard_name(i), captures, identity["encoding"]["id_bits"], key)
                 record_shard(
                     out, manifest, shard_name(i), {"index": i, "items": [lo, lo + len(chunk)], **entry}
                 )

@@ -96,7 +96,7 @@ def launch_env(cache_dir: Path) -> dict[str, str]:
 
 def run_launch(dist: DistributedConfig, distill_args: list[str], cache_dir: Path, dry_run: bool) -> int:
     """Print the launch command, and run it unless `dry_run` (or it spans several machines)."""
-    import subprocess
+    from distill.processes import run
 
     port = None if (dry_run or dist.num_machines > 1) else _free_port()
     cmd = launch_command(dist, distill_args, port)
@@ -110,7 +110,7 @@ def run_launch(dist: DistributedConfig, distill_args: list[str], cache_dir: Path
             flush=True,
         )
         return 0
-    return subprocess.run(cmd, env=launch_env(cache_dir)).returncode
+    return run(cmd, env=launch_env(cache_dir))
 
 
 def make_accelerator(dist: DistributedConfig, device: str, mixed_precision: str, grad_accum: int):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.artifacts import RunManifest, hash_json, read_json
+from distill.artifacts import QUANT_RECORD, RunManifest, hash_json, read_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 
@@ -49,7 +49,7 @@ class Stage:
     name: str
     inputs: dict[str, Any]  # the recipe sections the stage reads
     run: Callable[[bool], dict]  # run(redo) -> outputs; redo: the inputs changed since the last run
-    outputs: Callable[[], list[Path]]  # what must exist for the stage to count as done
+    outputs: Callable[[], list[Path] | None]  # what must exist for the stage to count as done (None: damaged)
     plan: Callable[[], list[str]]  # the commands a dry run prints
     off: str | None = None  # why the recipe leaves it out
     hash: str = ""
@@ -159,7 +159,7 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
 
     def serve_plan() -> list[str]:
         from distill.serve import serve_engine_args
-        from distill.teacher_server import serve_command
+        from distill.vllm_server import serve_command
 
         student = run_dir / "student" / "final"
         # the plan names the tiny teacher instead of pretraining it to learn its cache path
@@ -195,6 +195,23 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
     def exists(*paths: Path) -> Callable[[], list[Path]]:
         return lambda: list(paths)
 
+    def intact_stores() -> list[Path] | None:
+        """The teacher stores' manifests if every shard matches them; None sends generate back to work
+        (it redoes what is damaged or missing and keeps the rest)."""
+        from distill.store import TeacherStore
+
+        roots = [run_dir / "teacher"] + (
+            [run_dir / "teacher-validation"] if r.generate.validation_sequences else []
+        )
+        for root in roots:
+            if not (root / "manifest.json").exists():
+                return None
+            problem = TeacherStore(root).problem()
+            if problem:
+                log(f"generate: {problem}")
+                return None
+        return [root / "manifest.json" for root in roots]
+
     student_final = run_dir / "student" / "final" / "config.json"
     p = r.pipeline
     serve_inputs = r.serve.model_dump(exclude={"host", "port", "api_key_env"})
@@ -208,7 +225,7 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
               exists(), lambda: [f"distill pretrain {recipe_file}"],
               off=None if r.teacher.tiny else "the teacher is a model directory (teacher.model)"),
         Stage("generate", {"teacher": _dump(r.teacher), "generate": _dump(r.generate)}, generate_stage,
-              exists(run_dir / "teacher" / "manifest.json"), vllm_plan,
+              intact_stores, vllm_plan,
               off="train.mode on_policy with lmbda 1 reads no store" if (
                   r.train.mode == "on_policy" and r.train.on_policy.lmbda >= 1.0) else None),
         Stage("train", {"student": _dump(r.student), "train": _dump(r.train)}, train_stage(r, []),
@@ -219,7 +236,7 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
               lambda: launch_plan(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
               off=None if p.sft_baseline else "pipeline.sft_baseline is false"),
         Stage("quantize", {"quantize": _dump(r.quantize)}, quantize_stage,
-              exists(*(run_dir / "quant" / s / "config.json" for s in r.quantize.schemes)),
+              exists(*(run_dir / "quant" / s / QUANT_RECORD for s in r.quantize.schemes)),
               lambda: [f"distill quantize {run_dir}   (.venv-quant: llm-compressor oneshot)"],
               off=None if p.quantize and r.quantize.schemes else "pipeline.quantize is false"),
         Stage("eval", {"eval": _dump(r.eval), "expected_acceptance": expected_inputs}, eval_stage,
@@ -255,7 +272,8 @@ def state(stage: Stage, manifest: RunManifest) -> str:
         return "new"
     if record["pipeline_hash"] != stage.hash:
         return "changed"
-    if record["status"] in FINISHED and all(p.exists() for p in stage.outputs()):
+    outputs = stage.outputs()
+    if record["status"] in FINISHED and outputs is not None and all(p.exists() for p in outputs):
         return "finished"
     return "interrupted"
 

@@ -1,6 +1,6 @@
 """Stage `pretrain`: train the embedded tiny teacher on the corpus (CE), cached by content hash.
 
-The cache key covers the corpus, the tokenizer, the model config and the training settings that change
+The cache key covers the corpus texts (not its sampling prompts), the tokenizer, the model config and the training settings that change
 the weights, so a second run (or another run directory) reuses the same teacher.
 """
 
@@ -43,7 +43,7 @@ def teacher_key(recipe: RecipeConfig, data: PreparedData) -> str:
     return hash_json(
         {
             "device": device,  # fp32 on CPUs, bf16 mixed precision on GPUs: different weights
-            "corpus": data.corpus.content_hash,
+            "texts": data.corpus.text_hash,  # not the prompts: sampling settings never retrain it
             "tokenizer": tokenizer_hash(data.tokenizer_dir),
             "model": recipe.teacher.tiny.model_dump(),
             "train": train_settings,

@@ -18,20 +18,24 @@ import time
 from pathlib import Path
 
 from distill.artifacts import (
+    QUANT_RECORD as RECORD,
+)
+from distill.artifacts import (
     RunManifest,
     atomic_write_json,
     begin_directory,
     commit_directory,
     hash_json,
     read_json,
+    remove_stale_temps,
 )
 from distill.config import RecipeConfig
 from distill.errors import DistillError
+from distill.processes import run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("quant_worker.py")
 QUANT_PYTHON_ENV = "DISTILL_QUANT_PYTHON"
-RECORD = "distill-quant.json"
 # vLLM's CPU build: which kernel each scheme's linear layers need, in the kernel library vLLM loads; the
 # library of each x86 build (vLLM picks one by the CPU's instruction sets; `native`: not x86, one library)
 CPU_KERNELS = {"w8a8": "onednn_scaled_mm", "w4a16": "cpu_gemm_wna16", "fp8": None}
@@ -91,6 +95,7 @@ def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) 
     rows, source = calibration(recipe)
     fingerprint = model_fingerprint(student, recipe.cache_path)
     out_root = recipe.run_dir / "quant"
+    remove_stale_temps(out_root)  # what a killed quantize left: never read as a model, gone now
     done = {}
     for scheme in schemes:
         out = out_root / scheme
@@ -108,7 +113,7 @@ def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) 
             continue
         log(f"quantize: {scheme}: llm-compressor oneshot on {len(rows)} sequences ({source['source']})")
         tmp = begin_directory(out)
-        calib = tmp.with_name(f".{scheme}.calibration.json")
+        calib = tmp.with_name(f".{scheme}.calibration.tmp-{os.getpid()}")
         calib.write_text(json.dumps(rows))
         log_path = out_root / f"{scheme}.log"
         began = time.perf_counter()
@@ -118,7 +123,7 @@ def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) 
         if recipe.student.trust_remote_code:
             cmd.append("--trust-remote-code")
         with open(log_path, "w") as fh:
-            status = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+            status = run(cmd, stdout=fh, stderr=subprocess.STDOUT)
         calib.unlink()
         if status != 0:
             tail = " | ".join(log_path.read_text().strip().splitlines()[-3:])

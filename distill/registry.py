@@ -25,6 +25,7 @@ from distill.artifacts import (
     atomic_write_json,
     begin_directory,
     commit_directory,
+    quantized_students,
     read_json,
     remove_stale_temps,
 )
@@ -100,7 +101,9 @@ def teacher_identity(recipe: RecipeConfig) -> dict:
     and weights), else the hashes of the teacher model itself, else the recipe's path."""
     manifest = recipe.run_dir / "teacher" / "manifest.json"
     if manifest.exists():
-        return read_json(manifest)["identity"]["teacher"]
+        store = read_json(manifest)
+        path = store.get("made_from", {}).get("teacher")
+        return {**store["identity"]["teacher"], **({"path": path} if path else {})}
     from distill.generate import teacher_path
     from distill.models import model_fingerprint
 
@@ -151,7 +154,7 @@ def promote(
             f"{run_dir} did not pass the gate, so it is not promoted: {'; '.join(failures)} "
             '(to promote it anyway: --force --reason "...")'
         )
-    quants = sorted(p.parent for p in (run_dir / "quant").glob("*/config.json"))
+    quants = quantized_students(run_dir)
     bench = fresh_bench(recipe)
     weights = model_fingerprint(student, recipe.cache_path)["weights_hash"]
     root = registry / name

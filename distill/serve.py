@@ -1,25 +1,23 @@
 """The serve stage: vLLM's OpenAI-compatible server for the student
 alone, or for the teacher with the student as its speculative-decoding draft.
 
-`vllm serve` runs in its own process group; this process waits until it answers, prints the URL and the
-served model, and on SIGTERM/SIGINT stops the whole group (no orphan engine processes). The API key is
-passed in the environment (VLLM_API_KEY), never on the command line where `ps` shows it.
+`vllm serve` runs as a child tied to this process (distill.vllm_server): this process waits until it
+answers, prints the URL and the served models, and on SIGTERM/SIGINT stops it and its engine; if this
+process is killed outright, the kernel stops the server (no orphan engine keeps the port). The API key
+is passed in the environment (VLLM_API_KEY), never on the command line where `ps` shows it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import signal
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from distill.artifacts import quantized_students
 from distill.config import RecipeConfig
 from distill.errors import DistillError
+from distill.vllm_server import served_models  # noqa: F401 (re-exported for the serving benchmark)
 
 
 def serve_engine_args(
@@ -63,60 +61,41 @@ def student_model(recipe: RecipeConfig, quant: str | None, check: bool = True) -
     path = recipe.run_dir / ("student/final" if quant is None else f"quant/{quant}")
     if not check:
         return path
-    if not (path / "config.json").exists():
-        what = (
-            "run `distill train` first" if quant is None else f"run `distill quantize --scheme {quant}` first"
+    if quant is None and not (path / "config.json").exists():
+        raise DistillError(f"no model to serve at {path} (run `distill train` first)")
+    if quant is not None and path not in quantized_students(recipe.run_dir):
+        have = ", ".join(p.name for p in quantized_students(recipe.run_dir)) or "none"
+        raise DistillError(
+            f"no quantized student at {path} (run `distill quantize --scheme {quant}` first; quantized: {have})"
         )
-        raise DistillError(f"no model to serve at {path} ({what})")
     problem = serving_problem(scheme_of(path))
     if problem:
         raise DistillError(problem)
     return path
 
 
-def served_models(url: str, key: str | None) -> list[str]:
-    request = urllib.request.Request(f"{url}/v1/models")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        return [m["id"] for m in json.load(resp)["data"]]
-
-
 def run_server(recipe: RecipeConfig, mode: str, student: Path, dry_run: bool = False, log=print) -> int:
-    from distill.teacher_server import _healthy, serve_command
+    """Serve until vLLM exits or SIGTERM/SIGINT arrives (then the server is stopped and this returns 0)."""
+    from distill.processes import Terminated
+    from distill.vllm_server import VllmServer, serve_command
 
     cfg = recipe.serve
     name = "student" if mode == "student" else "teacher"
     args = serve_engine_args(recipe, mode, student, gpu=True if dry_run else None)
-    cmd = serve_command(args, cfg.port, host=cfg.host, served_name=name)
     if dry_run:
-        log(shlex.join(cmd))
+        log(shlex.join(serve_command(args, cfg.port, host=cfg.host, served_name=name)))
         return 0
     key = os.environ.get(cfg.api_key_env)
-    env = dict(os.environ)
-    if key:
-        env["VLLM_API_KEY"] = key
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    stopping: list[int] = []
-
-    def stop(signum, frame):  # only signal here: the main loop below waits for the group to go
-        stopping.append(signum)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    url = f"http://{cfg.host}:{cfg.port}"
-    while not _healthy(url):
-        if stopping:
-            proc.wait()
-            return 0
-        if proc.poll() is not None:
-            raise DistillError(f"vllm serve exited with status {proc.returncode} while starting")
-        time.sleep(0.5)
-    log(
-        f"serving: {url}/v1 models {', '.join(served_models(url, key))}"
-        + (" (API key required)" if key else "")
-    )
-    return proc.wait()
+    server = VllmServer(args, None, served_name=name, host=cfg.host, port=cfg.port, api_key=key)
+    try:
+        with server:
+            log(
+                f"serving: {server.url}/v1 models {', '.join(served_models(server.url, key))}"
+                + (" (API key required)" if key else "")
+            )
+            status = server.wait()
+    except (Terminated, KeyboardInterrupt):
+        return 0
+    if status != 0:
+        raise DistillError(f"vllm serve exited with status {status}")
+    return 0

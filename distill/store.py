@@ -20,7 +20,6 @@ along K; storing their differences is lossless and lets zstd shrink them.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,13 +28,32 @@ from typing import Any
 
 import numpy as np
 
-from distill.artifacts import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from distill.artifacts import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 from distill.errors import DistillError
 
 STORE_FORMAT = 1
 LOGPROB_SCALE = 16  # steps per nat
 LOGPROB_FLOOR = -255 / LOGPROB_SCALE
 LOGPROB_MAX_ERROR = 0.5 / LOGPROB_SCALE
+STORE_KEY_FIELD, SHARD_FIELD = "distill.store", "distill.shard"  # Parquet metadata of each shard
+# Where a store's inputs were when it was made: shown, never part of its identity (the content hashes
+# are), so a moved cache or another machine's copy of the same inputs makes the same store.
+LOCATIONS = (("teacher", "path"), ("source", "file"))
+
+
+def content_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity without the locations of its inputs (stores made before they were left out held them)."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in identity.items()}
+    for section, field in LOCATIONS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(field, None)
+    return out
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    from distill.artifacts import hash_json
+
+    return hash_json(content_identity(identity))
 
 
 # --------------------------------------------------------------------------- encoding
@@ -139,15 +157,21 @@ def _schema():
     )
 
 
-def write_shard(path: Path, captures: list[Capture], bits: int) -> dict[str, Any]:
-    """Write one Parquet shard atomically; returns its manifest entry."""
+def write_shard(
+    path: Path, captures: list[Capture], bits: int, store_key: str | None = None
+) -> dict[str, Any]:
+    """Write one Parquet shard atomically; returns its manifest entry. `store_key` (see `identity_key`)
+    goes into the file's metadata, so a shard copied in from another store is told apart."""
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = [encode_row(c, bits) for c in captures]
-    table = pa.Table.from_pylist(rows, schema=_schema())
+    schema = _schema()
+    if store_key is not None:
+        schema = schema.with_metadata({STORE_KEY_FIELD: store_key, SHARD_FIELD: path.name})
+    table = pa.Table.from_pylist(rows, schema=schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=9, use_dictionary=["id"])
     atomic_write_bytes(path, buffer.getvalue())
@@ -171,11 +195,16 @@ class TeacherStore:
         path = self.root / "manifest.json"
         if not path.is_file():
             raise DistillError(f"no teacher store at {self.root} (manifest.json missing)")
-        self.manifest: dict[str, Any] = read_json(path)
-        identity = self.manifest["identity"]
-        self.k: int = identity["k"]
-        self.vocab_size: int = identity["vocab_size"]
-        self.bits: int = identity["encoding"]["id_bits"]
+        try:
+            self.manifest: dict[str, Any] = read_json(path)
+            identity = self.manifest["identity"]
+            self.k: int = identity["k"]
+            self.vocab_size: int = identity["vocab_size"]
+            self.bits: int = identity["encoding"]["id_bits"]
+            self.manifest["shards"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DistillError(f"{path}: not a teacher store manifest ({type(exc).__name__}: {exc})") from exc
+        self.key = identity_key(identity)
 
     @property
     def shards(self) -> dict[str, dict[str, Any]]:
@@ -192,7 +221,7 @@ class TeacherStore:
         return {
             "store": str(self.root),
             "mode": identity["mode"],
-            "teacher": identity["teacher"]["path"],
+            "teacher": self.manifest.get("made_from", {}).get("teacher") or identity["teacher"].get("path"),
             "backend": identity["capture"]["backend"],
             "k": self.k,
             "vocab_size": self.vocab_size,
@@ -231,12 +260,65 @@ class TeacherStore:
 
     def verify(self) -> None:
         """Check every shard's presence, size and SHA-256 against the manifest."""
-        for name, entry in sorted(self.shards.items()):
-            path = self.root / name
-            if not path.is_file():
-                raise DistillError(f"{path}: shard listed in the manifest is missing")
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise DistillError(f"{path}: checksum mismatch (corrupted or truncated shard); regenerate it")
+        for name in sorted(self.shards):
+            self._checked_bytes(name)
+
+    def problem(self) -> str | None:
+        """Why this store cannot be read as it is (incomplete, a shard missing or damaged), or None."""
+        try:
+            self.require_complete()
+            self.verify()
+        except DistillError as exc:
+            return str(exc)
+        return None
+
+    def _checked_bytes(self, name: str) -> bytes:
+        path, entry = self.root / name, self.shards[name]
+        if not path.is_file():
+            raise DistillError(
+                f"{path}: shard listed in the manifest is missing; `distill generate` redoes it"
+            )
+        data = path.read_bytes()
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            raise DistillError(
+                f"{path}: checksum mismatch with the store's manifest (a corrupted, truncated or foreign "
+                "shard); `distill generate` redoes it"
+            )
+        return data
+
+    def _read_shard(self, name: str):
+        """The shard's table, checked against the manifest: bytes, store, rows and positions."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path, entry = self.root / name, self.shards[name]
+        data = self._checked_bytes(name)
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise DistillError(f"{path}: unreadable shard ({exc}); run `distill store verify`") from exc
+        meta = table.schema.metadata or {}
+        key = meta.get(STORE_KEY_FIELD.encode())
+        if key is not None and (key.decode() != self.key or meta.get(SHARD_FIELD.encode()) != name.encode()):
+            raise DistillError(
+                f"{path}: written for another store or shard than this manifest describes "
+                f"({meta.get(SHARD_FIELD.encode(), b'?').decode()} of a store with other settings); "
+                "regenerate it (`distill generate`) or use the store it came from"
+            )
+        if table.num_rows != entry["rows"]:
+            raise DistillError(f"{path}: {table.num_rows} rows, the manifest records {entry['rows']}")
+        return table
+
+    def _decode(self, path: Path, row: dict[str, Any]) -> Capture:
+        positions = len(row["input_ids"]) - 1 - row["start"]
+        sizes = (len(row["topk_ids"]), len(row["topk_logprobs"]), len(row["token_logprobs"]))
+        expected = ((positions * self.k * self.bits + 7) // 8, positions * self.k, 2 * positions)
+        if positions < 0 or sizes != expected:
+            raise DistillError(
+                f"{path}: row {row['id']} does not hold {positions} positions of top-{self.k} at "
+                f"{self.bits} bits per id (bytes {sizes}, expected {expected}): not this store's data"
+            )
+        return decode_row(row, self.k, self.bits)
 
     def check_vocab(self, vocab_size: int, what: str) -> None:
         if vocab_size != self.vocab_size:
@@ -246,15 +328,17 @@ class TeacherStore:
             )
 
     def rows(self) -> Iterator[Capture]:
-        import pyarrow.parquet as pq
-
-        for path in self.shard_paths():
-            try:
-                table = pq.read_table(path)
-            except Exception as exc:  # pyarrow raises several types for damaged files
-                raise DistillError(f"{path}: unreadable shard ({exc}); run `distill store verify`") from exc
-            for row in table.to_pylist():
-                yield decode_row(row, self.k, self.bits)
+        """Every row, shard by shard; each shard is checked against the manifest before any row of it is
+        used (its checksum, the store it was written for, its rows and positions)."""
+        for name in sorted(self.shards):
+            path = self.root / name
+            captures = [self._decode(path, row) for row in self._read_shard(name).to_pylist()]
+            positions = sum(c.num_positions for c in captures)
+            if positions != self.shards[name]["positions"]:
+                raise DistillError(
+                    f"{path}: {positions} positions, the manifest records {self.shards[name]['positions']}"
+                )
+            yield from captures
 
     def batches(self, batch_size: int, pad_id: int = 0) -> Iterator[dict[str, Any]]:
         """Padded torch batches in store order (see `collate`)."""
@@ -311,22 +395,35 @@ def shard_name(index: int) -> str:
 
 
 def open_or_create(
-    root: Path, identity: dict[str, Any], num_shards: int, slice_: list[int] | None, overwrite: bool
+    root: Path,
+    identity: dict[str, Any],
+    num_shards: int,
+    slice_: list[int] | None,
+    overwrite: bool,
+    made_from: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The manifest dict of the store at `root`: reused when `identity` matches, else refused or reset.
+    """The manifest dict of the store at `root`: reused when `identity` matches, else refused or reset
+    (a store with no shard yet holds nothing to lose: it is reset).
 
     `slice_` is [I, N] for a `--shard I/N` job (recorded; any slices of the same job may share a store).
+    `made_from`: where the inputs are (recorded for people, not compared).
     """
+    from distill.artifacts import remove_stale_temps
+
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)  # shards half-written by a job that died (a full disk, a kill)
     path = root / "manifest.json"
+    identity = content_identity(identity)
     if path.exists():
         existing = read_json(path)
-        if existing["identity"] == identity and existing["num_shards"] == num_shards and not overwrite:
+        same = content_identity(existing["identity"]) == identity and existing["num_shards"] == num_shards
+        if same and not overwrite:
             if slice_ and slice_ not in existing["slices"]:
                 existing["slices"] = sorted([*existing["slices"], slice_])
+            existing["made_from"] = made_from or existing.get("made_from", {})
             return existing
-        if not overwrite:
-            changed = _identity_diff(existing["identity"], identity) or ["num_shards"]
+        if not overwrite and existing["shards"]:
+            changed = _identity_diff(content_identity(existing["identity"]), identity) or ["num_shards"]
             raise DistillError(
                 f"{root} holds a teacher store made with different settings ({', '.join(changed)} changed); "
                 "pass --overwrite to replace it, or write to another directory"
@@ -339,6 +436,7 @@ def open_or_create(
         "num_shards": num_shards,
         "slices": [slice_] if slice_ else [],
         "shards": {},
+        "made_from": made_from or {},
     }
     atomic_write_json(path, manifest)
     return manifest
@@ -367,7 +465,9 @@ def merge_stores(out: Path, inputs: list[Path]) -> TeacherStore:
     stores = [TeacherStore(p) for p in inputs]
     first = stores[0]
     for other in stores[1:]:
-        diff = _identity_diff(first.manifest["identity"], other.manifest["identity"])
+        diff = _identity_diff(
+            content_identity(first.manifest["identity"]), content_identity(other.manifest["identity"])
+        )
         if diff or other.manifest["num_shards"] != first.manifest["num_shards"]:
             raise DistillError(
                 f"cannot merge {other.root} into {first.root}: {', '.join(diff) or 'num_shards'} differ"
@@ -375,6 +475,8 @@ def merge_stores(out: Path, inputs: list[Path]) -> TeacherStore:
     shards: dict[str, tuple[TeacherStore, dict[str, Any]]] = {}
     for store in stores:
         store.verify()
+        for name in store.shards:
+            store._read_shard(name)  # each shard belongs to the store it is merged from
         for name, entry in store.shards.items():
             if name in shards and shards[name][1]["sha256"] != entry["sha256"]:
                 raise DistillError(
@@ -387,6 +489,7 @@ def merge_stores(out: Path, inputs: list[Path]) -> TeacherStore:
         raise DistillError(f"{out} already holds a teacher store; merge into an empty directory")
     manifest = {
         "format": STORE_FORMAT,
+        "made_from": first.manifest.get("made_from", {}),
         "identity": first.manifest["identity"],
         "num_shards": first.manifest["num_shards"],
         "slices": [list(sl) for sl in slices],
@@ -400,7 +503,3 @@ def merge_stores(out: Path, inputs: list[Path]) -> TeacherStore:
         manifest["shards"][name] = entry
     atomic_write_json(out / "manifest.json", manifest)
     return TeacherStore(out)
-
-
-def describe(store: TeacherStore) -> str:
-    return json.dumps(store.summary(), indent=2)

@@ -74,7 +74,8 @@ def teacher_service(recipe: RecipeConfig):
     """The URL of the teacher server on-policy training scores with: the recipe's, the launcher's, or
     one started here (`vllm serve` on loopback) for as long as the block runs. Offline runs get the
     recipe's or launcher's URL if there is one (then they report val_acceptance too), else None."""
-    from distill.teacher_server import URL_ENV, TeacherServer
+    from distill.teacher_server import URL_ENV
+    from distill.vllm_server import VllmServer
 
     url = recipe.train.on_policy.teacher_url or os.environ.get(URL_ENV)
     if recipe.train.mode != "on_policy" or url:
@@ -83,7 +84,7 @@ def teacher_service(recipe: RecipeConfig):
     from distill.generate import engine_args, teacher_path
 
     args = engine_args(recipe, teacher_path(recipe))
-    with TeacherServer(args, recipe.run_dir / "teacher-server.log") as server:
+    with VllmServer(args, recipe.run_dir / "teacher-server.log") as server:
         print(f"teacher server: {server.url} (vllm serve, log {server.log_path})", flush=True)
         yield server.url
 

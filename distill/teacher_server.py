@@ -1,8 +1,8 @@
 """The teacher as a long-lived vLLM server on loopback, and the client that has it score sequences.
 
-On-policy training needs the teacher for the whole run: `TeacherServer` starts `vllm serve` once (its
-OpenAI-compatible API on 127.0.0.1), every training process scores through `TeacherClient`, and the
-server is stopped when training ends. The client asks /v1/completions for `prompt_logprobs=k` on token
+On-policy training needs the teacher for the whole run: a `VllmServer` (distill.vllm_server) serves it
+once on 127.0.0.1, every training process scores through `TeacherClient`, and the server is stopped when
+training ends. The client asks /v1/completions for `prompt_logprobs=k` on token
 ids (`max_tokens=1`): the same top-k plus actual-token logprobs the teacher stage's score mode stores.
 A failed request is retried a bounded number of times, then training stops with a clear error.
 """
@@ -10,20 +10,15 @@ A failed request is retried a bounded number of times, then training stops with 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from distill.errors import DistillError
 from distill.store import Capture
 from distill.teacher import Item, _capture, fit_prompt
+from distill.vllm_server import VllmServer, healthy, serve_command  # noqa: F401 (serve_command: re-exported)
 
 URL_ENV = "DISTILL_TEACHER_URL"
 
@@ -33,101 +28,8 @@ class TeacherUnavailable(DistillError):
 
 
 SERVED_NAME = "teacher"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(
-    engine_args: dict[str, Any], port: int, host: str = "127.0.0.1", served_name: str = SERVED_NAME
-) -> list[str]:
-    """`vllm serve MODEL --flag value ...` from the keyword arguments `vllm.LLM` would take."""
-    args = dict(engine_args)
-    model = str(args.pop("model"))
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model]
-    cmd += ["--host", host, "--port", str(port), "--served-model-name", served_name]
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            cmd.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, dict | list):
-            cmd += [flag, json.dumps(value)]
-        elif value is not None:
-            cmd += [flag, str(value)]
-    return cmd
-
-
-class TeacherServer:
-    """`vllm serve` in its own process for as long as the `with` block runs."""
-
-    def __init__(
-        self,
-        engine_args: dict[str, Any],
-        log_path: Path,
-        start_timeout: float = 600.0,
-        served_name: str = SERVED_NAME,
-        env: dict[str, str] | None = None,
-    ):
-        self.engine_args, self.log_path, self.start_timeout = engine_args, Path(log_path), start_timeout
-        self.served_name, self.env = served_name, env
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-
-    def __enter__(self) -> TeacherServer:
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 (the server writes to it for its whole life)
-        self.proc = subprocess.Popen(
-            serve_command(self.engine_args, port, served_name=self.served_name),
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.time() + self.start_timeout
-        while not _healthy(self.url):
-            if self.proc.poll() is not None:
-                raise DistillError(
-                    f"the vLLM server of {self.served_name} exited with status {self.proc.returncode} while "
-                    "starting; "
-                    f"its log: {self.log_path}"
-                )
-            if time.time() > deadline:
-                self.stop()
-                raise DistillError(
-                    f"the vLLM server of {self.served_name} did not start in {self.start_timeout:.0f}s; "
-                    f"log: {self.log_path}"
-                )
-            time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        import signal
-
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
+TeacherServer = VllmServer  # NOTE: the old name, until every caller says VllmServer
+_healthy = healthy
 
 
 class TeacherClient:

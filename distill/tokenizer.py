@@ -21,7 +21,7 @@ TOKENIZER_FORMAT = 1
 
 def train_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, model_max_length: int = 4096) -> Path:
     """Train (or reuse) a BPE tokenizer on the train split; returns its directory."""
-    key = hash_json({"format": TOKENIZER_FORMAT, "corpus": corpus.content_hash, "vocab": vocab_size})[:16]
+    key = hash_json({"format": TOKENIZER_FORMAT, "texts": corpus.text_hash, "vocab": vocab_size})[:16]
     root = Path(cache_dir) / "tokenizers" / key
     remove_stale_temps(root.parent)
     if (root / "tokenizer.json").exists():
@@ -62,7 +62,7 @@ def tokenizer_hash(path: Path) -> str:
 
 def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path, cache_dir: Path) -> Path:
     """Token ids of each split as one flat array: BOS doc EOS BOS doc EOS ... (`<split>.npy`)."""
-    key = hash_json({"corpus": corpus.content_hash, "tokenizer": tokenizer_hash(tokenizer_dir)})[:16]
+    key = hash_json({"texts": corpus.text_hash, "tokenizer": tokenizer_hash(tokenizer_dir)})[:16]
     root = Path(cache_dir) / "tokens" / key
     remove_stale_temps(root.parent)
     if (root / "test.npy").exists():

@@ -1,16 +1,21 @@
 import os
+import subprocess
 
 import pytest
 
 from distill.artifacts import (
+    QUANT_RECORD,
     atomic_directory,
     atomic_write_json,
     ensure_writable_dir,
+    quantized_students,
     read_json,
     remove_directory,
     remove_stale_temps,
 )
 from distill.errors import DistillError
+
+DEAD = 4194304  # no process has this pid (Linux pids stay below pid_max <= 2**22)
 
 
 def test_atomic_directory_replaces_only_when_complete(tmp_path):
@@ -29,11 +34,35 @@ def test_a_kill_between_the_two_renames_is_undone(tmp_path):
     target = tmp_path / "final"
     target.mkdir()
     (target / "a").write_text("good")
-    os.replace(target, tmp_path / f".final.old-{12345}")  # what a kill right after the first rename leaves
-    (tmp_path / ".final.tmp-12345").mkdir()
+    os.replace(target, tmp_path / f".final.old-{DEAD}")  # what a kill right after the first rename leaves
+    (tmp_path / f".final.tmp-{DEAD}").mkdir()
     remove_stale_temps(tmp_path)
     assert (target / "a").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_temporaries_of_a_running_writer_are_kept_and_never_read_as_results(tmp_path):
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in (f".w8a8.tmp-{writer.pid}", f".fp8.tmp-{DEAD}", "fp8"):
+            (tmp_path / "quant" / name).mkdir(parents=True)
+            (tmp_path / "quant" / name / "config.json").write_text("{}")
+            (tmp_path / "quant" / name / QUANT_RECORD).write_text("{}")
+        (tmp_path / "quant" / "w4a16").mkdir()  # no record: not a finished quantization
+        (tmp_path / "quant" / "w4a16" / "config.json").write_text("{}")
+        (tmp_path / "quant" / f".shard-00001.parquet.tmp-{DEAD}").write_bytes(b"half")
+        assert [p.name for p in quantized_students(tmp_path)] == ["fp8"]
+        remove_stale_temps(tmp_path / "quant")
+        assert sorted(p.name for p in (tmp_path / "quant").iterdir()) == [
+            f".w8a8.tmp-{writer.pid}",
+            "fp8",
+            "w4a16",
+        ]
+    finally:
+        writer.kill()
+        writer.wait()
+    remove_stale_temps(tmp_path / "quant")
+    assert sorted(p.name for p in (tmp_path / "quant").iterdir()) == ["fp8", "w4a16"]
 
 
 def test_remove_directory_leaves_nothing_under_the_real_name(tmp_path):

@@ -234,3 +234,19 @@ def test_the_sampled_tail_only_where_it_is_unbiased(tmp_path):
         tmp_path, BASE, ["train.tail=sample", "train.mode=on_policy"]
     )
     assert load_recipe(tmp_path / "r.yaml", ["train.loss=jsd"]).train.tail == "auto"  # auto resolves later
+
+
+def test_a_run_name_is_one_directory_inside_runs_dir(tmp_path):
+    for bad in ("../../x", "a/b", "..", "''", ".hidden"):
+        msg = _error(tmp_path, BASE, [f"name={bad}"])
+        assert "name: " in msg and "is not a run name: the run directory is <runs_dir>/<name>" in msg, bad
+    assert load_recipe(tmp_path / "r.yaml", ["name=llama3-8b_to_1b.v2"]).run_dir == Path(
+        "runs/llama3-8b_to_1b.v2"
+    )
+
+
+def test_an_error_names_the_override_that_took_effect(tmp_path):
+    msg = _error(tmp_path, BASE, ["generate.top_k=16", "generate.top_k=5000"])
+    assert msg.endswith(
+        "generate.top_k: must be less than or equal to 1024, got 5000 (from override generate.top_k=5000)"
+    )

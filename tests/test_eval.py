@@ -108,11 +108,11 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, tm
 @pytest.mark.slow
 def test_local_completions_against_running_servers_and_servers_it_starts(models, tmp_path):
     """The twin is served by a `vllm serve` started here (eval.servers); distill starts the teacher's."""
-    from distill.teacher_server import TeacherServer
     from distill.vllm_engine import engine_kwargs
+    from distill.vllm_server import VllmServer
 
     args = engine_kwargs(str(models["twin"]), max_model_len=256, seed=1234)
-    with TeacherServer(args, tmp_path / "twin-server.log") as server:
+    with VllmServer(args, tmp_path / "twin-server.log") as server:
         out = distill_eval(
             *STRICT, "eval.backend=local-completions", f"eval.servers.twin={server.url}",
             f"--model=twin={models['twin']}", runs=tmp_path,

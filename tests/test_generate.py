@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from distill.store import LOGPROB_MAX_ERROR, TeacherStore
@@ -58,7 +59,7 @@ def test_sample_mode_captures_each_completion_token(reference):
     summary = store.summary()
     assert summary["rows"] == 48 and summary["complete"] and summary["shards"] == "12 of 12"
     captures = rows(reference)
-    source = Path(store.manifest["identity"]["source"]["file"])
+    source = Path(store.manifest["made_from"]["source"])
     prompts = [json.loads(line) for line in source.read_text().splitlines()][:24]
     for p in prompts:
         a, b = captures[f"{p['id']}-s0"], captures[f"{p['id']}-s1"]
@@ -121,17 +122,34 @@ def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(r
         *TEACHER,
         f"runs_dir={runs}",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        manifest = store / "manifest.json"
-        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "generation finished before it could be killed"
-    kill_tree(proc)
+
+    def start_and_wait_for(shards: int, **pipes) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **pipes})
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            manifest = store / "manifest.json"
+            if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= shards:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "generation finished before it could be stopped"
+        return proc
+
+    # SIGTERM to distill's pid alone (a scheduler, a timeout): it stops vLLM's engine processes and exits
+    proc = start_and_wait_for(1, stderr=subprocess.PIPE, text=True)
+    engine = psutil.Process(proc.pid).children(recursive=True)
+    assert engine, "vLLM's engine core runs in a process of its own"
+    proc.terminate()
+    assert proc.wait(timeout=180) == 143
+    assert proc.stderr.read().strip().splitlines()[-1].startswith("distill: terminated (SIGTERM)")
+    _, alive = psutil.wait_procs(engine, timeout=60)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    first_done = len(TeacherStore(store).shards)
+    assert 1 <= first_done < 12
+    TeacherStore(store).verify()  # what was recorded before the signal is intact
+
+    kill_tree(start_and_wait_for(first_done + 2))
     done = TeacherStore(store).shards
-    assert 3 <= len(done) < 12
+    assert first_done + 2 <= len(done) < 12
     first = store / sorted(done)[0]
     first.write_bytes(first.read_bytes()[:-100])  # damage a finished shard too
 
@@ -258,3 +276,21 @@ def test_hf_backend_samples_into_the_same_kind_of_store(cache_dir, tmp_path):
         assert np.all(np.diff(c.topk_logprobs, axis=1) <= 1e-6)
     mixed = distill("generate", str(TINY), *SAMPLE, *hf[1:], runs=tmp_path)  # same store, vLLM this time
     assert mixed.returncode == 1 and "capture.backend changed" in mixed.stderr
+
+
+def test_top_k_above_the_vocabulary_is_one_line_and_leaves_nothing_behind(cache_dir, tmp_path):
+    from distill.config import load_recipe
+    from distill.generate import teacher_path
+
+    teacher = tmp_path / "teacher"  # the micro teacher, declaring a vocabulary below the recipe's top_k
+    shutil.copytree(teacher_path(load_recipe(TINY, [*MICRO, *TEACHER, f"cache_dir={cache_dir}"])), teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 500}))
+    real = ["teacher.tiny=null", f"teacher.model={teacher}"]
+    out = distill("generate", str(TINY), *SAMPLE, *real, "generate.top_k=512", runs=tmp_path)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-3000:]
+    assert (
+        f"generate.top_k=512 exceeds the teacher's vocabulary (500 tokens, {teacher / 'config.json'})"
+        in out.stderr
+    )
+    assert not (tmp_path / "tiny" / "teacher").exists()  # no empty store to block the corrected run

@@ -30,11 +30,11 @@ ON_POLICY = [
 def server(micro, tmp_path_factory):
     """The teacher (the same one the recipe would start) behind `vllm serve`, for the whole module."""
     from distill.generate import engine_args, teacher_path
-    from distill.teacher_server import TeacherServer
+    from distill.vllm_server import VllmServer
 
     recipe = micro(*ON_POLICY)
     args = engine_args(recipe, teacher_path(recipe))
-    with TeacherServer(args, tmp_path_factory.mktemp("server") / "server.log") as srv:
+    with VllmServer(args, tmp_path_factory.mktemp("server") / "server.log") as srv:
         yield srv
 
 

@@ -108,6 +108,16 @@ def test_every_stage_runs_from_nothing_and_a_rerun_does_no_work(full_run):
     assert time.time() - started < 60  # nothing was recomputed (no engine started, no model trained)
     assert not (runs / "registry" / "tiny" / "2").exists()
 
+    # a damaged shard is not "unchanged": the store is checked, and generate goes back to work
+    shard = sorted((run_dir / "teacher").glob("shard-*.parquet"))[0]
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    damaged = subprocess.run(run_cmd(runs, "--dry-run"), capture_output=True, text=True)
+    shard.write_bytes(good)
+    assert damaged.returncode == 0, damaged.stderr[-2000:]
+    assert f"generate: {shard}: checksum mismatch with the store's manifest" in damaged.stdout
+    assert "[generate] will continue" in damaged.stdout and "[prepare] unchanged: skipped" in damaged.stdout
+
     # a changed section redoes its stage and what follows, not what precedes
     changed = subprocess.run(run_cmd(runs, "--dry-run", "eval.limit=30"), capture_output=True, text=True)
     assert changed.returncode == 0, changed.stderr[-2000:]

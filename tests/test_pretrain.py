@@ -117,6 +117,11 @@ def test_pretrained_teacher_beats_uniform_and_is_reused(micro):
     assert teacher_key(micro(*TEACHER, "pretrain.lr=1e-4"), prepare(recipe)) != teacher_key(
         recipe, prepare(recipe)
     )
+    # the prompts to sample from are not what the teacher learns from: another count keeps it
+    fewer = micro(*TEACHER, "pretrain.seed=11", "data.num_prompts=100")
+    assert prepare(fewer).corpus.content_hash != prepare(recipe).corpus.content_hash
+    assert teacher_key(fewer, prepare(fewer)) == teacher_key(recipe, prepare(recipe))
+    assert prepare(fewer).tokenizer_dir == prepare(recipe).tokenizer_dir
     manifest = (recipe.run_dir / "manifest.json").read_text()
     assert '"pretrain"' in manifest and '"prepare"' in manifest
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from distill.artifacts import quantized_students
+
 from .conftest import MICRO, TINY
 from .test_pretrain import TEACHER
 
@@ -368,6 +370,15 @@ def test_a_failed_quantization_leaves_nothing_half_written(quantized, tmp_path):
     )
     assert not (runs / "tiny" / "quant" / "fp8").exists()
     assert (runs / "tiny" / "quant" / "w8a8" / "config.json").exists()  # earlier results intact
+    # what the failed (or a killed) quantization left is never a student, and the next run removes it
+    (runs / "tiny" / "quant" / ".w4a16.tmp-4194304").mkdir()  # a killed writer's (no such pid)
+    (runs / "tiny" / "quant" / ".w4a16.tmp-4194304" / "config.json").write_text("{}")
+    left = sorted(p.name for p in (runs / "tiny" / "quant").iterdir() if ".tmp-" in p.name)
+    assert len(left) == 2 and ".fp8.tmp-" in left[0]  # the failed fp8 output, and the planted one
+    assert [p.name for p in quantized_students(runs / "tiny")] == ["w4a16", "w8a8"]
+    out = distill("quantize", "--scheme", "w8a8", runs=runs)
+    assert out.returncode == 0 and "(reused: same student and calibration)" in out.stdout, out.stderr
+    assert not [p for p in (runs / "tiny" / "quant").iterdir() if ".tmp-" in p.name]
     env["DISTILL_QUANT_PYTHON"] = str(tmp_path / "missing")
     out = distill("quantize", runs=runs, env=env)
     assert out.returncode == 1 and "llm-compressor's environment is missing" in out.stderr

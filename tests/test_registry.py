@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distill.artifacts import atomic_write_json
+from distill.artifacts import QUANT_RECORD, atomic_write_json
 from distill.config import recipe_to_yaml
 
 PASSED = {"passed": True, "eval_passed": True, "noise": "paired", "z": 1.0, "checks": [], "errors": [],
@@ -20,6 +20,9 @@ FAILED_CHECK = {
     "rule": "max_drop 0.05", "higher_is_better": True, "value": 0.2, "reference": 0.4, "threshold": 0.35,
     "margin": -0.15, "se": 0.03, "noise": "paired (100 documents)", "passed": False, "within_noise": False,
 }  # fmt: skip
+
+
+DEAD_PID = 4194304  # above any pid a Linux kernel hands out (pids stay below pid_max <= 2**22)
 
 
 def cli(*args, env=None):
@@ -37,8 +40,10 @@ def run(micro, tmp_path):
     (root / "student" / "final").mkdir(parents=True)
     (root / "student" / "final" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (root / "student" / "final" / "model.safetensors").write_bytes(b"weights-v1")
-    (root / "quant" / "w8a8").mkdir(parents=True)
-    (root / "quant" / "w8a8" / "config.json").write_text("{}")
+    for quant in ("w8a8", f".fp8.tmp-{DEAD_PID}"):  # a finished quantization, and a killed one's temporary
+        (root / "quant" / quant).mkdir(parents=True)
+        (root / "quant" / quant / "config.json").write_text("{}")
+    (root / "quant" / "w8a8" / QUANT_RECORD).write_text('{"scheme": "w8a8"}')
     (root / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     teacher = {"path": "/models/teacher", "config_hash": "c0ffee", "weights_hash": "beef"}
     atomic_write_json(root / "teacher" / "manifest.json", {"identity": {"teacher": teacher}})
