@@ -1,14 +1,16 @@
 """`distill bench serve`: what the distilled draft buys at serving time, measured on vLLM's own server.
 
 Each setup is served by a real `vllm serve` (started here, or one already running with `--url`) and
-driven by streaming /v1/completions requests: held-out prompts (openings of the corpus's test blocks,
-as token ids), a fixed number of generated tokens (EOS ignored, so every setup does the same work), at
-each concurrency level of the recipe. Per level: throughput (output tokens/s, requests/s), time to first
-token and inter-token latency (p50/p95; one "inter-token" gap is the gap between two streamed chunks,
-which under speculative decoding may carry several tokens, as in vLLM's own benchmark), time per output
-token, errors; and the speculative-decoding acceptance from the server's /metrics counters (rate =
-accepted / drafted tokens; mean acceptance length = 1 + accepted / drafts, the tokens one teacher step
-yields). The setups:
+loaded by vLLM's own serving benchmark (`vllm.benchmarks.serve.benchmark`, what `vllm bench serve`
+runs): held-out prompts (openings of the corpus's test blocks, as token ids), a fixed number of generated
+tokens (EOS ignored, so every setup does the same work), all requests at once with at most
+`concurrency` in flight, at each concurrency level of the recipe. Per level, vLLM's figures: throughput
+(output tokens/s, requests/s), time to first token, inter-token latency (the gaps between streamed
+chunks, which under speculative decoding may carry several tokens) and time per output token (p50/p95,
+mean), completed and failed requests; its whole result is kept beside them (`vllm`). On top, what vLLM
+does not give: the speculative-decoding acceptance from the server's /metrics counters per level and
+per setup (rate = accepted / drafted tokens; mean acceptance length = 1 + accepted / drafts, the tokens
+one teacher step yields), the models' fingerprints and sizes, and the gate. The setups:
 
 - `teacher`: the teacher alone (the baseline);
 - `teacher+student`: the teacher with the distilled student as its draft;
@@ -16,22 +18,28 @@ yields). The setups:
   the run's SFT baseline (<run>/baseline), else the initial student);
 - `student`, `student-<scheme>`: the student alone, unquantized and per quant/<scheme>.
 
-Results go to <run>/serve/bench.json; the acceptance of `teacher+student` joins the gate
-(eval.gate.min_acceptance_rate) and the report.
+Results go to <run>/serve/bench.json (vLLM's printout per setup to serve/logs/<setup>.bench.log); the
+acceptance of `teacher+student` joins the gate (eval.gate.min_acceptance_rate) and the report.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
+import contextlib
 import os
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
-from distill.artifacts import atomic_write_json, begin_directory, commit_directory, read_json
+from distill.artifacts import (
+    atomic_write_json,
+    begin_directory,
+    commit_directory,
+    quantized_students,
+    read_json,
+)
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 
@@ -99,9 +107,9 @@ def available_setups(recipe: RecipeConfig) -> list[Setup]:
         Setup("teacher+baseline", "draft", None),  # resolved only when chosen (it may be built)
         Setup("student", "student", student),
     ]
-    for config in sorted((recipe.run_dir / "quant").glob("*/config.json")):
-        if serving_problem(scheme_of(config.parent)) is None:
-            out.append(Setup(f"student-{config.parent.name}", "student", config.parent))
+    for quant in quantized_students(recipe.run_dir):  # finished ones only, never a killed one's temporary
+        if serving_problem(scheme_of(quant)) is None:
+            out.append(Setup(f"student-{quant.name}", "student", quant))
     return out
 
 
@@ -134,7 +142,34 @@ def held_out_prompts(recipe: RecipeConfig) -> list[list[int]]:
     return prompts.ids
 
 
-# --------------------------------------------------------------------------- the client
+# --------------------------------------------------------------------------- the load: vLLM's benchmark
+
+# bench.json's figures per level, each one of vLLM's (the left names are what the report, the registry
+# and the pipeline read).
+FROM_VLLM = {
+    "seconds": "duration",
+    "output_tokens": "total_output_tokens",
+    "output_tokens_per_s": "output_throughput",
+    "requests_per_s": "request_throughput",
+    "ttft_ms_p50": "median_ttft_ms",
+    "ttft_ms_p95": "p95_ttft_ms",
+    "itl_ms_p50": "median_itl_ms",
+    "itl_ms_p95": "p95_itl_ms",
+    "tpot_ms_p50": "median_tpot_ms",
+    "tpot_ms_mean": "mean_tpot_ms",
+}
+# vLLM's per-request lists, which `vllm bench serve --save-result` also leaves out (without --save-detailed)
+PER_REQUEST = ("input_lens", "output_lens", "start_times", "ttfts", "itls", "generated_texts", "errors")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running server as vLLM's benchmark addresses it."""
+
+    url: str  # without /v1
+    served: str  # the model name it answers to
+    tokenizer: str  # the served model's tokenizer (a directory)
+    key: str | None
 
 
 def _headers(key: str | None) -> dict[str, str]:
@@ -165,135 +200,110 @@ def acceptance(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     }
 
 
-async def _request(session, url: str, body: dict, key: str | None) -> dict:
-    """One streamed completion: arrival time of every chunk that brought tokens, and the token count."""
-    start = time.perf_counter()
-    times: list[float] = []
-    tokens = 0
-    try:
-        async with session.post(f"{url}/v1/completions", json=body, headers=_headers(key)) as resp:
-            if resp.status != 200:
-                return {"error": f"HTTP {resp.status}: {(await resp.text())[:200]}"}
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or {}
-                count = usage.get("completion_tokens", tokens)
-                if count > tokens:
-                    times.append(time.perf_counter())
-                    tokens = count
-    except Exception as exc:  # noqa: BLE001 (every failure of a request is counted, the run goes on)
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    if tokens == 0:
-        return {"error": "no tokens streamed"}
-    end = times[-1]
+def sample_requests(prompts: list[list[int]], requests: int, max_tokens: int) -> list:
+    """vLLM's benchmark requests: the held-out prompts in turn (token ids), each with its own seed."""
+    from vllm.benchmarks.datasets import SampleRequest
+
+    return [
+        SampleRequest(
+            prompt=prompts[i % len(prompts)],
+            prompt_len=len(prompts[i % len(prompts)]),
+            expected_output_len=max_tokens,
+            request_overrides={"seed": i},  # reproducible samples when temperature > 0
+        )
+        for i in range(requests)
+    ]
+
+
+def vllm_benchmark(target: Target, tokenizer, requests: list, concurrency: int, temperature: float,
+                   printed: TextIO) -> dict:  # fmt: skip
+    """One run of vLLM's serving benchmark (`vllm bench serve` without its CLI): all `requests` at once
+    (request rate inf), at most `concurrency` in flight, EOS ignored. Its printout goes to `printed`."""
+    from vllm.benchmarks.serve import TaskType, benchmark
+
+    with contextlib.redirect_stdout(printed):
+        return asyncio.run(
+            benchmark(
+                task_type=TaskType.GENERATION,
+                endpoint_type="openai",
+                api_url=f"{target.url}/v1/completions",
+                base_url=target.url,
+                model_id=target.served,
+                model_name=target.served,
+                tokenizer=tokenizer,  # NOTE: without one vLLM reports no latencies (tokens: from usage)
+                input_requests=requests,
+                logprobs=None,
+                request_rate=float("inf"),
+                burstiness=1.0,
+                disable_tqdm=True,
+                num_warmups=0,
+                profile=False,
+                selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"],
+                selected_percentiles=[50, 95, 99],
+                ignore_eos=True,
+                goodput_config_dict={},
+                max_concurrency=concurrency,
+                lora_modules=None,
+                extra_headers=_headers(target.key) or None,
+                extra_body={"temperature": temperature},
+                # NOTE: no test request inside a level, so the /metrics deltas around it count its requests only
+                ready_check_timeout_sec=0,
+            )
+        )
+
+
+def level_row(result: dict) -> dict:
+    """One level of bench.json: our names for vLLM's figures, and vLLM's result itself under `vllm`."""
+    errors = sorted({e.strip().splitlines()[-1][:200] for e in result["errors"] if e})
     return {
-        "tokens": tokens,
-        "ttft": times[0] - start,
-        "gaps": [b - a for a, b in zip(times, times[1:], strict=False)],
-        "tpot": (end - times[0]) / (tokens - 1) if tokens > 1 else None,
-        "latency": end - start,
+        "requests": result["completed"] + result["failed"],
+        "errors": result["failed"],
+        "error_examples": errors[:3],
+        **{ours: result[theirs] for ours, theirs in FROM_VLLM.items()},
+        "vllm": {k: v for k, v in result.items() if k not in PER_REQUEST},
     }
 
 
-async def _level(url: str, served: str, prompts: list[list[int]], concurrency: int, requests: int,
-                 max_tokens: int, temperature: float, key: str | None) -> tuple[list[dict], float]:  # fmt: skip
-    import aiohttp
-
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(session, i: int) -> dict:
-        body = {
-            "model": served,
-            "prompt": prompts[i % len(prompts)],
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "seed": i,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        }
-        async with gate:
-            return await _request(session, url, body, key)
-
-    timeout = aiohttp.ClientTimeout(total=1800)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one(session, i) for i in range(requests)))
-        return results, time.perf_counter() - started
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), None for no values."""
-    if not values:
-        return None
-    values = sorted(values)
-    pos = (len(values) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
-
-
-def summarise(results: list[dict], seconds: float) -> dict:
-    ok = [r for r in results if "error" not in r]
-    errors = [r["error"] for r in results if "error" in r]
-    tokens = sum(r["tokens"] for r in ok)
-    ttft = [r["ttft"] for r in ok]
-    gaps = [g for r in ok for g in r["gaps"]]
-    tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
-
-    def ms(value):
-        return None if value is None else round(1000 * value, 3)
-
-    return {
-        "requests": len(results),
-        "errors": len(errors),
-        "error_examples": sorted(set(errors))[:3],
-        "seconds": round(seconds, 3),
-        "output_tokens": tokens,
-        "output_tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "requests_per_s": len(ok) / seconds if seconds > 0 else None,
-        "ttft_ms_p50": ms(percentile(ttft, 50)),
-        "ttft_ms_p95": ms(percentile(ttft, 95)),
-        "itl_ms_p50": ms(percentile(gaps, 50)),
-        "itl_ms_p95": ms(percentile(gaps, 95)),
-        "tpot_ms_mean": ms(sum(tpot) / len(tpot)) if tpot else None,
-    }
-
-
-def drive(url: str, served: str, prompts: list[list[int]], recipe: RecipeConfig, key: str | None,
-          label: str, log=print) -> dict:  # fmt: skip
+def drive(target: Target, prompts: list[list[int]], recipe: RecipeConfig, label: str, printed: TextIO,
+          log=print) -> dict:  # fmt: skip
     """Every concurrency level against one running server; acceptance per level and in all."""
-    from distill.teacher_server import _healthy
+    from vllm.tokenizers import get_tokenizer
+
+    from distill.vllm_server import healthy
 
     cfg = recipe.serve.bench
-    asyncio.run(_level(url, served, prompts, 1, 1, cfg.max_tokens, cfg.temperature, key))  # warm-up
-    first = before = spec_counters(url, key)
+    tokenizer = get_tokenizer(target.tokenizer)
+    requests = sample_requests(prompts, cfg.requests, cfg.max_tokens)
+    vllm_benchmark(target, tokenizer, requests[:1], 1, cfg.temperature, printed)  # warm-up, not counted
+    first = before = spec_counters(target.url, target.key)
     levels = {}
     for concurrency in cfg.concurrency:
-        results, seconds = asyncio.run(
-            _level(url, served, prompts, concurrency, cfg.requests, cfg.max_tokens, cfg.temperature, key)
-        )
-        after = spec_counters(url, key)
-        levels[str(concurrency)] = {**summarise(results, seconds), **acceptance(before, after)}
+        result = vllm_benchmark(target, tokenizer, requests, concurrency, cfg.temperature, printed)
+        after = spec_counters(target.url, target.key)
+        row = levels[str(concurrency)] = {**level_row(result), **acceptance(before, after)}
         before = after
-        row = levels[str(concurrency)]
         rate = row["acceptance_rate"]
         log(
             f"bench: {label} c={concurrency}: {row['output_tokens_per_s']:.1f} tok/s, "
-            f"TTFT p50 {row['ttft_ms_p50']} ms, ITL p50 {row['itl_ms_p50']} ms"
+            f"TTFT p50 {row['ttft_ms_p50']:.2f} ms, ITL p50 {row['itl_ms_p50']:.2f} ms, "
+            f"TPOT p50 {row['tpot_ms_p50']:.2f} ms"
             + (f", acceptance {rate:.3f}" if rate is not None else "")
             + (f", {row['errors']} errors" if row["errors"] else "")
         )
-    return {"levels": levels, **acceptance(first, before), "healthy_after": _healthy(url)}
+    return {"levels": levels, **acceptance(first, before), "healthy_after": healthy(target.url)}
 
 
-def served_name(url: str, key: str | None) -> str:
-    from distill.serve import served_models
+def running_target(url: str, key: str | None, recipe: RecipeConfig) -> Target:
+    """The server at `url` (`--url`): its first model, and that model's tokenizer when the directory it
+    serves is on this machine, else the recipe's (the one the prompts' token ids are in)."""
+    from vllm.benchmarks.serve import get_first_model_from_server
 
-    return served_models(url, key)[0]
+    from distill.prepare import prepare
+
+    served, root = asyncio.run(get_first_model_from_server(url, _headers(key) or None))
+    local = Path(root)
+    tokenizer = local if (local / "tokenizer_config.json").exists() else prepare(recipe).tokenizer_dir
+    return Target(url, served, str(tokenizer), key)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -305,31 +315,33 @@ def bench_serve(recipe: RecipeConfig, url: str | None = None, log=print) -> dict
     from distill.gate import apply_acceptance
     from distill.models import model_fingerprint
     from distill.serve import serve_engine_args
-    from distill.teacher_server import TeacherServer
+    from distill.vllm_server import VllmServer
 
     started = time.perf_counter()
     key = os.environ.get(recipe.serve.api_key_env)
     prompts = held_out_prompts(recipe)
     out = recipe.run_dir / "serve"
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     if url is not None:
         url = url.rstrip("/").removesuffix("/v1")
-        name = served_name(url, key)
-        log(f"bench: the running server at {url} ({name})")
-        results["server"] = {"url": url, **drive(url, name, prompts, recipe, key, "server", log)}
+        target = running_target(url, key, recipe)
+        log(f"bench: the running server at {url} ({target.served})")
+        with open(out / "logs" / "server.bench.log", "w") as printed:
+            results["server"] = {"url": url, **drive(target, prompts, recipe, "server", printed, log)}
     else:
-        env = dict(os.environ)
-        if key:
-            env["VLLM_API_KEY"] = key
         for setup in chosen_setups(recipe):
             args = serve_engine_args(recipe, setup.mode, setup.model)
             served = "student" if setup.mode == "student" else "teacher"
             log(f"bench: {setup.name}: starting vllm serve ({args['model']}"
                 + (f", draft {setup.model}" if setup.mode == "draft" else "") + ")")  # fmt: skip
-            log_path = out / "logs" / f"{setup.name}.log"
-            with TeacherServer(args, log_path, served_name=served, env=env) as server:
-                row = drive(server.url, served, prompts, recipe, key, setup.name, log)
+            logs = out / "logs"
+            with (
+                VllmServer(args, logs / f"{setup.name}.log", served_name=served, api_key=key) as server,
+                open(logs / f"{setup.name}.bench.log", "w") as printed,  # vLLM's benchmark printout
+            ):
+                target = Target(server.url, served, args.get("tokenizer", args["model"]), key)
+                row = drive(target, prompts, recipe, setup.name, printed, log)
             model = setup.model if setup.model is not None else Path(args["model"])
             results[setup.name] = {
                 "mode": setup.mode,

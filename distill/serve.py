@@ -17,7 +17,6 @@ from typing import Any
 from distill.artifacts import quantized_students
 from distill.config import RecipeConfig
 from distill.errors import DistillError
-from distill.vllm_server import served_models  # noqa: F401 (re-exported for the serving benchmark)
 
 
 def serve_engine_args(
@@ -77,7 +76,7 @@ def student_model(recipe: RecipeConfig, quant: str | None, check: bool = True) -
 def run_server(recipe: RecipeConfig, mode: str, student: Path, dry_run: bool = False, log=print) -> int:
     """Serve until vLLM exits or SIGTERM/SIGINT arrives (then the server is stopped and this returns 0)."""
     from distill.processes import Terminated
-    from distill.vllm_server import VllmServer, serve_command
+    from distill.vllm_server import VllmServer, serve_command, served_models
 
     cfg = recipe.serve
     name = "student" if mode == "student" else "teacher"

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 from distill.errors import DistillError
 from distill.store import Capture
 from distill.teacher import Item, _capture, fit_prompt
-from distill.vllm_server import VllmServer, healthy, serve_command  # noqa: F401 (serve_command: re-exported)
 
 URL_ENV = "DISTILL_TEACHER_URL"
 
@@ -28,8 +27,6 @@ class TeacherUnavailable(DistillError):
 
 
 SERVED_NAME = "teacher"
-TeacherServer = VllmServer  # NOTE: the old name, until every caller says VllmServer
-_healthy = healthy
 
 
 class TeacherClient:

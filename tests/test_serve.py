@@ -210,11 +210,14 @@ def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_d
     setups = bench["setups"]
     assert set(setups) == {"teacher", "teacher+student", "teacher+baseline"}
     assert setups["teacher+baseline"]["draft"] == str(runs["random"] / "tiny" / "student" / "final")
-    for row in setups.values():
+    for name, row in setups.items():
         assert set(row["levels"]) == {"1", "4"} and row["healthy_after"]
         for level in row["levels"].values():
             assert level["requests"] == 16 and level["errors"] == 0 and level["output_tokens"] == 16 * 16
             assert level["output_tokens_per_s"] > 0 and 0 < level["ttft_ms_p50"] <= level["ttft_ms_p95"]
+            assert_measured_by_vllm(level, drafted=row["mode"] == "draft")
+        assert "Serving Benchmark Result" in (run_dir / "serve" / "logs" / f"{name}.bench.log").read_text()
+    assert "Serving Benchmark Result" not in out.stdout  # vLLM's printout went to the log, ours stayed
     assert setups["teacher"]["acceptance_rate"] is None
     assert setups["teacher+student"]["acceptance_rate"] > 0.9  # a copy of the teacher: nearly always
     assert setups["teacher+student"]["mean_acceptance_length"] > 4  # of at most 1 + 4 draft tokens
@@ -244,3 +247,31 @@ def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_d
     report = (run_dir / "report" / "report.md").read_text()
     assert "## Serving with vLLM (distill bench serve: 16 requests per level" in report
     assert "| teacher+baseline | 4 |" in report
+
+
+def assert_measured_by_vllm(level: dict, drafted: bool) -> None:
+    """One level of bench.json: its figures are those of vLLM's benchmark, recorded with them (every
+    request completed), and physically plausible (a hand-written client that timed tokens arriving in
+    bursts once reported an ITL p50 of 0.014 ms)."""
+    measured = level["vllm"]
+    assert measured["completed"] == level["requests"] and measured["failed"] == 0
+    pairs = {"seconds": "duration", "output_tokens": "total_output_tokens", "output_tokens_per_s":
+             "output_throughput", "requests_per_s": "request_throughput", "ttft_ms_p50": "median_ttft_ms",
+             "ttft_ms_p95": "p95_ttft_ms", "itl_ms_p50": "median_itl_ms", "itl_ms_p95": "p95_itl_ms",
+             "tpot_ms_p50": "median_tpot_ms", "tpot_ms_mean": "mean_tpot_ms"}  # fmt: skip
+    assert {ours: level[ours] for ours in pairs} == {ours: measured[theirs] for ours, theirs in pairs.items()}
+    assert level["output_tokens_per_s"] == pytest.approx(level["output_tokens"] / level["seconds"])
+    itl, tpot = level["itl_ms_p50"], level["tpot_ms_p50"]
+    assert 0.1 < itl <= level["itl_ms_p95"] and tpot > 0.1
+    if drafted:  # a streamed chunk carries one token or several (the accepted drafts): ITL >= TPOT
+        assert itl > 0.8 * tpot
+        assert level["acceptance_rate"] == pytest.approx(
+            measured["spec_decode_acceptance_rate"] / 100, abs=0.02
+        )
+        assert level["mean_acceptance_length"] == pytest.approx(
+            measured["spec_decode_acceptance_length"], abs=0.1
+        )
+    else:  # one token per chunk: the two are the same gaps
+        assert 0.5 < itl / tpot < 2
+        assert measured["mean_itl_ms"] == pytest.approx(measured["mean_tpot_ms"], rel=0.05)
+        assert "spec_decode_acceptance_rate" not in measured and level["acceptance_rate"] is None
