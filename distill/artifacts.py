@@ -127,7 +127,7 @@ def _writer_alive(name: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 

@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 from distill.artifacts import (
-    QUANT_RECORD as RECORD,
-)
-from distill.artifacts import (
+    QUANT_RECORD,
     RunManifest,
     atomic_write_json,
     begin_directory,
@@ -107,7 +105,7 @@ def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) 
                 "seq_len": recipe.quantize.calibration_seq_len,
             }
         )
-        if (out / RECORD).exists() and read_json(out / RECORD).get("key") == key:
+        if (out / QUANT_RECORD).exists() and read_json(out / QUANT_RECORD).get("key") == key:
             log(f"quantize: {scheme}: {out} (reused: same student and calibration)")
             done[scheme] = out
             continue
@@ -138,7 +136,7 @@ def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) 
             "seconds": round(time.perf_counter() - began, 3),
             "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
         }
-        atomic_write_json(tmp / RECORD, record)
+        atomic_write_json(tmp / QUANT_RECORD, record)
         commit_directory(tmp, out)
         log(f"quantize: {scheme}: {out} ({record['bytes'] / 2**20:.1f} MiB, {record['seconds']:.0f}s)")
         done[scheme] = out
@@ -251,7 +249,7 @@ def _library_kernels(lib: str, size: int, mtime_ns: int) -> frozenset[str]:
 
 def scheme_of(model_dir: Path) -> str | None:
     """w8a8 / w4a16 / fp8 for a compressed-tensors directory distill wrote, None for a plain model."""
-    record = Path(model_dir) / RECORD
+    record = Path(model_dir) / QUANT_RECORD
     return read_json(record)["scheme"] if record.exists() else None
 
 

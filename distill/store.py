@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from distill.artifacts import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
+from distill.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    hash_json,
+    read_json,
+    remove_stale_temps,
+    sha256_bytes,
+    sha256_file,
+)
 from distill.errors import DistillError
 
 STORE_FORMAT = 1
@@ -51,8 +59,6 @@ def content_identity(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def identity_key(identity: dict[str, Any]) -> str:
-    from distill.artifacts import hash_json
-
     return hash_json(content_identity(identity))
 
 
@@ -408,8 +414,6 @@ def open_or_create(
     `slice_` is [I, N] for a `--shard I/N` job (recorded; any slices of the same job may share a store).
     `made_from`: where the inputs are (recorded for people, not compared).
     """
-    from distill.artifacts import remove_stale_temps
-
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)  # shards half-written by a job that died (a full disk, a kill)
     path = root / "manifest.json"
@@ -474,9 +478,8 @@ def merge_stores(out: Path, inputs: list[Path]) -> TeacherStore:
             )
     shards: dict[str, tuple[TeacherStore, dict[str, Any]]] = {}
     for store in stores:
-        store.verify()
-        for name in store.shards:
-            store._read_shard(name)  # each shard belongs to the store it is merged from
+        for name in store.shards:  # intact, and of the store it is merged from
+            store._read_shard(name)
         for name, entry in store.shards.items():
             if name in shards and shards[name][1]["sha256"] != entry["sha256"]:
                 raise DistillError(

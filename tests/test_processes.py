@@ -11,18 +11,10 @@ import psutil
 import pytest
 
 from distill.processes import spawn
-from distill.vllm_server import require_free_port
+from distill.vllm_server import free_port, require_free_port
 
 from .conftest import MICRO, TINY
 from .test_pretrain import TEACHER
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_child_dies_with_its_parent_even_by_sigkill(tmp_path):

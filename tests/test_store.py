@@ -159,10 +159,8 @@ def test_merge_joins_slices_and_refuses_strangers(tmp_path):
         tmp_path / "other",
         captures,
         identity={
+            **IDENTITY,
             "mode": "score",
-            "k": K,
-            "vocab_size": V,
-            "encoding": {"id_bits": 17},
             "teacher": {"weights_hash": "t2"},
             "capture": {"backend": "vllm"},
         },
