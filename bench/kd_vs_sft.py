@@ -75,20 +75,20 @@ def judge(recipe, run_dir: Path, students: dict[str, Path], done: dict | None = 
     from transformers import AutoModelForCausalLM
 
     from distill.acceptance import draft_tokens, predict, teacher_continuations
-    from distill.bench_serve import held_out_prompts
-    from distill.generate import teacher_path
-    from distill.heldout import Documents, measure, outside_documents
-    from distill.prepare import prepare
+    from distill.heldout import Documents, measure, outside_documents, serving_prompts
+    from distill.pipeline import open_run
     from distill.tokenizer import load_tokenizer
 
-    data = prepare(recipe)
-    teacher_dir = teacher_path(recipe)
+    run = open_run(recipe)
+    data, teacher_dir = run.data, run.teacher
     tokenizer = load_tokenizer(data.tokenizer_dir)
     texts = {"test": data.corpus.texts("test"), "outside": [d["text"] for d in outside_documents()]}
     docs = {s: Documents.encode(t, tokenizer, recipe.data.seq_len) for s, t in texts.items()}
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     bench, k = recipe.serve.bench, recipe.serve.num_speculative_tokens
-    continuations = teacher_continuations(teacher_dir, held_out_prompts(recipe), bench.max_tokens, 0.0)
+    continuations = teacher_continuations(
+        teacher_dir, serving_prompts(bench, data.tokens_dir), bench.max_tokens, 0.0
+    )
     out = {"teacher": {s: measure(teacher, None, d) for s, d in docs.items()}}
     for name, path in students.items():
         if done and name in done:
@@ -106,16 +106,19 @@ def measured_acceptance(recipe, draft: Path) -> dict[str, float]:
     """vLLM: the teacher with `draft` as its draft_model, greedy over the serving benchmark's prompts."""
     from vllm import LLM, SamplingParams
 
-    from distill.bench_serve import held_out_prompts
-    from distill.generate import teacher_path
-    from distill.vllm_engine import engine_kwargs, shutdown_engine
+    from distill.heldout import serving_prompts
+    from distill.pipeline import open_run
+    from distill.vllm.engine import engine_kwargs, shutdown_engine
 
+    run = open_run(recipe)
     k = recipe.serve.num_speculative_tokens
     spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
-    llm = LLM(**engine_kwargs(str(teacher_path(recipe)), speculative_config=spec, disable_log_stats=False))
+    llm = LLM(**engine_kwargs(str(run.teacher), speculative_config=spec, disable_log_stats=False))
     try:
         params = SamplingParams(temperature=0.0, max_tokens=recipe.serve.bench.max_tokens, ignore_eos=True)
-        prompts = [{"prompt_token_ids": ids} for ids in held_out_prompts(recipe)]
+        prompts = [
+            {"prompt_token_ids": ids} for ids in serving_prompts(recipe.serve.bench, run.data.tokens_dir)
+        ]
         llm.generate(prompts, params, use_tqdm=False)
         counters = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
     finally:

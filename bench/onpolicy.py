@@ -32,16 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.config import TinyModelConfig, load_recipe  # noqa: E402
-from distill.generate import engine_args, teacher_path  # noqa: E402
 from distill.models import build_tiny_llama  # noqa: E402
-from distill.onpolicy import Prompts, VllmSampler, sample_hf  # noqa: E402
-from distill.prepare import prepare  # noqa: E402
+from distill.pipeline import open_run  # noqa: E402
 from distill.store import collate  # noqa: E402
 from distill.teacher import HfTeacher  # noqa: E402
-from distill.teacher_server import TeacherClient  # noqa: E402
 from distill.tokenizer import load_tokenizer  # noqa: E402
-from distill.train import micro_batch_loss  # noqa: E402
-from distill.vllm_server import VllmServer  # noqa: E402
+from distill.training.loop import micro_batch_loss  # noqa: E402
+from distill.training.onpolicy import Prompts, VllmSampler, sample_hf  # noqa: E402
+from distill.vllm.client import TeacherClient  # noqa: E402
+from distill.vllm.engine import teacher_engine_args  # noqa: E402
+from distill.vllm.server import VllmServer  # noqa: E402
 
 SIZES = {  # name: (hidden, layers, heads, intermediate)
     "student_tiny_yaml": None,
@@ -198,16 +198,16 @@ def main() -> None:
             f"train.on_policy.max_new_tokens={args.new_tokens}",
         ],
     )
-    data = prepare(recipe)
+    run = open_run(recipe)
+    data, teacher = run.data, run.teacher
     tokenizer = load_tokenizer(data.tokenizer_dir)
     pad = tokenizer.pad_token_id
     prompts = Prompts.from_corpus(data.corpus.root / "prompts.jsonl", tokenizer, args.prompt_tokens).ids
-    teacher = teacher_path(recipe)
     results: dict = {"batch": args.batch, "new_tokens": args.new_tokens, "top_k": args.top_k}
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        with VllmServer(engine_args(recipe, teacher), work / "server.log") as server:
+        with VllmServer(teacher_engine_args(recipe, teacher), work / "server.log") as server:
             max_len = json.loads((teacher / "config.json").read_text())["max_position_embeddings"]
             client = TeacherClient(server.url, args.top_k, max_len)
             student = build_tiny_llama(recipe.student.tiny, tokenizer, seed=0)

@@ -33,9 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.config import load_recipe  # noqa: E402
-from distill.generate import engine_args, generate, teacher_path  # noqa: E402
-from distill.student import train_student  # noqa: E402
-from distill.vllm_server import VllmServer  # noqa: E402
+from distill.pipeline import open_run, train_teacher  # noqa: E402
+from distill.stages.generate import generate  # noqa: E402
+from distill.stages.train import train  # noqa: E402
+from distill.vllm.engine import teacher_engine_args  # noqa: E402
+
+
+def train_student(recipe, **kwargs):
+    return train(open_run(recipe, train_teacher(recipe), progress=False), **kwargs)
+
+
+from distill.vllm.server import VllmServer  # noqa: E402
 
 MODES = {
     "offline": ["train.mode=offline"],
@@ -79,13 +87,14 @@ def main() -> None:
         return load_recipe(ROOT / "recipes" / "tiny.yaml", [*base, *overrides])
 
     first = recipe()
-    teacher = teacher_path(first)
-    generate(first)  # vLLM in this process, shut down before the server starts
-    generate(first, split="validation")
+    run = open_run(first)
+    teacher = run.teacher
+    generate(run)  # vLLM in this process, shut down before the server starts
+    generate(run, split="validation")
     results: dict = {"batch": args.batch, "new_tokens": args.new_tokens, "warm_steps": args.warm_steps}
     results["steps"], results["runs"] = args.steps, {}
     try:
-        with VllmServer(engine_args(first, teacher), work / "server.log") as server:
+        with VllmServer(teacher_engine_args(first, teacher), work / "server.log") as server:
             url = f"train.on_policy.teacher_url={server.url}"
             steps = [f"train.max_steps={args.warm_steps}", f"train.eval_every={args.warm_steps}"]
             warm = train_student(recipe(*MODES["offline"], *steps, "train.lr=3e-3", url), progress=False)

@@ -33,7 +33,7 @@ from distill.models import build_tiny_llama  # noqa: E402
 from distill.store import Capture, id_bits, shard_name, write_shard  # noqa: E402
 from distill.teacher import HfTeacher, SampleSettings, VllmTeacher  # noqa: E402
 from distill.tokenizer import load_tokenizer  # noqa: E402
-from distill.vllm_engine import engine_kwargs  # noqa: E402
+from distill.vllm.engine import engine_kwargs  # noqa: E402
 
 K = 32
 LLAMA3_VOCAB = 128_256
@@ -148,8 +148,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "teacher_capture.json"))
     args = parser.parse_args()
 
-    from distill.prepare import prepare
-    from distill.pretrain import pretrain
+    from distill.pipeline import open_run
+    from distill.stages.prepare import prepare
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", ["tracking.wandb=disabled"])
     data = prepare(recipe)
@@ -179,7 +179,7 @@ def main() -> None:
             "k": K,
         }
         results["speed"] = speed(model_dir, blocks, prompts, args.max_new_tokens)
-        teacher = pretrain(recipe, resume=True, progress=False).path
+        teacher = open_run(recipe).teacher
         results["size"] = size(teacher, blocks, Path(tmp))
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

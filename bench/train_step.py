@@ -93,7 +93,7 @@ def write_initial_student(recipe, out: Path) -> None:
     from transformers.utils import logging
 
     from distill.models import build_tiny_llama
-    from distill.prepare import prepare
+    from distill.stages.prepare import prepare
     from distill.tokenizer import load_tokenizer
 
     logging.disable_progress_bar()

@@ -170,10 +170,11 @@ def predict(drafted, c: Continuations, k: int, temperature: float) -> dict[str, 
     }
 
 
-def draft_acceptance(recipe, models, log=print) -> dict[str, dict[str, Any]]:
+def draft_acceptance(recipe, models, tokens_dir: Path, log=print) -> dict[str, dict[str, Any]]:
     """The expected acceptance of each draft candidate in `models` (the students and the SFT baseline;
-    not the teacher, not quantized forms) as the teacher's draft, at the serving benchmark's settings."""
-    from distill.bench_serve import held_out_prompts
+    not the teacher, not quantized forms) as the teacher's draft, at the serving benchmark's settings
+    and on its prompts (from the corpus's test split in `tokens_dir`)."""
+    from distill.heldout import serving_prompts
 
     drafts = [m for m in models if m.role in ("student", "baseline")]
     teacher = next((m for m in models if m.role == "teacher"), None)
@@ -181,7 +182,11 @@ def draft_acceptance(recipe, models, log=print) -> dict[str, dict[str, Any]]:
         return {}
     bench, k = recipe.serve.bench, recipe.serve.num_speculative_tokens
     continuations = teacher_continuations(
-        teacher.path, held_out_prompts(recipe), bench.max_tokens, bench.temperature, seed=recipe.train.seed
+        teacher.path,
+        serving_prompts(bench, tokens_dir),
+        bench.max_tokens,
+        bench.temperature,
+        seed=recipe.train.seed,
     )
     out = {}
     for model in drafts:

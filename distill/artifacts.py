@@ -152,17 +152,6 @@ def remove_stale_temps(directory: Path) -> None:
 QUANT_RECORD = "distill-quant.json"  # written last into quant/<scheme>/: the directory is finished
 
 
-def quantized_students(run_dir: Path) -> list[Path]:
-    """The run's finished quantized students, `quant/<scheme>/` with their record, by scheme name.
-
-    Never a temporary `quant/.<scheme>.tmp-PID/` of a quantize that was killed (it may hold a
-    config.json and weights, but not the record `quantize` adds before renaming it)."""
-    root = Path(run_dir) / "quant"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / QUANT_RECORD).is_file())
-
-
 def remove_directory(path: Path) -> None:
     """Delete a directory so that a kill midway never leaves a half-deleted one under its real name."""
     doomed = path.with_name(f".{path.name}.del-{os.getpid()}")

@@ -227,7 +227,7 @@ def cmd_config_fields(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from distill.prepare import prepare
+    from distill.stages.prepare import prepare
 
     data = prepare(_load(args))
     for key, value in data.summary().items():
@@ -236,9 +236,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from distill.pretrain import pretrain
+    from distill.pipeline import open_run
+    from distill.stages.pretrain import pretrain
 
-    t = pretrain(_load(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    run = open_run(_load(args), teacher=None)
+    t = pretrain(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"teacher: {t.path}{' (reused)' if t.reused else ''}")
     print(
         f"held-out loss {t.test_loss:.3f} (perplexity {t.test_perplexity:.1f}); uniform {t.uniform_loss:.3f}"
@@ -247,7 +249,9 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from distill.student import is_main_process, launch_student, needs_launch, train_student
+    from distill.pipeline import open_run, train_teacher
+    from distill.run import Run
+    from distill.stages.train import is_main_process, launch, needs_launch, train
 
     recipe = _load(args)
     if args.print_launch or needs_launch(recipe):
@@ -264,14 +268,17 @@ def cmd_train(args) -> int:
             )
             if on
         ]
-        return launch_student(
-            recipe,
+        # a dry run prints the command from the recipe alone (no data, no models: any machine)
+        run = Run(recipe) if args.print_launch else open_run(recipe, train_teacher(recipe))
+        return launch(
+            run,
             ["train", args.recipe, *args.overrides, *flags],
             args.resume,
             args.overwrite,
             dry_run=args.print_launch,
         )
-    r = train_student(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    run = open_run(recipe, train_teacher(recipe), progress=not args.no_progress)
+    r = train(run, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if is_main_process():
         kl = f", validation KL to the teacher {r.val_kl:.4f}" if r.val_kl is not None else ""
         print(f"student: {r.final_dir} ({r.steps} steps, validation loss {r.val_loss:.3f}{kl})")
@@ -284,11 +291,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from distill.generate import generate, parse_shard
+    from distill.pipeline import open_run
+    from distill.stages.generate import generate, parse_shard
 
     shard = parse_shard(args.shard) if args.shard else None
     store = generate(
-        _load(args),
+        open_run(_load(args)),
         shard=shard,
         out=Path(args.out) if args.out else None,
         overwrite=args.overwrite,
@@ -328,8 +336,9 @@ def cmd_store_merge(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from distill.evaluate import GATE_FAILED, run_eval
     from distill.gate import failing
+    from distill.pipeline import open_run
+    from distill.stages.evaluate import GATE_FAILED, evaluate
 
     extra = {}
     for item in args.model:
@@ -337,10 +346,10 @@ def cmd_eval(args) -> int:
         if not sep or not name or not path:
             raise DistillError(f"--model {item}: expected NAME=DIR")
         extra[name] = path
-    from distill.report import write_report
+    from distill.stages.report import report
 
-    recipe = _load_run(args)
-    decision = run_eval(recipe, extra, log=lambda line: print(line, flush=True))
+    run = open_run(_load_run(args))
+    decision = evaluate(run, extra, log=lambda line: print(line, flush=True))
     verdict = "PASSED" if decision["passed"] else "FAILED"
     if not decision["checks"] and not decision["errors"]:
         print(f"gate: {verdict} (eval.gate.criteria is empty: nothing was checked)")
@@ -349,7 +358,7 @@ def cmd_eval(args) -> int:
         print(f"gate: {verdict} ({checks})")
     for line in failing(decision):
         print(f"  {line}")
-    print(f"report: {write_report(recipe.run_dir)}")
+    print(f"report: {report(run.path)}")
     return 0 if decision["passed"] else GATE_FAILED
 
 
@@ -362,9 +371,13 @@ def _load_run(args):
 
 
 def cmd_quantize(args) -> int:
-    from distill.quantize import quantize, scheme_of, serving_problem
+    from distill.pipeline import open_run
+    from distill.stages.quantize import quantize
+    from distill.vllm.kernels import scheme_of, serving_problem
 
-    done = quantize(_load_run(args), args.scheme, log=lambda line: print(line, flush=True))
+    done = quantize(
+        open_run(_load_run(args), teacher=None), args.scheme, log=lambda line: print(line, flush=True)
+    )
     for scheme, path in done.items():
         problem = serving_problem(scheme_of(path))
         print(f"{scheme}: {path}" + (f" (note: {problem})" if problem else " (vLLM can serve it here)"))
@@ -372,12 +385,14 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from distill.serve import run_server, student_model
+    from distill.pipeline import open_run
+    from distill.run import Run
+    from distill.stages.serve import serve, student_model
 
     if args.promoted:
         from distill.config import registry_path
-        from distill.quantize import scheme_of, serving_problem
-        from distill.registry import resolve, served_recipe, student_of
+        from distill.stages.promote import resolve, served_recipe, student_of
+        from distill.vllm.kernels import scheme_of, serving_problem
 
         if args.recipe is not None:  # `serve --promoted NAME key=value`: the first override lands here
             if "=" not in args.recipe:
@@ -394,26 +409,32 @@ def cmd_serve(args) -> int:
         if args.recipe is None:
             raise DistillError("serve needs a recipe, a run directory, or --promoted NAME[@VERSION]")
         recipe = _load_run(args)
-        student = student_model(recipe, args.quant, check=not args.dry_run)
+        student = student_model(Run(recipe), args.quant, check=not args.dry_run)
     mode = "draft" if args.draft else "student"
-    return run_server(recipe, mode, student, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
+    # the teacher only for --draft; a dry run prints the GPU command with teacher.model as it is
+    needs_teacher = args.draft and not (args.dry_run and recipe.teacher.model)
+    run = open_run(recipe) if needs_teacher else Run(recipe)
+    return serve(run, mode, student, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
 
 
 def cmd_bench_serve(args) -> int:
-    from distill.bench_serve import bench_serve, comparison
+    from distill.pipeline import open_run, resolve_teacher
+    from distill.stages.bench import available_setups, bench, comparison
 
-    recipe = _load_run(args)
-    bench = bench_serve(recipe, url=args.url, log=lambda line: print(line, flush=True))
-    print("\n".join(comparison(bench)))
-    print(f"bench: {recipe.run_dir / 'serve' / 'bench.json'}")
-    gate_path = recipe.run_dir / "eval" / "gate.json"
-    if args.url is None and gate_path.exists():
+    run = open_run(_load_run(args), teacher=None)
+    if args.url is None:
+        available_setups(run)  # a run without a student is refused before the teacher is resolved
+        run = resolve_teacher(run)
+    result = bench(run, url=args.url, log=lambda line: print(line, flush=True))
+    print("\n".join(comparison(result)))
+    print(f"bench: {run.bench_file}")
+    if args.url is None and run.gate_file.exists():
         from distill.artifacts import read_json
-        from distill.evaluate import GATE_FAILED
-        from distill.report import write_report
+        from distill.stages.evaluate import GATE_FAILED
+        from distill.stages.report import report
 
-        gate = read_json(gate_path)
-        print(f"report: {write_report(recipe.run_dir)}")
+        gate = read_json(run.gate_file)
+        print(f"report: {report(run.path)}")
         if not gate.get("passed"):
             from distill.gate import failing
 
@@ -426,10 +447,16 @@ def cmd_bench_serve(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from distill.registry import promote
+    from distill.pipeline import open_run
+    from distill.run import Run
+    from distill.stages.promote import promote
 
+    recipe = _load_run(args)
+    run = Run(recipe)
+    if (run.student / "config.json").exists() and not (run.store / "manifest.json").exists():
+        run = open_run(recipe, teacher="ready")  # the teacher's identity then comes from the model itself
     entry = promote(
-        _load_run(args),
+        run,
         name=args.name,
         force=args.force,
         reason=args.reason,
@@ -450,7 +477,7 @@ def cmd_promote(args) -> int:
 
 def cmd_registry_list(args) -> int:
     from distill.config import registry_path
-    from distill.registry import entries
+    from distill.stages.promote import entries
 
     registry = registry_path(args.registry)
     rows = entries(registry)
@@ -469,14 +496,14 @@ def cmd_registry_show(args) -> int:
 
     from distill.artifacts import read_json
     from distill.config import registry_path
-    from distill.registry import resolve
+    from distill.stages.promote import resolve
 
     print(json.dumps(read_json(resolve(registry_path(args.registry), args.ref) / "entry.json"), indent=2))
     return 0
 
 
 def cmd_report(args) -> int:
-    from distill.report import write_report
+    from distill.stages.report import report
 
     run = Path(args.run)
     if run.is_dir():
@@ -487,15 +514,16 @@ def cmd_report(args) -> int:
         from distill.config import load_recipe
 
         run_dir = load_recipe(run, args.overrides).run_dir
-    path = write_report(run_dir)
+    path = report(run_dir)
     print(f"report: {path} (and {path.with_suffix('.md')})")
     return 0
 
 
 def cmd_run(args) -> int:
     from distill.artifacts import read_json
-    from distill.evaluate import GATE_FAILED
     from distill.pipeline import run, summary
+    from distill.run import RunDir
+    from distill.stages.evaluate import GATE_FAILED
 
     recipe = _load(args)
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -505,7 +533,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return 0
     print("\n".join(summary(recipe, result)))
-    gate = recipe.run_dir / "eval" / "gate.json"
+    gate = RunDir(recipe.run_dir).gate_file
     if gate.exists() and not read_json(gate).get("passed"):
         return GATE_FAILED
     return 0

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distill.errors import DistillError
 
+# Training fields that never change the weights (a resume, the cache key and the inputs hash ignore them)
+BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "output"})
+
 
 class Section(BaseModel):
     # strict: no silent coercion ("0.001" is not a number, true is not an integer); ints still pass as floats.

@@ -6,14 +6,9 @@ class DistillError(Exception):
 
     Args:
         message: what went wrong and, where possible, what to do about it.
-        exit_code: process exit status for the CLI (1 by default; 2 for "not implemented yet").
+        exit_code: process exit status for the CLI (1 by default; 3 when a gate refuses).
     """
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class NotImplementedYet(DistillError):
-    def __init__(self, what: str):
-        super().__init__(f"{what} is not implemented yet", exit_code=2)

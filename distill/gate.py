@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from distill.artifacts import atomic_write_json, read_json, remove_directory
 from distill.config import GateConfig, GateCriterion
+from distill.run import RunDir
+
+DISTILLED_DRAFT = "teacher+student"  # bench.json's setup whose acceptance the gate checks
 
 PERPLEXITY = {  # metric: transform of mean negative log-likelihood (nats per unit) into the metric
     "word_perplexity": math.exp,
@@ -207,7 +212,7 @@ def apply_acceptance(decision: dict, gate: GateConfig, bench: dict | None) -> di
     eval_passed = decision.setdefault("eval_passed", decision["passed"])
     checks = [c for c in decision["checks"] if c["task"] != "serve"]
     errors = [e for e in decision["errors"] if not e.startswith("acceptance:")]
-    row = (bench or {}).get("setups", {}).get("teacher+student", {})
+    row = (bench or {}).get("setups", {}).get(DISTILLED_DRAFT, {})
     if gate.min_acceptance_rate is not None:
         rate = row.get("acceptance_rate")
         if rate is None:
@@ -227,3 +232,44 @@ def apply_acceptance(decision: dict, gate: GateConfig, bench: dict | None) -> di
     decision.update(checks=checks, errors=errors)
     decision["passed"] = bool(eval_passed and not errors and all(c["passed"] for c in checks))
     return decision
+
+
+# --------------------------------------------------------------------------- gate.json: one writer
+
+
+def begin_evaluation(run: RunDir) -> None:
+    """Before eval measures anything: gate.json fails closed ("evaluating") until `write` replaces it, so
+    a killed evaluation never leaves an earlier verdict standing, and eval's old results are gone."""
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    if run.eval_results.exists():
+        remove_directory(run.eval_results) if run.eval_results.is_dir() else run.eval_results.unlink()
+    atomic_write_json(run.gate_file, {"passed": False, "status": "evaluating"})
+
+
+def write(run: RunDir, gate: GateConfig, cache_dir: Path) -> dict | None:
+    """gate.json from what the stages wrote: eval's results (eval/results.json: scores, eval checks) and
+    the serving benchmark (serve/bench.json, when it measured the current student): the only writer of
+    the verdict. None (nothing written) before eval has finished."""
+    if not run.eval_results.exists():
+        return None
+    decision = apply_acceptance(read_json(run.eval_results), gate, fresh_bench(run, cache_dir))
+    atomic_write_json(run.gate_file, decision)
+    return decision
+
+
+def fresh_bench(run: RunDir, cache_dir: Path) -> dict | None:
+    """serve/bench.json if its distilled draft is the run's current student, else None."""
+    from distill.models import model_fingerprint
+
+    if not run.bench_file.exists() or not (run.student / "config.json").exists():
+        return None
+    bench = read_json(run.bench_file)
+    measured = bench["setups"].get(DISTILLED_DRAFT, {}).get("fingerprint", {}).get("weights_hash")
+    return bench if measured == model_fingerprint(run.student, cache_dir)["weights_hash"] else None
+
+
+def bench_in_order(setups: dict) -> list[tuple[str, dict]]:
+    """bench.json's setups (stored with sorted keys) in the order of the tables: teacher, its drafts,
+    the student, the quantized students."""
+    rank = {"teacher": 0, DISTILLED_DRAFT: 1, "teacher+baseline": 2, "student": 3}
+    return sorted(setups.items(), key=lambda kv: (rank.get(kv[0], 4), kv[0]))

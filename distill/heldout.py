@@ -232,3 +232,16 @@ def summarize(per_doc: dict[str, list[float]]) -> dict[str, float]:
         row["top1_agreement"] = sum(per_doc["top1"]) / len(per_doc["top1"])
     row["documents"] = len(per_doc["nll"])
     return row
+
+
+def serving_prompts(bench, tokens_dir: Path) -> list[list[int]]:
+    """The serving benchmark's prompts (recipe section serve.bench): the openings of the corpus's test
+    blocks, as token ids. The eval stage's expected acceptance predicts on the same prompts."""
+    from distill.training.onpolicy import Prompts
+
+    prompts = Prompts.from_blocks(Path(tokens_dir) / "test.npy", bench.prompt_tokens, bench.requests)
+    if not prompts.ids:
+        raise DistillError(
+            f"the test split has fewer than serve.bench.prompt_tokens={bench.prompt_tokens} tokens"
+        )
+    return prompts.ids

@@ -28,6 +28,7 @@ from typing import Any
 from distill.artifacts import QUANT_RECORD, RunManifest, hash_json, read_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
+from distill.run import Run, RunDir
 
 STAGES = (
     "prepare",
@@ -63,55 +64,115 @@ class RunResult:
     seconds: float = 0.0
 
 
+def open_run(recipe: RecipeConfig, teacher: str | None = "pretrain", progress: bool = True) -> Run:
+    """The run of `recipe` with its inputs resolved, once, here: stage prepare (cached; it writes the run's
+    recipe.yaml), then the teacher. teacher: "pretrain" resolves teacher.model, or the embedded teacher
+    (stage pretrain trains it now or reuses it); "ready" takes the embedded teacher only if it is trained
+    already (training's dense validation never pretrains one); None resolves no teacher."""
+    from distill.stages.prepare import prepare
+
+    run = Run(recipe, prepare(recipe))
+    return run if teacher is None else resolve_teacher(run, teacher, progress)
+
+
 def _dump(model) -> Any:
     return model.model_dump() if model is not None else None
 
 
+class Inputs:
+    """The run's inputs as `distill run` resolves them: once, when the first stage that reads them runs
+    (stage prepare builds the data, stage pretrain or teacher.model gives the teacher)."""
+
+    def __init__(self, recipe: RecipeConfig, progress: bool):
+        self.recipe, self.progress = recipe, progress
+        self._run: Run | None = None
+
+    def prepared(self) -> Run:
+        from distill.stages.prepare import prepare
+
+        self._run = Run(self.recipe, prepare(self.recipe))
+        return self._run
+
+    def run(self, teacher: str | None = "pretrain") -> Run:
+        if self._run is None:
+            self.prepared()
+        if teacher is not None and not self._run.has_teacher:
+            self._run = resolve_teacher(self._run, teacher, self.progress)
+        return self._run
+
+    def set_teacher(self, path: Path) -> None:
+        self._run = self.run(teacher=None).with_teacher(path)
+
+
+def resolve_teacher(run: Run, teacher: str = "pretrain", progress: bool = True) -> Run:
+    """`run` with its teacher resolved as `open_run` does (see there)."""
+    from distill.models import check_causal_lm
+    from distill.run import embedded_teacher_dir
+    from distill.stages.pretrain import pretrain
+
+    recipe = run.recipe
+    if recipe.teacher.model:
+        path = check_causal_lm(recipe.teacher.model, "teacher.model") if teacher == "pretrain" else None
+        return run.with_teacher(path or Path(recipe.teacher.model))
+    if teacher == "ready":
+        path = embedded_teacher_dir(recipe, run.data) / "final"
+        return run.with_teacher(path) if (path / "config.json").exists() else run
+    return run.with_teacher(pretrain(run, resume=True, progress=progress).path)
+
+
+def train_teacher(recipe: RecipeConfig) -> str:
+    """What training needs of the teacher: on-policy scores with it (pretrained now if need be); offline
+    training validates against it only if it is there already."""
+    return "pretrain" if recipe.train.mode == "on_policy" else "ready"
+
+
 def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage]:
     r = recipe
-    run_dir = r.run_dir
-    recipe_file = run_dir / "recipe.yaml"
+    inputs = Inputs(recipe, progress)
+    layout = RunDir(r.run_dir)
+    run_dir, recipe_file = layout.path, layout.recipe_file
 
     def prepare_stage(redo: bool) -> dict:
-        from distill.prepare import prepare
-
-        return prepare(r).summary()
+        return inputs.prepared().data.summary()
 
     def pretrain_stage(redo: bool) -> dict:
-        from distill.pretrain import pretrain
+        from distill.stages.pretrain import pretrain
 
-        t = pretrain(r, resume=True, progress=progress)
+        t = pretrain(inputs.run(teacher=None), resume=True, progress=progress)
+        inputs.set_teacher(t.path)
         log(f"teacher: {t.path}{' (reused from cache)' if t.reused else ''}, held-out loss {t.test_loss:.3f}")
         return {"teacher": str(t.path), "test_loss": t.test_loss, "reused": t.reused}
 
     def generate_stage(redo: bool) -> dict:
-        from distill.generate import generate
+        from distill.stages.generate import generate
 
-        store = generate(r, overwrite=redo)
+        run = inputs.run()
+        store = generate(run, overwrite=redo)
         out = {"store": str(store.root)}
         if r.generate.validation_sequences:
-            out["validation_store"] = str(generate(r, overwrite=redo, split="validation").root)
+            out["validation_store"] = str(generate(run, overwrite=redo, split="validation").root)
         return out
 
     def train_stage(recipe_: RecipeConfig, extra: list[str]) -> Callable[[bool], dict]:
         def go(redo: bool) -> dict:
-            from distill.student import launch_student, needs_launch, train_student
+            from distill.stages.train import launch, needs_launch, train
 
-            out_dir = run_dir / recipe_.train.output
+            run = inputs.run(train_teacher(recipe_)).with_recipe(recipe_)
+            final = run.final(recipe_.train.output)
             if needs_launch(recipe_):
                 args = ["train", str(recipe_file), *extra, "--resume", "--no-progress"]
-                status = launch_student(recipe_, args, resume=True, overwrite=redo)
+                status = launch(run, args, resume=True, overwrite=redo)
                 if status != 0:
                     raise DistillError(
                         f"train ({recipe_.train.output}): the launched training exited with {status}"
                     )
-                if not (out_dir / "final" / "config.json").exists():
+                if not (final / "config.json").exists():
                     raise DistillError(
                         f"train ({recipe_.train.output}): launched on {recipe_.train.distributed.num_machines} "
                         "machines; rerun `distill run` when they have finished"
                     )
-                return {"student": str(out_dir / "final"), "launched": True}
-            result = train_student(recipe_, resume=not redo, overwrite=redo, progress=progress)
+                return {"student": str(final), "launched": True}
+            result = train(run, resume=not redo, overwrite=redo, progress=progress)
             return {"student": str(result.final_dir), "val_loss": result.val_loss, "steps": result.steps}
 
         return go
@@ -121,64 +182,58 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
     )
 
     def quantize_stage(redo: bool) -> dict:
-        from distill.quantize import quantize
+        from distill.stages.quantize import quantize
 
-        return {s: str(p) for s, p in quantize(r, log=log).items()}
+        return {s: str(p) for s, p in quantize(inputs.run(teacher=None), log=log).items()}
 
     def eval_stage(redo: bool) -> dict:
-        from distill.evaluate import run_eval
+        from distill.stages.evaluate import evaluate
 
-        decision = run_eval(r, log=log)
+        decision = evaluate(inputs.run(), log=log)
         # the verdict so far: the serving benchmark's acceptance may still join it (bench)
-        return {"gate": str(run_dir / "eval" / "gate.json"), "passed": decision["passed"],
+        return {"gate": str(layout.gate_file), "passed": decision["passed"],
                 "eval_passed": decision["eval_passed"]}  # fmt: skip
 
     def bench_stage(redo: bool) -> dict:
-        from distill.bench_serve import bench_serve
+        from distill.stages.bench import bench
 
-        bench_serve(r, log=log)
-        return {"bench": str(run_dir / "serve" / "bench.json")}
+        bench(inputs.run(), log=log)
+        return {"bench": str(layout.bench_file)}
 
     def report_stage(redo: bool) -> dict:
-        from distill.report import write_report
+        from distill.stages.report import report
 
-        return {"report": str(write_report(run_dir))}
+        return {"report": str(report(run_dir))}
 
     def promote_stage(redo: bool) -> dict:
-        from distill.registry import gate_failures, promote
+        from distill.stages.promote import gate_failures, promote
 
-        gate_path = run_dir / "eval" / "gate.json"
+        gate_path = layout.gate_file
         failures = gate_failures(read_json(gate_path) if gate_path.exists() else None)
         if failures:
             return {"promoted": None, "refused": failures}
-        entry = promote(r)
+        entry = promote(inputs.run(teacher="ready"))
         return {
             "promoted": entry["ref"],
             "entry": str(r.registry_path / entry["name"] / str(entry["version"])),
         }
 
     def serve_plan() -> list[str]:
-        from distill.serve import serve_engine_args
-        from distill.vllm_server import serve_command
+        from distill.vllm.engine import serving_engine_args
+        from distill.vllm.server import serve_command
 
-        student = run_dir / "student" / "final"
+        student = layout.student
         # the plan names the tiny teacher instead of pretraining it to learn its cache path
-        plan_recipe = (
-            r
-            if r.teacher.model
-            else r.model_copy(
-                update={"teacher": r.teacher.model_copy(update={"model": "<the pretrained tiny teacher>"})}
-            )
-        )
+        teacher = r.teacher.model or "<the pretrained tiny teacher>"
         commands = [
-            serve_command(serve_engine_args(plan_recipe, mode, model, gpu=True), r.serve.port, served_name=name)
+            serve_command(serving_engine_args(r, mode, model, teacher, gpu=True), r.serve.port, served_name=name)
             for mode, model, name in (("teacher", None, "teacher"), ("draft", student, "teacher"),
                                       ("student", student, "student"))
         ]  # fmt: skip
         return [shlex.join(c) for c in commands]
 
     def launch_plan(recipe_: RecipeConfig, extra: list[str]) -> list[str]:
-        from distill.launch import launch_command
+        from distill.training.launch import launch_command
 
         args = ["train", str(recipe_file), *extra, "--resume", "--no-progress"]
         if recipe_.train.distributed.backend == "none":
@@ -200,9 +255,7 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
         (it redoes what is damaged or missing and keeps the rest)."""
         from distill.store import TeacherStore
 
-        roots = [run_dir / "teacher"] + (
-            [run_dir / "teacher-validation"] if r.generate.validation_sequences else []
-        )
+        roots = [layout.store] + ([layout.validation_store] if r.generate.validation_sequences else [])
         for root in roots:
             if not (root / "manifest.json").exists():
                 return None
@@ -212,7 +265,7 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
                 return None
         return [root / "manifest.json" for root in roots]
 
-    student_final = run_dir / "student" / "final" / "config.json"
+    student_final = layout.student / "config.json"
     p = r.pipeline
     serve_inputs = r.serve.model_dump(exclude={"host", "port", "api_key_env"})
     # the eval stage predicts the serving benchmark's acceptance (distill.acceptance)
@@ -232,20 +285,20 @@ def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage
               exists(student_final), lambda: launch_plan(r, [])),
         Stage("baseline", {"student": _dump(r.student), "train": _dump(baseline.train)},
               train_stage(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
-              exists(run_dir / "baseline" / "final" / "config.json"),
+              exists(layout.baseline / "config.json"),
               lambda: launch_plan(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
               off=None if p.sft_baseline else "pipeline.sft_baseline is false"),
         Stage("quantize", {"quantize": _dump(r.quantize)}, quantize_stage,
-              exists(*(run_dir / "quant" / s / QUANT_RECORD for s in r.quantize.schemes)),
+              exists(*(layout.quantized(s) / QUANT_RECORD for s in r.quantize.schemes)),
               lambda: [f"distill quantize {run_dir}   (.venv-quant: llm-compressor oneshot)"],
               off=None if p.quantize and r.quantize.schemes else "pipeline.quantize is false"),
         Stage("eval", {"eval": _dump(r.eval), "expected_acceptance": expected_inputs}, eval_stage,
-              exists(run_dir / "eval" / "gate.json"),
+              exists(layout.gate_file),
               lambda: [f"distill eval {run_dir}   (lm-eval {r.eval.backend} backend: {', '.join(r.eval.tasks)})"]),
         Stage("bench", {"serve": serve_inputs, "gate": _dump(r.eval.gate)}, bench_stage,
-              exists(run_dir / "serve" / "bench.json"), serve_plan,
+              exists(layout.bench_file), serve_plan,
               off=None if p.bench else "pipeline.bench is false"),
-        Stage("report", {}, report_stage, exists(run_dir / "report" / "report.html"),
+        Stage("report", {}, report_stage, exists(layout.report_html),
               lambda: [f"distill report {run_dir}"]),
         Stage("promote", {"registry": str(r.registry_path)}, promote_stage, exists(),
               lambda: [f"distill promote {run_dir}   (only if the gate passed)"],
@@ -370,13 +423,14 @@ HELD_OUT_COLUMNS = (
 def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     """The table `distill run` ends with: every model's size, scores, acceptance and speed, the gate,
     the report and how to serve the promoted student."""
-    from distill.bench_serve import DISTILLED_DRAFT
-    from distill.report import _md_table, by_role, gather
+    from distill.gate import DISTILLED_DRAFT
+    from distill.stages.report import _md_table, by_role, gather
 
-    run_dir = recipe.run_dir
+    layout = RunDir(recipe.run_dir)
+    run_dir = layout.path
     lines = [f"run: {run_dir} (ran: {', '.join(result.ran) or 'nothing'}; "
              f"skipped as unchanged: {', '.join(result.skipped) or 'nothing'}; {result.seconds:.0f}s)"]  # fmt: skip
-    gate_path = run_dir / "eval" / "gate.json"
+    gate_path = layout.gate_file
     if not gate_path.exists():
         return lines
     if read_json(gate_path).get("status") == "evaluating":
@@ -385,7 +439,7 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     gate, sizes = data["gate"], data["sizes"]
     models = gate.get("models", {})
     bench = (data["bench"] or {}).get("setups", {})
-    manifest = RunManifest(run_dir)
+    manifest = layout.manifest
     columns = [(c.task, c.metric) for c in recipe.eval.gate.criteria] or [
         (task, next(iter(row), "")) for task, row in next(iter(models.values()), {}).get("scores", {}).items()
     ]
@@ -422,7 +476,7 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
     verdict = "PASSED" if gate["passed"] else "FAILED"
     lines.append(f"gate: {verdict} ({len(gate['checks'])} checks, noise {gate['noise']})")
     lines += [f"  {line}" for line in failing(gate)]
-    report = run_dir / "report" / "report.html"
+    report = layout.report_html
     if report.exists():
         lines.append(f"report: {report}")
     promoted = (manifest.stage("promote") or {}).get("outputs", {}).get("promoted")

@@ -107,7 +107,7 @@ class VllmTeacher:
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
 
     def close(self) -> None:
-        from distill.vllm_engine import shutdown_engine
+        from distill.vllm.engine import shutdown_engine
 
         llm, self.llm = self.llm, None
         if llm is not None:

@@ -56,7 +56,7 @@ def micro(cache_dir, tmp_path):
 def prepared(cache_dir):
     """The embedded corpus, its tokenizer and token arrays (built once per session)."""
     from distill.config import load_recipe
-    from distill.prepare import prepare
+    from distill.stages.prepare import prepare
 
     recipe = load_recipe(TINY, [*MICRO, f"runs_dir={cache_dir / 'runs'}", f"cache_dir={cache_dir}"])
     return prepare(recipe)
@@ -83,3 +83,18 @@ def kill_tree(proc: subprocess.Popen) -> None:
             p.send_signal(signal.SIGKILL)
     proc.wait()
     psutil.wait_procs(procs, timeout=30)
+
+
+def teacher_of(recipe):
+    """The recipe's teacher model directory (the embedded teacher pretrained now, or reused)."""
+    from distill.pipeline import open_run
+
+    return open_run(recipe).teacher
+
+
+def train_run(recipe, **kwargs):
+    """Stage train on `recipe`'s run, its inputs resolved as `distill train` resolves them."""
+    from distill.pipeline import open_run, train_teacher
+    from distill.stages.train import train
+
+    return train(open_run(recipe, train_teacher(recipe), progress=False), **kwargs)

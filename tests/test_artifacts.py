@@ -8,12 +8,12 @@ from distill.artifacts import (
     atomic_directory,
     atomic_write_json,
     ensure_writable_dir,
-    quantized_students,
     read_json,
     remove_directory,
     remove_stale_temps,
 )
 from distill.errors import DistillError
+from distill.run import RunDir
 
 DEAD = 4194304  # no process has this pid (Linux pids stay below pid_max <= 2**22)
 
@@ -51,7 +51,7 @@ def test_temporaries_of_a_running_writer_are_kept_and_never_read_as_results(tmp_
         (tmp_path / "quant" / "w4a16").mkdir()  # no record: not a finished quantization
         (tmp_path / "quant" / "w4a16" / "config.json").write_text("{}")
         (tmp_path / "quant" / f".shard-00001.parquet.tmp-{DEAD}").write_bytes(b"half")
-        assert [p.name for p in quantized_students(tmp_path)] == ["fp8"]
+        assert [p.name for p in RunDir(tmp_path).quantized_students()] == ["fp8"]
         remove_stale_temps(tmp_path / "quant")
         assert sorted(p.name for p in (tmp_path / "quant").iterdir()) == [
             f".w8a8.tmp-{writer.pid}",

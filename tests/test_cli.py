@@ -9,6 +9,8 @@ import pytest
 
 from distill import __version__
 
+from .conftest import train_run
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 
@@ -188,7 +190,6 @@ def test_store_and_student_vocabularies_must_match(micro, prepared, tmp_path):
 
     from distill.errors import DistillError
     from distill.models import build_tiny_llama
-    from distill.student import train_student
     from distill.tokenizer import load_tokenizer
 
     from .test_store import make_store, random_capture
@@ -197,14 +198,14 @@ def test_store_and_student_vocabularies_must_match(micro, prepared, tmp_path):
     rng = np.random.default_rng(0)
     identity = {"mode": "score", "k": 4, "vocab_size": 4096, "encoding": {"id_bits": 12}}
     make_store(recipe.run_dir / "teacher", [random_capture(rng, "a", vocab=4096, k=4)], identity=identity)
-    assert train_student(recipe, progress=False).steps == 2  # the store fits: it trains
+    assert train_run(recipe, progress=False).steps == 2  # the store fits: it trains
     tok = load_tokenizer(prepared.tokenizer_dir)
     other = build_tiny_llama(recipe.student.tiny, tok)
     other.resize_token_embeddings(1000)
     other.save_pretrained(tmp_path / "student-1000")
     recipe = micro("train.loss=forward_kl", "student.tiny=null", f"student.model={tmp_path / 'student-1000'}")
     with pytest.raises(DistillError, match="has vocabulary 4096, but student.model has 1000"):
-        train_student(recipe)
+        train_run(recipe)
 
 
 def test_serve_dry_run_prints_the_llama3_draft_command_without_the_models():

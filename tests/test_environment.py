@@ -94,7 +94,7 @@ def test_cpu_isa_and_the_vllm_kernels_in_use(record_property, capsys):
     """Which machine this ran on: the CPU's instruction sets (from /proc/cpuinfo) and the vLLM CPU kernel
     build they select, printed into the test log and recorded as properties (junit XML). The build
     predicted from the flags is torch's CPUID answer too, and the library vLLM itself then loads."""
-    from distill.quantize import cpu_flags, cpu_isa, cpu_library, isa_from_flags
+    from distill.vllm.kernels import cpu_flags, cpu_isa, cpu_library, isa_from_flags
 
     if platform.machine() != "x86_64":
         pytest.skip("vLLM's kernel builds per instruction set are x86-64 only")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, teacher_of
 from .test_pretrain import TEACHER
 
 STRICT = [
@@ -31,13 +31,12 @@ def distill_eval(*args, runs, env=None):
 def models(cache_dir, tmp_path_factory):
     """The micro teacher, a byte-identical copy of it, and a random-weight student of the same shape."""
     from distill.config import load_recipe
-    from distill.generate import teacher_path
     from distill.models import build_tiny_llama
     from distill.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={root / 'runs'}", f"cache_dir={cache_dir}"])
-    teacher = teacher_path(recipe)
+    teacher = teacher_of(recipe)
     twin = root / "twin"
     shutil.copytree(teacher, twin)
     tokenizer = load_tokenizer(teacher)
@@ -108,8 +107,8 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, tm
 @pytest.mark.slow
 def test_local_completions_against_running_servers_and_servers_it_starts(models, tmp_path):
     """The twin is served by a `vllm serve` started here (eval.servers); distill starts the teacher's."""
-    from distill.vllm_engine import engine_kwargs
-    from distill.vllm_server import VllmServer
+    from distill.vllm.engine import engine_kwargs
+    from distill.vllm.server import VllmServer
 
     args = engine_kwargs(str(models["twin"]), max_model_len=256, seed=1234)
     with VllmServer(args, tmp_path / "twin-server.log") as server:
@@ -242,8 +241,8 @@ def test_a_task_group_is_gated_on_its_aggregate(models, cache_dir, tmp_path):
 
     from distill.config import load_recipe
     from distill.errors import DistillError
-    from distill.evaluate import TASKS_DIR, EvalModel, evaluate_model, load_tasks, settings_of
     from distill.gate import decide
+    from distill.stages.evaluate import TASKS_DIR, EvalModel, evaluate_model, load_tasks, settings_of
 
     groups = tmp_path / "groups"
     groups.mkdir()
@@ -256,7 +255,7 @@ def test_a_task_group_is_gated_on_its_aggregate(models, cache_dir, tmp_path):
         TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}", "eval.tasks=[distill_mc]",
                "eval.backend=hf", "eval.limit=12", criteria],
     )  # fmt: skip
-    from distill.prepare import prepare
+    from distill.stages.prepare import prepare
 
     corpus = prepare(recipe).corpus
     manager = TaskManager(

@@ -14,7 +14,7 @@ import pytest
 
 from distill.store import LOGPROB_MAX_ERROR, TeacherStore
 
-from .conftest import MICRO, TINY, kill_tree
+from .conftest import MICRO, TINY, kill_tree, teacher_of
 from .test_pretrain import TEACHER
 
 SAMPLE = [
@@ -204,13 +204,10 @@ def test_score_mode_truncates_to_the_context_and_never_crashes(cache_dir, tmp_pa
 
 def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path):
     from distill.config import load_recipe
-    from distill.pretrain import pretrain
 
-    teacher = pretrain(
-        load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"]),
-        resume=True,
-        progress=False,
-    ).path
+    teacher = teacher_of(
+        load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    )
     out_path = tmp_path / "agreement.npz"
     script = os.path.join(os.path.dirname(__file__), "scripts", "score_agreement.py")
     out = subprocess.run(
@@ -280,10 +277,9 @@ def test_hf_backend_samples_into_the_same_kind_of_store(cache_dir, tmp_path):
 
 def test_top_k_above_the_vocabulary_is_one_line_and_leaves_nothing_behind(cache_dir, tmp_path):
     from distill.config import load_recipe
-    from distill.generate import teacher_path
 
     teacher = tmp_path / "teacher"  # the micro teacher, declaring a vocabulary below the recipe's top_k
-    shutil.copytree(teacher_path(load_recipe(TINY, [*MICRO, *TEACHER, f"cache_dir={cache_dir}"])), teacher)
+    shutil.copytree(teacher_of(load_recipe(TINY, [*MICRO, *TEACHER, f"cache_dir={cache_dir}"])), teacher)
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 500}))
     real = ["teacher.tiny=null", f"teacher.model={teacher}"]

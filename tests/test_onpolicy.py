@@ -10,6 +10,7 @@ import torch
 from distill.errors import DistillError
 from distill.tracking import read_metrics
 
+from .conftest import teacher_of, train_run
 from .test_student import STRONGER_TEACHER
 
 ON_POLICY = [
@@ -29,11 +30,11 @@ ON_POLICY = [
 @pytest.fixture(scope="module")
 def server(micro, tmp_path_factory):
     """The teacher (the same one the recipe would start) behind `vllm serve`, for the whole module."""
-    from distill.generate import engine_args, teacher_path
-    from distill.vllm_server import VllmServer
+    from distill.vllm.engine import teacher_engine_args
+    from distill.vllm.server import VllmServer
 
     recipe = micro(*ON_POLICY)
-    args = engine_args(recipe, teacher_path(recipe))
+    args = teacher_engine_args(recipe, teacher_of(recipe))
     with VllmServer(args, tmp_path_factory.mktemp("server") / "server.log") as srv:
         yield srv
 
@@ -54,11 +55,10 @@ def micro(cache_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_teacher_server_scores_like_a_transformers_forward(server, micro):
-    from distill.generate import teacher_path
     from distill.teacher import HfTeacher
-    from distill.teacher_server import TeacherClient
+    from distill.vllm.client import TeacherClient
 
-    model = teacher_path(micro(*ON_POLICY))
+    model = teacher_of(micro(*ON_POLICY))
     rng = np.random.default_rng(0)
     items = [(f"s{i}", rng.integers(0, 4096, 40).tolist()) for i in range(6)]
     starts = [0, 5, 10, 20, 30, 38]
@@ -74,12 +74,11 @@ def test_the_teacher_server_scores_like_a_transformers_forward(server, micro):
 
 @pytest.mark.slow
 def test_on_policy_training_raises_the_expected_acceptance(server, micro):
-    from distill.student import train_student
 
     recipe = micro(
         *ON_POLICY, "train.max_steps=30", "train.eval_every=30", f"train.on_policy.teacher_url={server.url}"
     )
-    result = train_student(recipe, progress=False)
+    result = train_run(recipe, progress=False)
     rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")
     assert rows[0] == {"step": 0, "val_acceptance": result.start_acceptance}
     assert all(r["sampled_batches"] == r["step"] for r in rows[1:])  # lambda 1: every micro-batch sampled
@@ -96,11 +95,10 @@ def test_the_vllm_sampler_samples_with_the_trainers_latest_weights(micro, tmp_pa
     weight reload: the engine really samples with the weights the trainer hands it."""
     from transformers import AutoModelForCausalLM
 
-    from distill.generate import teacher_path
-    from distill.onpolicy import VllmSampler
+    from distill.training.onpolicy import VllmSampler
 
     recipe = micro(*ON_POLICY)
-    path = teacher_path(recipe)  # a trained model: greedy choices are not near-ties
+    path = teacher_of(recipe)  # a trained model: greedy choices are not near-ties
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     greedy = recipe.train.on_policy.model_copy(update={"temperature": 0.0, "max_new_tokens": 16})
     prompts = np.random.default_rng(0).integers(5, 4000, (8, 12)).tolist()
@@ -134,7 +132,6 @@ def test_the_vllm_sampler_samples_with_the_trainers_latest_weights(micro, tmp_pa
 
 @pytest.mark.slow
 def test_on_policy_training_with_the_vllm_sampler(server, micro):
-    from distill.student import train_student
 
     recipe = micro(
         *ON_POLICY,
@@ -144,7 +141,7 @@ def test_on_policy_training_with_the_vllm_sampler(server, micro):
         "train.on_policy.refresh_every=4",
         f"train.on_policy.teacher_url={server.url}",
     )
-    result = train_student(recipe, progress=False)
+    result = train_run(recipe, progress=False)
     rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")[1:]
     # the engine's weights are at most refresh_every - 1 steps behind the step that sampled
     assert [r["sampler_step"] for r in rows] == [4 * ((r["step"] - 1) // 4) for r in rows]
@@ -152,7 +149,7 @@ def test_on_policy_training_with_the_vllm_sampler(server, micro):
 
 
 def test_the_lambda_coin_is_deterministic_and_fair():
-    from distill.onpolicy import draws_on_policy
+    from distill.training.onpolicy import draws_on_policy
 
     draws = [draws_on_policy(0, g, 0.3) for g in range(4000)]
     assert draws == [draws_on_policy(0, g, 0.3) for g in range(4000)]
@@ -165,10 +162,11 @@ def test_the_lambda_coin_is_deterministic_and_fair():
 @pytest.fixture(scope="module")
 def mixed_store(micro):
     """A teacher store for the offline share of a mixed run (the transformers backend: no engine start)."""
-    from distill.generate import generate
+    from distill.pipeline import open_run
+    from distill.stages.generate import generate
 
     recipe = micro(*ON_POLICY, "teacher.backend=hf", "generate.mode=score", "generate.num_sequences=32")
-    generate(recipe)
+    generate(open_run(recipe))
     return recipe.run_dir / "teacher"
 
 
@@ -176,9 +174,8 @@ def mixed_store(micro):
 def test_a_mixed_run_killed_and_resumed_reproduces_the_uninterrupted_one(
     server, micro, mixed_store, tmp_path, monkeypatch
 ):
-    import distill.train as train_mod
-    from distill.onpolicy import draws_on_policy
-    from distill.student import train_student
+    import distill.training.loop as train_mod
+    from distill.training.onpolicy import draws_on_policy
 
     mixed = [*ON_POLICY, "train.on_policy.lmbda=0.5", "train.grad_accum=2", "train.max_steps=10"]
     mixed += [
@@ -193,7 +190,7 @@ def test_a_mixed_run_killed_and_resumed_reproduces_the_uninterrupted_one(
         shutil.copytree(mixed_store, r.run_dir / "teacher")
         return r
 
-    full = train_student(recipe("full"), progress=False)
+    full = train_run(recipe("full"), progress=False)
     rows = read_metrics(tmp_path / "full" / "tiny" / "student" / "metrics.jsonl")
     coins = [draws_on_policy(0, g, 0.5) for g in range(20)]
     assert rows[-1]["sampled_batches"] == sum(coins) and rows[-1]["store_batches"] == 20 - sum(coins)
@@ -209,9 +206,9 @@ def test_a_mixed_run_killed_and_resumed_reproduces_the_uninterrupted_one(
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_student(recipe("cut"), progress=False)
+        train_run(recipe("cut"), progress=False)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    resumed = train_student(micro(*mixed, runs=tmp_path / "cut"), resume=True, progress=False)
+    resumed = train_run(micro(*mixed, runs=tmp_path / "cut"), resume=True, progress=False)
     cut = read_metrics(tmp_path / "cut" / "tiny" / "student" / "metrics.jsonl")
     assert [r["step"] for r in cut] == [r["step"] for r in rows]
     for a, b in zip(rows[1:], cut[1:], strict=True):
@@ -224,7 +221,7 @@ def test_processes_sample_disjoint_prompts_that_together_are_the_single_process_
     from types import SimpleNamespace
 
     from distill.config import OnPolicyConfig
-    from distill.onpolicy import OnPolicySource, Prompts
+    from distill.training.onpolicy import OnPolicySource, Prompts
 
     source = OnPolicySource(
         Prompts([[i] for i in range(50)]), SimpleNamespace(k=4), OnPolicyConfig(), 0, 0, None
@@ -302,9 +299,8 @@ def test_a_dead_teacher_stops_training_after_bounded_retries_keeping_the_checkpo
     server, micro, monkeypatch
 ):
     """Runs last in this module: it stops the module's server."""
-    import distill.train as train_mod
-    from distill.student import train_student
-    from distill.train import list_checkpoints
+    import distill.training.loop as train_mod
+    from distill.training.loop import list_checkpoints
 
     recipe = micro(
         *ON_POLICY,
@@ -327,5 +323,5 @@ def test_a_dead_teacher_stops_training_after_bounded_retries_keeping_the_checkpo
         DistillError,
         match=r"the teacher server at http://127.0.0.1:\d+ did not answer after 2 tries .*Last good checkpoint: .*step-000003",
     ):
-        train_student(recipe, progress=False)
+        train_run(recipe, progress=False)
     assert [p.name for p in list_checkpoints(recipe.run_dir / "student")] == ["step-000003"]

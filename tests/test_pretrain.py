@@ -97,22 +97,24 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(cache_dir, prepared, tmp
 
 
 def test_pretrained_teacher_beats_uniform_and_is_reused(micro):
-    from distill.pretrain import pretrain
+    from distill.pipeline import open_run
+    from distill.stages.pretrain import pretrain
 
     recipe = micro(*TEACHER, "pretrain.seed=11")  # a teacher no other test has pretrained
-    first = pretrain(recipe, progress=False)
+    first = pretrain(open_run(recipe, teacher=None), progress=False)
     assert not first.reused
     assert first.test_loss < first.uniform_loss - 1.0
     assert first.uniform_loss == pytest.approx(math.log(4096))
     weights = first.path / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    second = pretrain(recipe, progress=False)
+    second = pretrain(open_run(recipe, teacher=None), progress=False)
     assert second.reused and second.path == first.path and second.test_loss == first.test_loss
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
     # bookkeeping settings do not invalidate the cache; training settings do
-    assert pretrain(micro(*TEACHER, "pretrain.seed=11", "pretrain.log_every=5"), progress=False).reused
-    from distill.prepare import prepare
-    from distill.pretrain import teacher_key
+    again = open_run(micro(*TEACHER, "pretrain.seed=11", "pretrain.log_every=5"), teacher=None)
+    assert pretrain(again, progress=False).reused
+    from distill.run import teacher_key
+    from distill.stages.prepare import prepare
 
     assert teacher_key(micro(*TEACHER, "pretrain.lr=1e-4"), prepare(recipe)) != teacher_key(
         recipe, prepare(recipe)
@@ -128,7 +130,8 @@ def test_pretrained_teacher_beats_uniform_and_is_reused(micro):
 
 def test_pretrain_refuses_a_recipe_with_a_real_teacher(micro):
     from distill.errors import DistillError
-    from distill.pretrain import pretrain
+    from distill.run import Run
+    from distill.stages.pretrain import pretrain
 
     with pytest.raises(DistillError, match="no teacher to pretrain"):
-        pretrain(micro("teacher.tiny=null", "teacher.model=/models/llama"))
+        pretrain(Run(micro("teacher.tiny=null", "teacher.model=/models/llama")))

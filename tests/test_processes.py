@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 from distill.processes import spawn
-from distill.vllm_server import free_port, require_free_port
+from distill.vllm.server import free_port, require_free_port
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, teacher_of
 from .test_pretrain import TEACHER
 
 
@@ -40,10 +40,9 @@ def test_spawned_children_stay_in_distills_process_group():
 @pytest.mark.slow
 def test_killed_distill_serve_leaves_no_server_and_a_taken_port_is_one_line(cache_dir, tmp_path):
     from distill.config import load_recipe
-    from distill.generate import teacher_path
 
     overrides = [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"]
-    shutil.copytree(teacher_path(load_recipe(TINY, overrides)), tmp_path / "tiny" / "student" / "final")
+    shutil.copytree(teacher_of(load_recipe(TINY, overrides)), tmp_path / "tiny" / "student" / "final")
     port = free_port()
     cmd = [sys.executable, "-m", "distill", "serve", str(TINY), *overrides, "--student", f"serve.port={port}",
            "serve.max_model_len=256"]  # fmt: skip

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from distill.artifacts import quantized_students
+from distill.run import RunDir
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, teacher_of
 from .test_pretrain import TEACHER
 
 pytestmark = pytest.mark.slow
@@ -43,11 +43,10 @@ def distill(*args, runs, env=None):
 def quantized(cache_dir, tmp_path_factory):
     """A run whose student is the (trained) micro teacher, quantized with all three schemes."""
     from distill.config import load_recipe
-    from distill.generate import teacher_path
 
     runs = tmp_path_factory.mktemp("quant")
     recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={runs}", f"cache_dir={cache_dir}"])
-    shutil.copytree(teacher_path(recipe), runs / "tiny" / "student" / "final")
+    shutil.copytree(teacher_of(recipe), runs / "tiny" / "student" / "final")
     out = distill("quantize", runs=runs)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return runs, out.stdout
@@ -187,7 +186,7 @@ def test_each_scheme_is_a_compressed_tensors_model_that_transformers_loads(quant
 
 VLLM_SCORE = """
 import json, sys
-from distill.vllm_engine import engine_kwargs, shutdown_engine
+from distill.vllm.engine import engine_kwargs, shutdown_engine
 
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
@@ -274,7 +273,7 @@ def test_the_serving_check_reads_the_kernels_vllm_loads(monkeypatch):
     AVX-512 builds die with SIGILL on AVX2-only CPUs), so it is the same on AVX2 and AVX-512 machines."""
     import ctypes
 
-    import distill.quantize as quantize
+    import distill.vllm.kernels as kernels
 
     def refuse(*args, **kwargs):
         raise AssertionError("the serving check must not execute a kernel library")
@@ -283,30 +282,30 @@ def test_the_serving_check_reads_the_kernels_vllm_loads(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", refuse)
     monkeypatch.setattr(torch.ops, "load_library", refuse)
     monkeypatch.setattr(ctypes, "CDLL", refuse)
-    quantize._library_kernels.cache_clear()
+    kernels._library_kernels.cache_clear()
 
     # the AVX2 build (what vLLM loads on AVX2-only CPUs) has no W4A16 kernel; W8A8 and FP8 need none it lacks
-    message = quantize.serving_problem("w4a16", isa="avx2")
+    message = kernels.serving_problem("w4a16", isa="avx2")
     assert message.startswith(
         "w4a16 cannot be served on this CPU: vLLM's AVX2 kernels (_C_AVX2.abi3.so) have no cpu_gemm_wna16"
     )
-    assert quantize.serving_problem("w8a8", isa="avx2") is None
-    assert quantize.serving_problem("fp8", isa="avx2") is None
+    assert kernels.serving_problem("w8a8", isa="avx2") is None
+    assert kernels.serving_problem("fp8", isa="avx2") is None
     for isa in ("avx512", "avx512_bf16"):  # both AVX-512 builds have both kernels
-        assert quantize.serving_problem("w4a16", isa=isa) is None, isa
-        assert quantize.serving_problem("w8a8", isa=isa) is None, isa
-    assert quantize.serving_problem(None) is None  # an unquantized model
+        assert kernels.serving_problem("w4a16", isa=isa) is None, isa
+        assert kernels.serving_problem("w8a8", isa=isa) is None, isa
+    assert kernels.serving_problem(None) is None  # an unquantized model
 
     # this machine: the build its /proc/cpuinfo flags select, so W4A16 serves exactly on AVX-512 CPUs
-    isa = quantize.isa_from_flags(quantize.cpu_flags())
-    assert quantize.cpu_isa() == isa
-    assert (quantize.serving_problem("w4a16") is None) == (isa != "avx2"), isa
-    assert quantize.serving_problem("w8a8") is None
+    isa = kernels.isa_from_flags(kernels.cpu_flags())
+    assert kernels.cpu_isa() == isa
+    assert (kernels.serving_problem("w4a16") is None) == (isa != "avx2"), isa
+    assert kernels.serving_problem("w8a8") is None
 
 
 def test_the_isa_rule_is_vllms():
     """vLLM loads _C (AVX-512 with BF16), _C_AVX512 (AVX-512 F/VL/BW/DQ) or _C_AVX2 (anything less)."""
-    from distill.quantize import CPU_LIBRARIES, isa_from_flags
+    from distill.vllm.kernels import CPU_LIBRARIES, isa_from_flags
 
     avx2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}
     avx512 = avx2 | {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512cd"}
@@ -323,7 +322,7 @@ def test_the_isa_rule_is_vllms():
 def test_the_kernel_reader_agrees_with_loading_this_cpus_library():
     """The library vLLM loads on this CPU (and only that one: it runs here) is loaded into torch in a fresh
     process: the kernels the ELF reader finds are registered ops, and the schemes' kernels agree."""
-    from distill.quantize import CPU_KERNELS, cpu_isa, cpu_library, library_kernels
+    from distill.vllm.kernels import CPU_KERNELS, cpu_isa, cpu_library, library_kernels
 
     lib = cpu_library(cpu_isa())
     probe = (
@@ -344,15 +343,15 @@ def test_the_kernel_reader_agrees_with_loading_this_cpus_library():
 
 @cpu_only
 def test_an_unreadable_kernel_library_is_reported_not_run(monkeypatch, tmp_path):
-    import distill.quantize as quantize
+    import distill.vllm.kernels as kernels
 
     fake = tmp_path / "_C_AVX2.abi3.so"
     fake.write_text("not an ELF file\n")
-    monkeypatch.setattr(quantize, "cpu_library", lambda isa: fake)
-    assert quantize.serving_problem("w4a16", isa="avx2") == (
+    monkeypatch.setattr(kernels, "cpu_library", lambda isa: fake)
+    assert kernels.serving_problem("w4a16", isa="avx2") == (
         "could not inspect vLLM's CPU kernels (_C_AVX2.abi3.so: ValueError: not a little-endian 64-bit ELF file)"
     )
-    assert quantize.serving_problem("fp8", isa="avx2") is None  # needs no kernel of its own
+    assert kernels.serving_problem("fp8", isa="avx2") is None  # needs no kernel of its own
 
 
 def test_a_failed_quantization_leaves_nothing_half_written(quantized, tmp_path):
@@ -375,7 +374,7 @@ def test_a_failed_quantization_leaves_nothing_half_written(quantized, tmp_path):
     (runs / "tiny" / "quant" / ".w4a16.tmp-4194304" / "config.json").write_text("{}")
     left = sorted(p.name for p in (runs / "tiny" / "quant").iterdir() if ".tmp-" in p.name)
     assert len(left) == 2 and ".fp8.tmp-" in left[0]  # the failed fp8 output, and the planted one
-    assert [p.name for p in quantized_students(runs / "tiny")] == ["w4a16", "w8a8"]
+    assert [p.name for p in RunDir(runs / "tiny").quantized_students()] == ["w4a16", "w8a8"]
     out = distill("quantize", "--scheme", "w8a8", runs=runs)
     assert out.returncode == 0 and "(reused: same student and calibration)" in out.stdout, out.stderr
     assert not [p for p in (runs / "tiny" / "quant").iterdir() if ".tmp-" in p.name]

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from distill.config import GateConfig, GateCriterion
 from distill.errors import DistillError
 from distill.gate import decide
-from distill.report import fmt, write_report
+from distill.stages.report import fmt, report
 
 
 class Balanced(HTMLParser):
@@ -112,7 +112,7 @@ def run_dir(tmp_path):
 
 def test_the_report_renders_and_holds_the_gate_numbers(run_dir):
     run, gate = run_dir
-    html_path = write_report(run)
+    html_path = report(run)
     md = (run / "report" / "report.md").read_text()
     page = html_path.read_text()
     parser = Balanced()
@@ -150,8 +150,8 @@ def test_the_report_renders_and_holds_the_gate_numbers(run_dir):
 
 def test_no_evaluation_no_report(tmp_path):
     with pytest.raises(DistillError, match="no evaluation to report: .*gate.json does not exist"):
-        write_report(tmp_path)
+        report(tmp_path)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "gate.json").write_text(json.dumps({"passed": False, "status": "evaluating"}))
     with pytest.raises(DistillError, match="the evaluation did not finish"):
-        write_report(tmp_path)
+        report(tmp_path)

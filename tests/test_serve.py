@@ -12,7 +12,7 @@ import urllib.request
 import psutil
 import pytest
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, teacher_of
 from .test_pretrain import TEACHER
 
 pytestmark = pytest.mark.slow
@@ -32,13 +32,12 @@ def runs(cache_dir, tmp_path_factory):
     """Two runs on the micro teacher: one whose student is a byte copy of the teacher, one whose student
     is random weights of the same shape (same tokenizer, so both can draft)."""
     from distill.config import load_recipe, recipe_to_yaml
-    from distill.generate import teacher_path
     from distill.models import build_tiny_llama
     from distill.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("serve")
     recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={root / 'copy'}", f"cache_dir={cache_dir}"])
-    teacher = teacher_path(recipe)
+    teacher = teacher_of(recipe)
     shutil.copytree(teacher, root / "copy" / "tiny" / "student" / "final")
     tokenizer = load_tokenizer(teacher)
     random = root / "random" / "tiny" / "student" / "final"
@@ -226,13 +225,15 @@ def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_d
     # the eval stage's offline prediction (transformers, no server) agrees with what vLLM measured
     from distill.acceptance import draft_acceptance
     from distill.config import load_recipe
-    from distill.evaluate import eval_models
+    from distill.pipeline import open_run
+    from distill.stages.evaluate import eval_models
 
     recipe = load_recipe(
         TINY, [*MICRO, *TEACHER, f"runs_dir={runs['copy']}", f"cache_dir={cache_dir}", *args]
     )
-    drafts = eval_models(recipe, {"random": str(runs["random"] / "tiny" / "student" / "final")})
-    expected = draft_acceptance(recipe, drafts, log=lambda line: None)
+    run = open_run(recipe)
+    drafts = eval_models(run, {"random": str(runs["random"] / "tiny" / "student" / "final")})
+    expected = draft_acceptance(recipe, drafts, run.data.tokens_dir, log=lambda line: None)
     for name, setup in (("student", "teacher+student"), ("random", "teacher+baseline")):
         measured = setups[setup]
         assert expected[name]["acceptance_rate"] == pytest.approx(measured["acceptance_rate"], abs=0.05)

@@ -9,7 +9,7 @@ import pytest
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY
+from .conftest import MICRO, TINY, train_run
 from .test_pretrain import TEACHER
 
 STORE = [
@@ -84,10 +84,9 @@ def test_sft_baseline_trains_on_the_same_sequences(store_runs, tmp_path):
 
 def test_an_empty_or_missing_store_is_refused_before_training(micro):
     from distill.errors import DistillError
-    from distill.student import train_student
 
     with pytest.raises(DistillError, match="no teacher store at .*teacher"):
-        train_student(micro("train.loss=reverse_kl"))
+        train_run(micro("train.loss=reverse_kl"))
 
 
 def test_lora_trains_only_adapters_and_exports_adapter_and_merged_model(micro):
@@ -96,7 +95,6 @@ def test_lora_trains_only_adapters_and_exports_adapter_and_merged_model(micro):
     from safetensors.torch import load_file
 
     from distill.models import build_tiny_llama
-    from distill.student import train_student
     from distill.tokenizer import load_tokenizer
 
     recipe = micro(
@@ -108,12 +106,12 @@ def test_lora_trains_only_adapters_and_exports_adapter_and_merged_model(micro):
         "student.lora.alpha=8",
         "student.lora.target_modules=[q_proj, v_proj]",
     )
-    result = train_student(recipe, progress=False)
+    result = train_run(recipe, progress=False)
     adapter = recipe.run_dir / "student" / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     merged = load_file(result.final_dir / "model.safetensors")
     assert not any("lora" in k for k in merged)  # a plain HF model, servable as is
-    from distill.prepare import prepare
+    from distill.stages.prepare import prepare
 
     base = build_tiny_llama(
         recipe.student.tiny, load_tokenizer(prepare(recipe).tokenizer_dir), seed=recipe.train.seed
@@ -132,23 +130,20 @@ def test_lora_trains_only_adapters_and_exports_adapter_and_merged_model(micro):
 
 def test_lora_target_that_does_not_exist_is_refused_before_training(micro):
     from distill.errors import DistillError
-    from distill.student import train_student
 
     recipe = micro("train.loss=ce", "student.lora.target_modules=[q_proj, wq]")
     with pytest.raises(
         DistillError, match=r"student.lora.target_modules: wq not in the model \(its linear layers: .*q_proj"
     ):
-        train_student(recipe, progress=False)
+        train_run(recipe, progress=False)
 
 
 @pytest.mark.slow
 def test_merged_lora_export_loads_in_vllm(micro, tmp_path):
     import os
 
-    from distill.student import train_student
-
     recipe = micro("train.loss=ce", "train.max_steps=2", "train.batch_size=2", "student.lora.r=4")
-    final = train_student(recipe, progress=False).final_dir
+    final = train_run(recipe, progress=False).final_dir
     script = os.path.join(os.path.dirname(__file__), "scripts", "vllm_generate.py")
     out = subprocess.run(
         [sys.executable, script, str(final), str(tmp_path / "out.json")],
@@ -164,7 +159,6 @@ def test_a_store_from_another_tokenizer_is_refused(micro):
     import numpy as np
 
     from distill.errors import DistillError
-    from distill.student import train_student
 
     from .test_store import make_store, random_capture
 
@@ -182,7 +176,7 @@ def test_a_store_from_another_tokenizer_is_refused(micro):
         identity=identity,
     )
     with pytest.raises(DistillError, match="was made with another tokenizer than the student's"):
-        train_student(recipe, progress=False)
+        train_run(recipe, progress=False)
 
 
 # A teacher trained long enough to know something (held-out perplexity ~290 against 4,096 uniform) and

@@ -48,8 +48,8 @@ def test_an_empty_prompt_set_is_refused(prepared, micro, tmp_path):
 
     from distill.corpus import Corpus
     from distill.errors import DistillError
-    from distill.generate import work_items
-    from distill.prepare import PreparedData
+    from distill.run import PreparedData
+    from distill.stages.generate import work_items
 
     corpus_dir = tmp_path / "corpus"
     shutil.copytree(prepared.corpus.root, corpus_dir)

@@ -3,13 +3,13 @@ import math
 import pytest
 import torch
 
-import distill.train as train_mod
+import distill.training.loop as train_mod
 from distill.config import TinyModelConfig, TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama
 from distill.tokenizer import load_tokenizer
 from distill.tracking import read_metrics
-from distill.train import BlockOrder, TrainJob, list_checkpoints, lr_factor, train
+from distill.training.loop import BlockOrder, TrainJob, list_checkpoints, lr_factor, train
 
 MODEL = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from distill.teacher import HfTeacher, VllmTeacher
-from distill.vllm_engine import engine_kwargs
+from distill.vllm.engine import engine_kwargs
 
 
 def main(model_dir: str, tokens_path: str, out_path: str) -> None:

@@ -6,7 +6,7 @@ Run as a script (vLLM spawns engine processes, so it needs the __main__ guard).
 import json
 import sys
 
-from distill.vllm_engine import engine_kwargs, shutdown_engine
+from distill.vllm.engine import engine_kwargs, shutdown_engine
 
 
 def main(model_dir: str, out_path: str) -> None:

@@ -1,6 +1,6 @@
 """The teacher as a long-lived vLLM server on loopback, and the client that has it score sequences.
 
-On-policy training needs the teacher for the whole run: a `VllmServer` (distill.vllm_server) serves it
+On-policy training needs the teacher for the whole run: a `VllmServer` (distill.vllm.server) serves it
 once on 127.0.0.1, every training process scores through `TeacherClient`, and the server is stopped when
 training ends. The client asks /v1/completions for `prompt_logprobs=k` on token
 ids (`max_tokens=1`): the same top-k plus actual-token logprobs the teacher stage's score mode stores.

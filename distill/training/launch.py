@@ -24,7 +24,7 @@ from typing import Any
 from distill.config import DistributedConfig
 from distill.errors import DistillError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 LAUNCHED_ENV = "DISTILL_LAUNCHED"
 
 

@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import RunManifest, atomic_write_text, ensure_writable_dir, hash_json
+from distill.artifacts import atomic_write_text, ensure_writable_dir, hash_json
 from distill.config import RecipeConfig, recipe_to_yaml
 from distill.corpus import Corpus, prepare_corpus
 from distill.models import check_model_dir
-from distill.tokenizer import tokenize_corpus, tokenizer_hash, train_tokenizer
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    corpus: Corpus
-    tokenizer_dir: Path
-    tokens_dir: Path
-
-    def summary(self) -> dict:
-        manifest = self.corpus.manifest
-        return {
-            "corpus": str(self.corpus.root),
-            "corpus_hash": manifest["content_hash"],
-            "documents": manifest["documents"],
-            "prompts": manifest["prompts"],
-            "tokenizer": str(self.tokenizer_dir),
-            "tokenizer_hash": tokenizer_hash(self.tokenizer_dir),
-            "tokens": str(self.tokens_dir),
-        }
+from distill.run import PreparedData, RunDir
+from distill.tokenizer import tokenize_corpus, train_tokenizer
 
 
 def resolve_tokenizer_dir(recipe: RecipeConfig, corpus: Corpus) -> Path:
@@ -52,17 +33,18 @@ def check_model_dir_or_tokenizer(path: str, field: str) -> Path:
 
 
 def prepare(recipe: RecipeConfig) -> PreparedData:
-    """Build or reuse the corpus, tokenizer and tokens; record them in the run manifest."""
+    """Build or reuse the corpus, tokenizer and tokens; write the run's resolved recipe and record them in
+    its manifest. The one stage that takes the recipe: the run's other inputs come after it."""
     started = time.perf_counter()
-    run_dir = ensure_writable_dir(recipe.run_dir, "run directory")
-    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))  # the resolved recipe of this run
+    run = RunDir(ensure_writable_dir(recipe.run_dir, "run directory"))
+    atomic_write_text(run.recipe_file, recipe_to_yaml(recipe))
     ensure_writable_dir(recipe.cache_path, "cache directory")
     corpus = prepare_corpus(recipe.data, recipe.cache_path)
     tokenizer_dir = resolve_tokenizer_dir(recipe, corpus)
     tokens_dir = tokenize_corpus(corpus, tokenizer_dir, recipe.cache_path)
     data = PreparedData(corpus, tokenizer_dir, tokens_dir)
     summary = data.summary()
-    RunManifest(run_dir).record(
+    run.manifest.record(
         "prepare", "done", hash_json(recipe.data.model_dump()), summary, time.perf_counter() - started
     )
     return data

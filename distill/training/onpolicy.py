@@ -184,7 +184,7 @@ class VllmSampler:
     def __init__(self, model, tokenizer_dir, work_dir, cfg: OnPolicyConfig, max_model_len: int, eos_id):
         from vllm import LLM
 
-        from distill.vllm_engine import engine_kwargs, has_cuda
+        from distill.vllm.engine import engine_kwargs, has_cuda
 
         self.cfg, self.eos_id, self.dir = cfg, eos_id, Path(work_dir)
         self._export(model, tokenizer_dir)
@@ -225,6 +225,6 @@ class VllmSampler:
         return [list(out.outputs[0].token_ids) for out in outs]
 
     def close(self) -> None:
-        from distill.vllm_engine import shutdown_engine
+        from distill.vllm.engine import shutdown_engine
 
         shutdown_engine(self.llm)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import RunManifest, hash_json, sha256_file
+from distill.artifacts import hash_json, sha256_file
 from distill.config import RecipeConfig
 from distill.errors import DistillError
-from distill.models import check_causal_lm, model_fingerprint, resolve_device, resolve_dtype
-from distill.prepare import PreparedData, prepare
+from distill.models import model_fingerprint, resolve_device, resolve_dtype
+from distill.run import PreparedData, Run
 from distill.store import (
     LOGPROB_SCALE,
     STORE_FORMAT,
@@ -33,6 +33,7 @@ from distill.store import (
 )
 from distill.teacher import HfTeacher, Item, SampleSettings, VllmTeacher
 from distill.tokenizer import load_tokenizer, tokenizer_hash
+from distill.vllm.engine import teacher_engine_args
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -44,15 +45,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise DistillError(f"--shard {text!r}: need 0 <= I < N")
     return index, count
-
-
-def teacher_path(recipe: RecipeConfig) -> Path:
-    """teacher.model, or the embedded tiny teacher (pretrained now, or reused from the cache)."""
-    if recipe.teacher.model:
-        return check_causal_lm(recipe.teacher.model, "teacher.model")
-    from distill.pretrain import pretrain
-
-    return pretrain(recipe, resume=True).path
 
 
 def for_split(recipe: RecipeConfig, split: str) -> RecipeConfig:
@@ -98,23 +90,6 @@ def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -
     return items, source
 
 
-def engine_args(recipe: RecipeConfig, model: Path) -> dict:
-    from distill.vllm_engine import engine_kwargs
-
-    k, extra = recipe.generate.top_k, dict(recipe.generate.engine)
-    if extra.get("max_logprobs", k) < k:
-        raise DistillError(
-            f"generate.top_k={k} exceeds generate.engine.max_logprobs={extra['max_logprobs']}; "
-            f"raise max_logprobs to at least {k} or leave it unset"
-        )
-    extra.setdefault("max_logprobs", k)
-    if recipe.teacher.dtype != "auto":
-        extra.setdefault("dtype", recipe.teacher.dtype)
-    extra.setdefault("seed", recipe.generate.seed)
-    extra.setdefault("trust_remote_code", recipe.teacher.trust_remote_code)
-    return engine_kwargs(str(model), **extra)
-
-
 def store_identity(
     recipe: RecipeConfig, model: Path, data: PreparedData, source: dict, vocab: int, dtype: str
 ) -> dict:
@@ -150,11 +125,11 @@ def make_teacher(recipe: RecipeConfig, model: Path, device: str, dtype: str):
         return HfTeacher(
             str(model), k, device, resolve_dtype(dtype, device), recipe.generate.batch_size, max_len
         )
-    return VllmTeacher(engine_args(recipe, model), k)
+    return VllmTeacher(teacher_engine_args(recipe, model), k)
 
 
 def generate(
-    recipe: RecipeConfig,
+    run: Run,
     shard: tuple[int, int] | None = None,
     out: Path | None = None,
     overwrite: bool = False,
@@ -163,10 +138,9 @@ def generate(
     """Capture the teacher into a store (default `<run>/teacher`, or `<run>/teacher.shard-I-of-N`;
     `<run>/teacher-validation` for the held-out split)."""
     started = time.perf_counter()
-    recipe = for_split(recipe, split)
+    recipe = for_split(run.recipe, split)
     g = recipe.generate
-    data = prepare(recipe)
-    model = teacher_path(recipe)
+    data, model = run.data, run.teacher
     device = resolve_device(recipe.device)
     # "auto" is bfloat16 on GPUs and float32 on CPUs, decided in one place (models.resolve_dtype)
     dtype = str(resolve_dtype(recipe.teacher.dtype, device)).removeprefix("torch.")
@@ -174,9 +148,9 @@ def generate(
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     items, source = work_items(recipe, data, split)
     num_shards = math.ceil(len(items) / g.items_per_shard)
-    base = "teacher" if split == "train" else f"teacher-{split}"
+    base = run.store if split == "train" else run.validation_store
     if out is None:
-        out = recipe.run_dir / (base if shard is None else f"{base}.shard-{shard[0]}-of-{shard[1]}")
+        out = base if shard is None else base.with_name(f"{base.name}.shard-{shard[0]}-of-{shard[1]}")
     if g.top_k > vocab:
         raise DistillError(
             f"generate.top_k={g.top_k} exceeds the teacher's vocabulary ({vocab} tokens, {model / 'config.json'})"
@@ -208,7 +182,7 @@ def generate(
             teacher.close()
     store = TeacherStore(out)
     stage = "generate" if split == "train" else f"generate-{split}"
-    RunManifest(recipe.run_dir).record(
+    run.manifest.record(
         stage if shard is None else f"{stage}.shard-{shard[0]}-of-{shard[1]}",
         "done",
         hash_json(identity),

@@ -1,7 +1,7 @@
 """Stage `train`: train the student on the teacher store (KD), or with CE on the same sequences (SFT).
 
 One process trains here; `train.distributed` (DDP, DeepSpeed ZeRO-2/3) launches the processes with
-`accelerate launch` after the inputs are checked, and each of them comes back through `train_student`.
+`accelerate launch` after the inputs are checked, and each of them comes back through `train`.
 """
 
 from __future__ import annotations
@@ -12,93 +12,91 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distill.artifacts import RunManifest, hash_json
+from distill.artifacts import hash_json
 from distill.config import LoraConfig, RecipeConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
-from distill.prepare import PreparedData, prepare
+from distill.run import Run
 from distill.store import TeacherStore
 from distill.tokenizer import load_tokenizer, tokenizer_hash
-from distill.train import TrainJob, TrainResult, check_checkpoints, train
+from distill.training import loop
+from distill.training.loop import TrainJob, TrainResult, check_checkpoints
 
-VALIDATION_STORE = "teacher-validation"
 # A teacher whose weights take at most this much is loaded beside the student for validation (dense
 # full-vocabulary KL and top-1 agreement on held-out text); a larger one is measured by `distill eval`.
 DENSE_VALIDATION_TEACHER_BYTES = 2 << 30
 
 
-def heldout_validation(recipe: RecipeConfig, data: PreparedData) -> tuple[dict[str, list[str]], Path | None]:
-    """(held-out texts by name, the teacher for dense validation or None) for the training loop."""
+def heldout_validation(run: Run) -> tuple[dict[str, list[str]], Path | None]:
+    """(held-out texts by name, the teacher for dense validation or None) for the training loop: the
+    run's teacher if it has one (the embedded teacher only once pretrained; never pretrained for this)."""
     from distill.heldout import outside_documents
-    from distill.pretrain import teacher_key
 
-    texts = {"val": data.corpus.texts("validation"), "outside": [d["text"] for d in outside_documents()]}
+    texts = {"val": run.data.corpus.texts("validation"), "outside": [d["text"] for d in outside_documents()]}
     if not texts["outside"]:  # a Python without idlelib: validate on what there is
         del texts["outside"]
-    if recipe.teacher.model:
-        teacher = Path(recipe.teacher.model)
-    else:  # the embedded teacher if it is pretrained already (never pretrained for this)
-        teacher = recipe.cache_path / "teachers" / teacher_key(recipe, data) / "final"
+    if not run.has_teacher:
+        return texts, None
+    teacher = run.teacher
     weights = sum(f.stat().st_size for f in teacher.glob("*.safetensors"))
     return texts, (teacher if 0 < weights <= DENSE_VALIDATION_TEACHER_BYTES else None)
 
 
-def student_stores(recipe: RecipeConfig) -> tuple[Path | None, Path | None]:
+def student_stores(run: Run) -> tuple[Path | None, Path | None]:
     """(training store, held-out store), each checked against the student, or None where not used.
 
     KD reads the teacher store; the SFT baseline (ce) trains on the same sequences when a store exists,
     so the two students are comparable, and on the corpus blocks otherwise. A held-out store
     (`distill generate --split validation`) adds the validation KL to the teacher.
     """
-    store_dir = recipe.run_dir / "teacher"
+    recipe, store_dir = run.recipe, run.store
     only_sampled = recipe.train.mode == "on_policy" and recipe.train.on_policy.lmbda >= 1.0
     use_store = (store_dir / "manifest.json").exists() or (recipe.train.loss != "ce" and not only_sampled)
     if use_store:
-        check_store_matches_student(recipe, store_dir)
-    val_dir = recipe.run_dir / VALIDATION_STORE
+        check_store_matches_student(run, store_dir)
+    val_dir = run.validation_store
     use_val = (val_dir / "manifest.json").exists()
     if use_val:
-        check_store_matches_student(recipe, val_dir)
+        check_store_matches_student(run, val_dir)
     return (store_dir if use_store else None), (val_dir if use_val else None)
 
 
-def _preflight(recipe: RecipeConfig) -> tuple[PreparedData, Path | None, Path | None]:
-    if recipe.student.model:  # fail on a bad path before any data work
-        check_model_dir(recipe.student.model, "student.model")
-    store, val_store = student_stores(recipe)
-    return prepare(recipe), store, val_store
+def _preflight(run: Run) -> tuple[Path | None, Path | None]:
+    if run.recipe.student.model:  # fail on a bad path before any training
+        check_model_dir(run.recipe.student.model, "student.model")
+    return student_stores(run)
 
 
 @contextmanager
-def teacher_service(recipe: RecipeConfig):
+def teacher_service(run: Run):
     """The URL of the teacher server on-policy training scores with: the recipe's, the launcher's, or
     one started here (`vllm serve` on loopback) for as long as the block runs. Offline runs get the
     recipe's or launcher's URL if there is one (then they report val_acceptance too), else None."""
-    from distill.teacher_server import URL_ENV
-    from distill.vllm_server import VllmServer
+    from distill.vllm.client import URL_ENV
+    from distill.vllm.engine import teacher_engine_args
+    from distill.vllm.server import VllmServer
 
+    recipe = run.recipe
     url = recipe.train.on_policy.teacher_url or os.environ.get(URL_ENV)
     if recipe.train.mode != "on_policy" or url:
         yield url
         return
-    from distill.generate import engine_args, teacher_path
-
-    args = engine_args(recipe, teacher_path(recipe))
-    with VllmServer(args, recipe.run_dir / "teacher-server.log") as server:
+    with VllmServer(teacher_engine_args(recipe, run.teacher), run.teacher_server_log) as server:
         print(f"teacher server: {server.url} (vllm serve, log {server.log_path})", flush=True)
         yield server.url
 
 
-def on_policy_source(recipe: RecipeConfig, data: PreparedData, url: str):
+def on_policy_source(run: Run, url: str):
     """The student's prompts, the teacher client, and the held-out prompts for val_acceptance."""
-    from distill.generate import engine_args, teacher_path
-    from distill.onpolicy import OnPolicySource, Prompts
-    from distill.teacher_server import TeacherClient
+    from distill.training.onpolicy import OnPolicySource, Prompts
+    from distill.vllm.client import TeacherClient
+    from distill.vllm.engine import teacher_engine_args
 
+    recipe, data = run.recipe, run.data
     cfg = recipe.train.on_policy
     tokenizer = load_tokenizer(data.tokenizer_dir)
-    args = engine_args(recipe, teacher_path(recipe))
-    max_len = args.get("max_model_len") or _max_positions(teacher_path(recipe))
+    args = teacher_engine_args(recipe, run.teacher)
+    max_len = args.get("max_model_len") or _max_positions(run.teacher)
     client = TeacherClient(url, recipe.generate.top_k, max_len, retries=cfg.retries)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = Prompts.from_corpus(data.corpus.root / "prompts.jsonl", tokenizer, cfg.prompt_tokens)
@@ -114,42 +112,42 @@ def _max_positions(model_dir: Path) -> int:
 
 def needs_launch(recipe: RecipeConfig) -> bool:
     """True when the recipe trains distributed and this process is not one that a launcher started."""
-    from distill.launch import inside_launch
+    from distill.training.launch import inside_launch
 
     return recipe.train.distributed.backend != "none" and not inside_launch()
 
 
-def launch_student(
-    recipe: RecipeConfig, distill_args: list[str], resume: bool, overwrite: bool, dry_run: bool = False
-) -> int:
+def launch(run: Run, distill_args: list[str], resume: bool, overwrite: bool, dry_run: bool = False) -> int:
     """Check every input here, once, then start the training processes with `accelerate launch`.
 
     A dry run only prints the command: it needs the recipe, not the models or the store (so the Llama 3
     recipes print theirs on any machine)."""
-    from distill.launch import run_launch
+    from distill.training.launch import run_launch
 
-    out_dir = recipe.run_dir / recipe.train.output
+    recipe = run.recipe
+    out_dir = run.output(recipe.train.output)
     if dry_run:
         return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
-    _preflight(recipe)
+    _preflight(run)
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     check_checkpoints(out_dir, resume)
-    from distill.teacher_server import URL_ENV
+    from distill.vllm.client import URL_ENV
 
     # on-policy: one teacher server for the whole run, which every launched process scores with
-    with teacher_service(recipe) as url:
+    with teacher_service(run) as url:
         if url:
             os.environ[URL_ENV] = url
         return run_launch(recipe.train.distributed, distill_args, recipe.cache_path, dry_run)
 
 
-def train_student(
-    recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
-) -> TrainResult:
+def train(run: Run, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train the run's student (train.output: `student`, or `baseline` for the SFT baseline) in this
+    process; a launched process of a distributed run comes here too."""
     started = time.perf_counter()
-    data, store, val_store = _preflight(recipe)
-    out_dir = recipe.run_dir / recipe.train.output
+    recipe, data = run.recipe, run.data
+    store, val_store = _preflight(run)
+    out_dir = run.output(recipe.train.output)
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
 
@@ -166,9 +164,9 @@ def train_student(
             )
         return with_lora(model, recipe.student.lora) if recipe.student.lora else model
 
-    texts, dense_teacher = heldout_validation(recipe, data)
-    with teacher_service(recipe) as url:
-        source, held_out = on_policy_source(recipe, data, url) if url else (None, None)
+    texts, dense_teacher = heldout_validation(run)
+    with teacher_service(run) as url:
+        source, held_out = on_policy_source(run, url) if url else (None, None)
         job = TrainJob.from_recipe(
             recipe,
             "student",
@@ -185,9 +183,9 @@ def train_student(
             heldout=texts,
             heldout_teacher=dense_teacher,
         )
-        result = train(job)
+        result = loop.train(job)
     if is_main_process():
-        RunManifest(recipe.run_dir).record(
+        run.manifest.record(
             "train" if recipe.train.output == "student" else f"train-{recipe.train.output}",
             "done",
             hash_json({"train": recipe.train.model_dump(), "student": recipe.student.model_dump()}),
@@ -211,24 +209,25 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def student_vocab_size(recipe: RecipeConfig) -> tuple[int, str]:
+def student_vocab_size(run: Run) -> tuple[int, str]:
     """The student's vocabulary and the field it comes from."""
     import json
 
+    recipe = run.recipe
     if recipe.student.model:
         path = check_model_dir(recipe.student.model, "student.model")
         return json.loads((path / "config.json").read_text())["vocab_size"], "student.model"
-    return len(load_tokenizer(prepare(recipe).tokenizer_dir)), "the student's tokenizer"
+    return len(load_tokenizer(run.data.tokenizer_dir)), "the student's tokenizer"
 
 
-def check_store_matches_student(recipe: RecipeConfig, path: Path | None = None) -> TeacherStore:
+def check_store_matches_student(run: Run, path: Path | None = None) -> TeacherStore:
     """Refuse, before any training, a teacher store the student cannot learn from."""
-    store = TeacherStore(path or recipe.run_dir / "teacher")
+    store = TeacherStore(path or run.store)
     store.require_complete()
-    vocab, what = student_vocab_size(recipe)
+    vocab, what = student_vocab_size(run)
     store.check_vocab(vocab, what)
     made_with = store.manifest["identity"].get("tokenizer_hash")
-    tokenizer_dir = student_tokenizer_dir(recipe)
+    tokenizer_dir = student_tokenizer_dir(run)
     if made_with and tokenizer_hash(tokenizer_dir) != made_with:
         raise DistillError(
             f"teacher store {store.root} was made with another tokenizer than the student's ({tokenizer_dir}): "
@@ -237,11 +236,12 @@ def check_store_matches_student(recipe: RecipeConfig, path: Path | None = None) 
     return store
 
 
-def student_tokenizer_dir(recipe: RecipeConfig):
+def student_tokenizer_dir(run: Run):
     """The student's own tokenizer when its directory has one, else the run's (data.tokenizer or the teacher's)."""
-    if recipe.student.model and (Path(recipe.student.model) / "tokenizer.json").exists():
-        return Path(recipe.student.model)
-    return prepare(recipe).tokenizer_dir
+    model = run.recipe.student.model
+    if model and (Path(model) / "tokenizer.json").exists():
+        return Path(model)
+    return run.data.tokenizer_dir
 
 
 def with_lora(model, cfg: LoraConfig):

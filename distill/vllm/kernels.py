@@ -1,153 +1,20 @@
-"""The quantize stage: llm-compressor turns the student into compressed-tensors models under
-`runs/<name>/quant/<scheme>/`, and a check of whether this machine's vLLM can serve each scheme.
-
-llm-compressor cannot share vLLM's environment (their pins exclude each other), so `oneshot` runs in
-`.venv-quant` as a subprocess (`distill/quant_worker.py`); this side picks the calibration sequences,
-keeps the outputs atomic and reusable, and records them in the run manifest.
-"""
+"""Which quantized schemes this machine's vLLM can serve, answered without starting vLLM: on CUDA the
+device's compute capability; on CPUs whether the kernel library vLLM loads (picked by the CPU's
+instruction sets) has the scheme's kernel, read from the library's ELF symbols and never executed."""
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 import struct
-import subprocess
-import time
 from pathlib import Path
 
-from distill.artifacts import (
-    QUANT_RECORD,
-    RunManifest,
-    atomic_write_json,
-    begin_directory,
-    commit_directory,
-    hash_json,
-    read_json,
-    remove_stale_temps,
-)
-from distill.config import RecipeConfig
-from distill.errors import DistillError
-from distill.processes import run
+from distill.artifacts import QUANT_RECORD, read_json
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("quant_worker.py")
-QUANT_PYTHON_ENV = "DISTILL_QUANT_PYTHON"
 # vLLM's CPU build: which kernel each scheme's linear layers need, in the kernel library vLLM loads; the
 # library of each x86 build (vLLM picks one by the CPU's instruction sets; `native`: not x86, one library)
 CPU_KERNELS = {"w8a8": "onednn_scaled_mm", "w4a16": "cpu_gemm_wna16", "fp8": None}
 CPU_LIBRARIES = {"avx512_bf16": "_C", "avx512": "_C_AVX512", "avx2": "_C_AVX2", "native": "_C"}
-
-
-def quant_python() -> Path:
-    path = Path(os.environ.get(QUANT_PYTHON_ENV) or ROOT / ".venv-quant" / "bin" / "python")
-    if not path.exists():
-        raise DistillError(
-            f"llm-compressor's environment is missing: {path} does not exist (run `make setup`, which "
-            f"builds .venv-quant, or set {QUANT_PYTHON_ENV})"
-        )
-    return path
-
-
-def student_dir(recipe: RecipeConfig) -> Path:
-    path = recipe.run_dir / "student" / "final"
-    if not (path / "config.json").exists():
-        raise DistillError(f"no student to quantize: {path} does not exist (run `distill train` first)")
-    return path
-
-
-def calibration(recipe: RecipeConfig) -> tuple[list[list[int]], dict]:
-    """`quantize.calibration_samples` token sequences of up to `calibration_seq_len`: the teacher
-    store's sequences when the run has one (the data the student learned from), else corpus blocks."""
-    import numpy as np
-
-    from distill.prepare import prepare
-    from distill.store import TeacherStore
-
-    q = recipe.quantize
-    store = recipe.run_dir / "teacher"
-    if (store / "manifest.json").exists():
-        rows = []
-        for capture in TeacherStore(store).rows():
-            rows.append(list(capture.input_ids)[: q.calibration_seq_len])
-            if len(rows) == q.calibration_samples:
-                break
-        return rows, {"source": "teacher store", "path": str(store), "sequences": len(rows)}
-    data = prepare(recipe)
-    tokens = np.load(data.tokens_dir / "train.npy", mmap_mode="r")
-    n = min(q.calibration_samples, len(tokens) // q.calibration_seq_len)
-    rows = [tokens[i * q.calibration_seq_len : (i + 1) * q.calibration_seq_len].tolist() for i in range(n)]
-    return rows, {"source": "corpus train blocks", "corpus": data.corpus.content_hash, "sequences": n}
-
-
-def quantize(recipe: RecipeConfig, schemes: list[str] | None = None, log=print) -> dict[str, Path]:
-    """Quantize the run's student with each scheme (default: `quantize.schemes`); reuse an output whose
-    student, scheme and calibration are unchanged. Returns {scheme: directory}."""
-    from distill.models import model_fingerprint
-
-    started = time.perf_counter()
-    student = student_dir(recipe)
-    schemes = schemes or list(recipe.quantize.schemes)
-    python = quant_python()
-    rows, source = calibration(recipe)
-    fingerprint = model_fingerprint(student, recipe.cache_path)
-    out_root = recipe.run_dir / "quant"
-    remove_stale_temps(out_root)  # what a killed quantize left: never read as a model, gone now
-    done = {}
-    for scheme in schemes:
-        out = out_root / scheme
-        key = hash_json(
-            {
-                "student": [fingerprint["config_hash"], fingerprint["weights_hash"]],
-                "scheme": scheme,
-                "calibration": hash_json(rows),
-                "seq_len": recipe.quantize.calibration_seq_len,
-            }
-        )
-        if (out / QUANT_RECORD).exists() and read_json(out / QUANT_RECORD).get("key") == key:
-            log(f"quantize: {scheme}: {out} (reused: same student and calibration)")
-            done[scheme] = out
-            continue
-        log(f"quantize: {scheme}: llm-compressor oneshot on {len(rows)} sequences ({source['source']})")
-        tmp = begin_directory(out)
-        calib = tmp.with_name(f".{scheme}.calibration.tmp-{os.getpid()}")
-        calib.write_text(json.dumps(rows))
-        log_path = out_root / f"{scheme}.log"
-        began = time.perf_counter()
-        cmd = [str(python), str(WORKER), "--model", str(student), "--out", str(tmp), "--scheme", scheme]
-        cmd += ["--calibration", str(calib), "--samples", str(len(rows))]
-        cmd += ["--seq-len", str(recipe.quantize.calibration_seq_len)]
-        if recipe.student.trust_remote_code:
-            cmd.append("--trust-remote-code")
-        with open(log_path, "w") as fh:
-            status = run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        calib.unlink()
-        if status != 0:
-            tail = " | ".join(log_path.read_text().strip().splitlines()[-3:])
-            raise DistillError(
-                f"quantize: {scheme}: llm-compressor exited with status {status}: {tail} (log: {log_path})"
-            )
-        record = {
-            "key": key,
-            "scheme": scheme,
-            "student": fingerprint,
-            "calibration": {**source, "seq_len": recipe.quantize.calibration_seq_len},
-            "seconds": round(time.perf_counter() - began, 3),
-            "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
-        }
-        atomic_write_json(tmp / QUANT_RECORD, record)
-        commit_directory(tmp, out)
-        log(f"quantize: {scheme}: {out} ({record['bytes'] / 2**20:.1f} MiB, {record['seconds']:.0f}s)")
-        done[scheme] = out
-    RunManifest(recipe.run_dir).record(
-        "quantize",
-        "done",
-        hash_json({"schemes": schemes, "quantize": recipe.quantize.model_dump()}),
-        {scheme: str(path) for scheme, path in done.items()},
-        time.perf_counter() - started,
-    )
-    return done
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -259,7 +126,7 @@ def serving_problem(scheme: str | None, isa: str | None = None) -> str | None:
     request otherwise); it is answered by reading that library's ELF symbols and op schemas, never by
     loading it. `isa` picks another CPU build's library (what an AVX2 or an AVX-512 machine would do),
     which is safe on any CPU for the same reason."""
-    from distill.vllm_engine import has_cuda
+    from distill.vllm.engine import has_cuda
 
     if scheme is None:
         return None

@@ -33,44 +33,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from distill.artifacts import (
-    atomic_write_json,
-    begin_directory,
-    commit_directory,
-    quantized_students,
-    read_json,
-)
+from distill import gate
+from distill.artifacts import atomic_write_json, begin_directory, commit_directory
 from distill.config import RecipeConfig
 from distill.errors import DistillError
+from distill.gate import DISTILLED_DRAFT, bench_in_order
+from distill.heldout import serving_prompts
+from distill.run import Run, RunDir
 
 SPEC_COUNTERS = {
     "drafts": "vllm:spec_decode_num_drafts_total",
     "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
     "accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total",
 }
-DISTILLED_DRAFT = "teacher+student"
 
 
 @dataclass(frozen=True)
 class Setup:
     name: str
-    mode: str  # teacher | draft | student (serve_engine_args' modes)
+    mode: str  # teacher | draft | student (vllm.engine.serving_engine_args' modes)
     model: Path | None  # the draft, or the student served alone; None for the teacher alone
 
 
-def initial_student(recipe: RecipeConfig) -> Path:
+def initial_student(run: Run) -> Path:
     """The student before any training, as a model directory vLLM can load: student.model itself, or
     student.tiny built with train.seed (exactly what `distill train` starts from) saved once."""
+    recipe = run.recipe
     if recipe.student.model:
         return Path(recipe.student.model)
-    out = recipe.run_dir / "serve" / "initial-student"
+    out = run.serve_dir / "initial-student"
     if (out / "config.json").exists():
         return out
     from distill.models import build_tiny_llama
-    from distill.prepare import prepare
     from distill.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(prepare(recipe).tokenizer_dir)
+    tokenizer = load_tokenizer(run.data.tokenizer_dir)
     tmp = begin_directory(out)
     build_tiny_llama(recipe.student.tiny, tokenizer, seed=recipe.train.seed).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -78,14 +75,14 @@ def initial_student(recipe: RecipeConfig) -> Path:
     return out
 
 
-def baseline_draft(recipe: RecipeConfig) -> Path:
-    given = recipe.serve.bench.baseline
+def baseline_draft(run: Run) -> Path:
+    given = run.recipe.serve.bench.baseline
     if given is None:
-        sft = recipe.run_dir / "baseline" / "final"  # the SFT baseline `distill run` trains
-        return sft if (sft / "config.json").exists() else initial_student(recipe)
+        sft = run.baseline  # the SFT baseline `distill run` trains
+        return sft if (sft / "config.json").exists() else initial_student(run)
     path = Path(given)
-    if (path / "student" / "final" / "config.json").exists():  # a run directory (e.g. the SFT baseline's)
-        path = path / "student" / "final"
+    if (RunDir(path).student / "config.json").exists():  # a run directory (e.g. the SFT baseline's)
+        path = RunDir(path).student
     if not (path / "config.json").exists():
         raise DistillError(
             f"serve.bench.baseline: {given} is neither a model directory nor a run directory with a "
@@ -94,11 +91,11 @@ def baseline_draft(recipe: RecipeConfig) -> Path:
     return path
 
 
-def available_setups(recipe: RecipeConfig) -> list[Setup]:
+def available_setups(run: Run) -> list[Setup]:
     """Every setup of this run, in the order of the table; a missing student is a clear error."""
-    from distill.quantize import scheme_of, serving_problem
+    from distill.vllm.kernels import scheme_of, serving_problem
 
-    student = recipe.run_dir / "student" / "final"
+    student = run.student
     if not (student / "config.json").exists():
         raise DistillError(f"no student to bench at {student} (run `distill train` first)")
     out = [
@@ -107,15 +104,15 @@ def available_setups(recipe: RecipeConfig) -> list[Setup]:
         Setup("teacher+baseline", "draft", None),  # resolved only when chosen (it may be built)
         Setup("student", "student", student),
     ]
-    for quant in quantized_students(recipe.run_dir):  # finished ones only, never a killed one's temporary
+    for quant in run.quantized_students():  # finished ones only, never a killed one's temporary
         if serving_problem(scheme_of(quant)) is None:
             out.append(Setup(f"student-{quant.name}", "student", quant))
     return out
 
 
-def chosen_setups(recipe: RecipeConfig) -> list[Setup]:
-    setups = available_setups(recipe)
-    wanted = recipe.serve.bench.setups
+def chosen_setups(run: Run) -> list[Setup]:
+    setups = available_setups(run)
+    wanted = run.recipe.serve.bench.setups
     if wanted is not None:
         names = [s.name for s in setups]
         unknown = [w for w in wanted if w not in names]
@@ -124,22 +121,7 @@ def chosen_setups(recipe: RecipeConfig) -> list[Setup]:
                 f"serve.bench.setups: {', '.join(unknown)} not in this run's setups ({', '.join(names)})"
             )
         setups = [s for s in setups if s.name in wanted]
-    return [
-        Setup(s.name, s.mode, baseline_draft(recipe)) if s.name == "teacher+baseline" else s for s in setups
-    ]
-
-
-def held_out_prompts(recipe: RecipeConfig) -> list[list[int]]:
-    from distill.onpolicy import Prompts
-    from distill.prepare import prepare
-
-    cfg = recipe.serve.bench
-    prompts = Prompts.from_blocks(prepare(recipe).tokens_dir / "test.npy", cfg.prompt_tokens, cfg.requests)
-    if not prompts.ids:
-        raise DistillError(
-            f"the test split has fewer than serve.bench.prompt_tokens={cfg.prompt_tokens} tokens"
-        )
-    return prompts.ids
+    return [Setup(s.name, s.mode, baseline_draft(run)) if s.name == "teacher+baseline" else s for s in setups]
 
 
 # --------------------------------------------------------------------------- the load: vLLM's benchmark
@@ -269,7 +251,7 @@ def drive(target: Target, prompts: list[list[int]], recipe: RecipeConfig, label:
     """Every concurrency level against one running server; acceptance per level and in all."""
     from vllm.tokenizers import get_tokenizer
 
-    from distill.vllm_server import healthy
+    from distill.vllm.server import healthy
 
     cfg = recipe.serve.bench
     tokenizer = get_tokenizer(target.tokenizer)
@@ -293,45 +275,44 @@ def drive(target: Target, prompts: list[list[int]], recipe: RecipeConfig, label:
     return {"levels": levels, **acceptance(first, before), "healthy_after": healthy(target.url)}
 
 
-def running_target(url: str, key: str | None, recipe: RecipeConfig) -> Target:
+def running_target(url: str, key: str | None, run: Run) -> Target:
     """The server at `url` (`--url`): its first model, and that model's tokenizer when the directory it
     serves is on this machine, else the recipe's (the one the prompts' token ids are in)."""
     from vllm.benchmarks.serve import get_first_model_from_server
 
-    from distill.prepare import prepare
-
     served, root = asyncio.run(get_first_model_from_server(url, _headers(key) or None))
     local = Path(root)
-    tokenizer = local if (local / "tokenizer_config.json").exists() else prepare(recipe).tokenizer_dir
+    tokenizer = local if (local / "tokenizer_config.json").exists() else run.data.tokenizer_dir
     return Target(url, served, str(tokenizer), key)
 
 
 # --------------------------------------------------------------------------- the stage
 
 
-def bench_serve(recipe: RecipeConfig, url: str | None = None, log=print) -> dict:
-    """Bench every chosen setup (or the server at `url`), write <run>/serve/bench.json, and add the
-    distilled draft's acceptance to the gate. Returns bench.json's content."""
-    from distill.gate import apply_acceptance
+def bench(run: Run, url: str | None = None, log=print) -> dict:
+    """Bench every chosen setup (or the server at `url`), write <run>/serve/bench.json, and have the gate
+    add the distilled draft's acceptance to the verdict. Returns bench.json's content."""
     from distill.models import model_fingerprint
-    from distill.serve import serve_engine_args
-    from distill.vllm_server import VllmServer
+    from distill.vllm.engine import serving_engine_args
+    from distill.vllm.server import VllmServer
 
     started = time.perf_counter()
+    recipe = run.recipe
     key = os.environ.get(recipe.serve.api_key_env)
-    prompts = held_out_prompts(recipe)
-    out = recipe.run_dir / "serve"
+    prompts = serving_prompts(recipe.serve.bench, run.data.tokens_dir)
+    out = run.serve_dir
     (out / "logs").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     if url is not None:
         url = url.rstrip("/").removesuffix("/v1")
-        target = running_target(url, key, recipe)
+        target = running_target(url, key, run)
         log(f"bench: the running server at {url} ({target.served})")
         with open(out / "logs" / "server.bench.log", "w") as printed:
             results["server"] = {"url": url, **drive(target, prompts, recipe, "server", printed, log)}
     else:
-        for setup in chosen_setups(recipe):
-            args = serve_engine_args(recipe, setup.mode, setup.model)
+        for setup in chosen_setups(run):
+            teacher = None if setup.mode == "student" else run.teacher
+            args = serving_engine_args(recipe, setup.mode, setup.model, teacher)
             served = "student" if setup.mode == "student" else "teacher"
             log(f"bench: {setup.name}: starting vllm serve ({args['model']}"
                 + (f", draft {setup.model}" if setup.mode == "draft" else "") + ")")  # fmt: skip
@@ -352,7 +333,7 @@ def bench_serve(recipe: RecipeConfig, url: str | None = None, log=print) -> dict
                 **row,
             }
     cfg = recipe.serve.bench
-    bench = {
+    result = {
         "setups": results,
         "settings": {
             **cfg.model_dump(),
@@ -362,32 +343,10 @@ def bench_serve(recipe: RecipeConfig, url: str | None = None, log=print) -> dict
         "seconds": round(time.perf_counter() - started, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    atomic_write_json(out / "bench.json", bench)
-    gate_path = recipe.run_dir / "eval" / "gate.json"
-    if url is None and gate_path.exists() and read_json(gate_path).get("status") != "evaluating":
-        decision = apply_acceptance(read_json(gate_path), recipe.eval.gate, bench)
-        atomic_write_json(gate_path, decision)
-    return bench
-
-
-def in_order(setups: dict) -> list[tuple[str, dict]]:
-    """bench.json's setups (stored with sorted keys) in the order of the table: teacher, its drafts,
-    the student, the quantized students."""
-    rank = {"teacher": 0, DISTILLED_DRAFT: 1, "teacher+baseline": 2, "student": 3}
-    return sorted(setups.items(), key=lambda kv: (rank.get(kv[0], 4), kv[0]))
-
-
-def fresh_bench(recipe: RecipeConfig) -> dict | None:
-    """<run>/serve/bench.json if its distilled draft is the run's current student, else None."""
-    from distill.models import model_fingerprint
-
-    path = recipe.run_dir / "serve" / "bench.json"
-    student = recipe.run_dir / "student" / "final"
-    if not path.exists() or not (student / "config.json").exists():
-        return None
-    bench = read_json(path)
-    measured = bench["setups"].get(DISTILLED_DRAFT, {}).get("fingerprint", {}).get("weights_hash")
-    return bench if measured == model_fingerprint(student, recipe.cache_path)["weights_hash"] else None
+    atomic_write_json(run.bench_file, result)
+    if url is None:
+        gate.write(run, recipe.eval.gate, recipe.cache_path)  # once eval has finished: its verdict and this
+    return result
 
 
 def comparison(bench: dict) -> list[str]:
@@ -395,7 +354,7 @@ def comparison(bench: dict) -> list[str]:
     setups = bench["setups"]
     lines = []
     base = setups.get("teacher")
-    for name, row in in_order(setups):
+    for name, row in bench_in_order(setups):
         for level, values in sorted(row["levels"].items(), key=lambda kv: int(kv[0])):
             speed = values["output_tokens_per_s"]
             ratio = ""

@@ -1,7 +1,8 @@
 """The training loop: one function, read top to bottom (data, forward, loss, backward, step, log, save).
 
-Today it trains with cross-entropy on token blocks of the corpus: the tiny teacher's pretraining and the
-students' SFT baseline. Distillation losses and distributed launch extend this same loop.
+One loop for every model distill trains: the embedded teacher's pretraining (CE on corpus blocks), the
+KD student (offline on the teacher store, or on-policy on its own samples scored by the teacher server),
+and the SFT baseline (CE on the store's sequences); one process or a launched DDP / DeepSpeed job.
 
 Exact resume: the micro-batch at global index g is a pure function of (seed, g), and a checkpoint holds
 model, optimizer, scheduler and RNG states, so a resumed run computes what the uninterrupted run would.
@@ -28,11 +29,11 @@ from distill.artifacts import (
     remove_directory,
     remove_stale_temps,
 )
-from distill.config import TrackingConfig, TrainConfig
+from distill.config import BOOKKEEPING, TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
-from distill.onpolicy import draws_on_policy
 from distill.tracking import MetricsLog, NullTracker, make_tracker
+from distill.training.onpolicy import draws_on_policy
 
 
 @dataclass
@@ -214,11 +215,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
-# Settings that only change logging and bookkeeping; anything else must match to resume exactly.
-BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "output"})
-
-
 def settings_hash(job: TrainJob) -> str:
+    """What must match to resume exactly: every setting but logging and bookkeeping."""
     train = job.cfg.model_dump(mode="json", exclude=set(BOOKKEEPING))
     for key in ("teacher_url", "retries"):  # where the teacher answers is not a training setting
         train.get("on_policy", {}).pop(key, None)
@@ -315,7 +313,7 @@ def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: floa
     ids = batch["input_ids"]
     logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     if sampled:
-        from distill.onpolicy import acceptance_sum, sampled_reverse_kl
+        from distill.training.onpolicy import acceptance_sum, sampled_reverse_kl
 
         accepted, positions = acceptance_sum(logits, batch)
         extra = {"acceptance": accepted, "sampled_tokens": float(positions), "sampled_batches": 1.0}
@@ -418,7 +416,7 @@ class HeldOutText:
             name: Documents.encode(texts, tokenizer, job.seq_len, documents)
             for name, texts in job.heldout.items()
         }
-        from distill.launch import is_zero3
+        from distill.training.launch import is_zero3
 
         self.device, self.teacher = accelerator.device, None
         # NOTE: a frozen model loaded inside a ZeRO-3 run is partitioned and cannot run on its own, so
@@ -448,7 +446,7 @@ def evaluate_acceptance(model, job: TrainJob, batch_size: int) -> float:
     sum_v min(p_model, p_teacher) is averaged over the completion positions."""
     import torch
 
-    from distill.onpolicy import acceptance_sum
+    from distill.training.onpolicy import acceptance_sum
 
     source, prompts = job.on_policy, job.val_prompts
     total, count = 0.0, 0
@@ -469,7 +467,7 @@ def evaluate_acceptance(model, job: TrainJob, batch_size: int) -> float:
 
 def _refresh_sampler(job: TrainJob, accelerator, model, step: int, out_dir: Path, rank: int) -> None:
     """Start the student's vLLM sampler on first use; reload its weights every refresh_every steps."""
-    from distill.onpolicy import VllmSampler
+    from distill.training.onpolicy import VllmSampler
 
     source, every = job.on_policy, job.cfg.on_policy.refresh_every
     unwrapped = accelerator.unwrap_model(model)
@@ -518,7 +516,7 @@ def train(job: TrainJob) -> TrainResult:
     Runs as one process or as each of the processes `accelerate launch` started (DDP or DeepSpeed):
     every process takes its own rows of each global micro-batch, and all of them run this same code.
     """
-    from distill.launch import check_world, make_accelerator
+    from distill.training.launch import check_world, make_accelerator
 
     cfg = job.cfg
     accelerator = make_accelerator(cfg.distributed, job.device, job.mixed_precision, cfg.grad_accum)
@@ -533,7 +531,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     import torch
     from tqdm.auto import tqdm
 
-    from distill.launch import configure_deepspeed, is_zero3
+    from distill.training.launch import configure_deepspeed, is_zero3
 
     cfg, out_dir = job.cfg, Path(job.out_dir)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index

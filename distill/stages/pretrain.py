@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import RunManifest, atomic_write_json, hash_json, read_json
+from distill.artifacts import atomic_write_json, read_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama, count_parameters, resolve_device
-from distill.prepare import PreparedData, prepare
-from distill.tokenizer import load_tokenizer, tokenizer_hash
-from distill.train import BOOKKEEPING, TokenBlocks, TrainJob, evaluate_loss, train
+from distill.run import PreparedData, Run, embedded_teacher_dir, teacher_key
+from distill.tokenizer import load_tokenizer
+from distill.training.loop import TokenBlocks, TrainJob, evaluate_loss, train
 
 
 @dataclass(frozen=True)
@@ -37,31 +37,17 @@ class TeacherSummary:
         return math.exp(self.test_loss)
 
 
-def teacher_key(recipe: RecipeConfig, data: PreparedData) -> str:
-    train_settings = recipe.pretrain.model_dump(exclude=set(BOOKKEEPING))
-    device = resolve_device(recipe.device)
-    return hash_json(
-        {
-            "device": device,  # fp32 on CPUs, bf16 mixed precision on GPUs: different weights
-            "texts": data.corpus.text_hash,  # not the prompts: sampling settings never retrain it
-            "tokenizer": tokenizer_hash(data.tokenizer_dir),
-            "model": recipe.teacher.tiny.model_dump(),
-            "train": train_settings,
-            "seq_len": recipe.data.seq_len,
-        }
-    )[:16]
-
-
-def pretrain(recipe: RecipeConfig, resume: bool = False, overwrite: bool = False, progress: bool = True):
+def pretrain(run: Run, resume: bool = False, overwrite: bool = False, progress: bool = True):
     """Train (or reuse) the tiny teacher; returns a TeacherSummary. Its model is `<cache>/teachers/<key>/final`."""
+    recipe = run.recipe
     if recipe.teacher.tiny is None:
         raise DistillError(
             "teacher.model is set, so there is no teacher to pretrain (pretrain builds teacher.tiny)"
         )
+    data = run.data
     started = time.perf_counter()
-    data = prepare(recipe)
     key = teacher_key(recipe, data)
-    out_dir = recipe.cache_path / "teachers" / key
+    out_dir = embedded_teacher_dir(recipe, data)
     summary_path = out_dir / "teacher.json"
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -69,7 +55,7 @@ def pretrain(recipe: RecipeConfig, resume: bool = False, overwrite: bool = False
     if not reused:
         _train_teacher(recipe, data, out_dir, resume, progress)
     summary = TeacherSummary(**{**read_json(summary_path), "path": out_dir / "final", "reused": reused})
-    RunManifest(recipe.run_dir).record(
+    run.manifest.record(
         "pretrain",
         "done",
         key,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from distill.artifacts import atomic_write_text, read_json
 from distill.errors import DistillError
+from distill.run import RunDir
 
 PASS, FAIL, GRID, INK = "#2e7d32", "#c62828", "#dddddd", "#333333"
 SERIES = ("#1565c0", "#ef6c00", "#6a1b9a", "#00838f")
@@ -176,29 +177,28 @@ def by_role(models: dict) -> list[tuple[str, dict]]:
 
 
 def gather(run_dir: Path) -> dict:
-    gate_path = run_dir / "eval" / "gate.json"
+    """What the report shows, from the run's files: gate, training curves, manifest, sizes, benchmark."""
+    run = RunDir(run_dir)
+    gate_path = run.gate_file
     if not gate_path.exists():
         raise DistillError(f"no evaluation to report: {gate_path} does not exist (run `distill eval` first)")
     gate = read_json(gate_path)
     if gate.get("status") == "evaluating":
         raise DistillError(f"{gate_path}: the evaluation did not finish (rerun `distill eval`)")
-    metrics_path = run_dir / "student" / "metrics.jsonl"
+    metrics_path = run.output("student") / "metrics.jsonl"
     metrics = []
     if metrics_path.exists():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    manifest = (
-        read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {"stages": {}}
-    )
+    manifest = run.manifest.data
     sizes = {}
     for name, info in by_role(gate.get("models", {})):
         try:
             sizes[name] = model_size(info["path"])
         except (OSError, ValueError):  # a model moved since: report what is known
             sizes[name] = {"parameters": None, "bytes": None}
-    bench_path = run_dir / "serve" / "bench.json"
-    bench = read_json(bench_path) if bench_path.exists() else None
+    bench = read_json(run.bench_file) if run.bench_file.exists() else None
     return {
-        "run": run_dir.name,
+        "run": run.path.name,
         "gate": gate,
         "metrics": metrics,
         "manifest": manifest,
@@ -213,9 +213,9 @@ def serve_rows(bench: dict) -> tuple[list[str], list[list[str]]]:
               "TPOT ms", "acceptance", "mean acceptance length", "errors", "model on disk"]  # fmt: skip
     teacher = bench["setups"].get("teacher", {}).get("levels", {})
     rows = []
-    from distill.bench_serve import in_order
+    from distill.gate import bench_in_order
 
-    for name, setup in in_order(bench["setups"]):
+    for name, setup in bench_in_order(bench["setups"]):
         for level, v in sorted(setup["levels"].items(), key=lambda kv: int(kv[0])):
             base = teacher.get(level, {}).get("output_tokens_per_s")
             ratio = f"{v['output_tokens_per_s'] / base:.2f}x" if base and name != "teacher" else ""
@@ -344,11 +344,11 @@ def verdict_line(gate: dict) -> str:
     )
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write report/report.md, report/report.html and the SVG charts; return the HTML path."""
+def report(run_dir: Path) -> Path:
+    """Write report/report.md, report/report.html and the SVG charts of a run; return the HTML path."""
     data = gather(run_dir)
     gate = data["gate"]
-    out = run_dir / "report"
+    out = RunDir(run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
     charts = {
         "retention.svg": retention_chart(gate["checks"]),

@@ -25,12 +25,12 @@ from distill.artifacts import (
     atomic_write_json,
     begin_directory,
     commit_directory,
-    quantized_students,
     read_json,
     remove_stale_temps,
 )
 from distill.config import RecipeConfig
 from distill.errors import DistillError
+from distill.run import Run
 
 GATE_FAILED = 3
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -96,21 +96,20 @@ def _locked(root: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def teacher_identity(recipe: RecipeConfig) -> dict:
+def teacher_identity(run: Run) -> dict:
     """The teacher the student learned from: the teacher store's record of it (path and hashes of config
-    and weights), else the hashes of the teacher model itself, else the recipe's path."""
-    manifest = recipe.run_dir / "teacher" / "manifest.json"
+    and weights), else the hashes of the run's teacher model, else the recipe's path."""
+    manifest = run.store / "manifest.json"
     if manifest.exists():
         store = read_json(manifest)
         path = store.get("made_from", {}).get("teacher")
         return {**store["identity"]["teacher"], **({"path": path} if path else {})}
-    from distill.generate import teacher_path
     from distill.models import model_fingerprint
 
     try:
-        return model_fingerprint(teacher_path(recipe), recipe.cache_path)
+        return model_fingerprint(run.teacher, run.recipe.cache_path)
     except (DistillError, OSError):
-        return {"path": recipe.teacher.model}
+        return {"path": run.recipe.teacher.model}
 
 
 def gate_failures(gate: dict | None) -> list[str]:
@@ -126,7 +125,7 @@ def gate_failures(gate: dict | None) -> list[str]:
 
 
 def promote(
-    recipe: RecipeConfig,
+    run: Run,
     name: str | None = None,
     force: bool = False,
     reason: str | None = None,
@@ -134,28 +133,27 @@ def promote(
 ) -> dict:
     """Register the run's student as the next version of `name` (default: the run's name). Refused when
     the gate did not pass, unless `force` with a `reason`, which the entry records."""
-    from distill.bench_serve import fresh_bench
+    from distill.gate import fresh_bench
     from distill.models import model_fingerprint
 
+    recipe = run.recipe
     name = name or recipe.name
     parse_ref(name)
     if force and not (reason or "").strip():
         raise DistillError('--force needs --reason "..." (the reason is recorded in the registry entry)')
     registry = Path(registry or recipe.registry_path)
-    run_dir = recipe.run_dir
-    student = run_dir / "student" / "final"
+    run_dir, student = run.path, run.student
     if not (student / "config.json").exists():
         raise DistillError(f"no student to promote at {student} (run `distill train` first)")
-    gate_path = run_dir / "eval" / "gate.json"
-    gate = read_json(gate_path) if gate_path.exists() else None
+    gate = read_json(run.gate_file) if run.gate_file.exists() else None
     failures = gate_failures(gate)
     if failures and not force:
         raise PromotionRefused(
             f"{run_dir} did not pass the gate, so it is not promoted: {'; '.join(failures)} "
             '(to promote it anyway: --force --reason "...")'
         )
-    quants = quantized_students(run_dir)
-    bench = fresh_bench(recipe)
+    quants = run.quantized_students()
+    bench = fresh_bench(run, recipe.cache_path)
     weights = model_fingerprint(student, recipe.cache_path)["weights_hash"]
     root = registry / name
     with _locked(root):
@@ -173,7 +171,7 @@ def promote(
         shutil.copytree(student, tmp / "student")
         for quant in quants:
             shutil.copytree(quant, tmp / "quant" / quant.name)
-        shutil.copy2(run_dir / "recipe.yaml", tmp / "recipe.yaml")
+        shutil.copy2(run.recipe_file, tmp / "recipe.yaml")
         entry = {
             "name": name,
             "version": version,
@@ -184,7 +182,7 @@ def promote(
             "quantized": {q.name: str((target / "quant" / q.name).resolve()) for q in quants},
             "source": {"student": str(student.resolve()), **{q.name: str(q.resolve()) for q in quants}},
             "weights_hash": weights,
-            "teacher": teacher_identity(recipe),
+            "teacher": teacher_identity(run),
             "gate": {
                 "passed": not failures,
                 "failures": failures,

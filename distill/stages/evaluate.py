@@ -25,13 +25,13 @@ from distill.artifacts import (
     atomic_write_text,
     hash_json,
     hash_tree,
-    quantized_students,
     read_json,
 )
 from distill.config import EvalConfig, RecipeConfig
 from distill.errors import DistillError
+from distill.run import Run
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 LOCAL_TASKS = ("distill_ppl", "distill_outside_ppl", "distill_cloze", "distill_nextword")
 MATCH_METRICS = {"kl": False, "top1_agreement": True}  # teacher_match metric: higher is better
 GATE_FAILED = 3  # exit status of `distill eval` when the gate fails (0: it passes)
@@ -45,21 +45,18 @@ class EvalModel:
     base: str | None = None  # a quantized student's unquantized student
 
 
-def eval_models(recipe: RecipeConfig, extra: dict[str, str] | None = None) -> list[EvalModel]:
+def eval_models(run: Run, extra: dict[str, str] | None = None) -> list[EvalModel]:
     """The teacher, the run's student and any models named on the command line (students too)."""
-    from distill.generate import teacher_path
     from distill.models import check_causal_lm
 
-    models = [EvalModel("teacher", teacher_path(recipe), "teacher")]
-    student = recipe.run_dir / "student" / "final"
-    baseline = (
-        recipe.run_dir / "baseline" / "final"
-    )  # the SFT baseline `distill run` trains: shown, not gated
+    models = [EvalModel("teacher", run.teacher, "teacher")]
+    student = run.student
+    baseline = run.baseline  # the SFT baseline `distill run` trains: shown, not gated
     if (baseline / "config.json").exists():
         models.append(EvalModel("sft", baseline, "baseline"))
     if (student / "config.json").exists():
         models.append(EvalModel("student", student, "student"))
-        for quant in quantized_students(recipe.run_dir):  # distill quantize
+        for quant in run.quantized_students():  # distill quantize
             models.append(EvalModel(f"student-{quant.name}", quant, "quantized", "student"))
     for name, path in (extra or {}).items():
         if name == "teacher" or not name.replace("-", "").replace("_", "").isalnum():
@@ -229,7 +226,7 @@ def make_lm(cfg: EvalConfig, model: EvalModel, url: str | None = None):
     from lm_eval.api.registry import get_model
 
     from distill.models import resolve_device, resolve_dtype
-    from distill.vllm_engine import engine_kwargs
+    from distill.vllm.engine import engine_kwargs
 
     device = resolve_device("auto")
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
@@ -280,8 +277,8 @@ def model_server(cfg: EvalConfig, model: EvalModel, log_dir: Path):
     if model.name in cfg.servers:
         yield cfg.servers[model.name]
         return
-    from distill.vllm_engine import engine_kwargs
-    from distill.vllm_server import VllmServer
+    from distill.vllm.engine import engine_kwargs
+    from distill.vllm.server import VllmServer
 
     args = engine_kwargs(str(model.path), max_model_len=_max_len(cfg, model.path), seed=cfg.seed)
     args["trust_remote_code"] = cfg.trust_remote_code
@@ -291,7 +288,7 @@ def model_server(cfg: EvalConfig, model: EvalModel, log_dir: Path):
 
 def close_lm(lm) -> None:
     """Stop a vLLM backend's engine now (left to interpreter exit it can abort the process)."""
-    from distill.vllm_engine import shutdown_engine
+    from distill.vllm.engine import shutdown_engine
 
     engine = getattr(lm, "model", None)
     if engine is not None and hasattr(engine, "llm_engine"):
@@ -560,26 +557,25 @@ def read_samples(out: Path) -> dict[str, list[dict]]:
     }
 
 
-def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=print) -> dict:
-    """Evaluate the teacher and every student, apply the gate, write `eval/gate.json`; return it.
+def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
+    """Evaluate the teacher and every student, write eval's results (eval/results.json) and have the gate
+    write its verdict (eval/gate.json, with the serving benchmark's acceptance when it is measured);
+    return the verdict.
 
     Bad input (unknown task, missing model, a gate metric a task lacks) raises before any model runs.
     A model whose evaluation crashes fails the gate (fail closed); so does a run killed midway, since
     gate.json says "evaluating" until the decision replaces it."""
-    from distill.artifacts import RunManifest
-    from distill.bench_serve import fresh_bench
-    from distill.gate import apply_acceptance, decide
+    from distill import gate
     from distill.heldout import prepare_outside, read_texts
     from distill.models import model_fingerprint
-    from distill.prepare import prepare
 
     started = time.perf_counter()
+    recipe, data = run.recipe, run.data
     cfg = recipe.eval
-    data = prepare(recipe)
     outside = prepare_outside(recipe.cache_path)
     manager = task_manager(cfg, data.corpus.root, outside)
     tasks = load_tasks(cfg, manager)
-    models = eval_models(recipe, extra)
+    models = eval_models(run, extra)
     if "distill_outside_ppl" in cfg.tasks:
         from distill.heldout import require_outside
 
@@ -588,10 +584,8 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
     if cfg.teacher_match:
         texts = {"test": data.corpus.texts("test"), "outside": read_texts(outside / "outside.jsonl")}
         match = TeacherMatch.build(cfg, models[0].path, texts)
-    out = recipe.run_dir / "eval"
-    gate_path = out / "gate.json"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(gate_path, {"passed": False, "status": "evaluating"})
+    out = run.eval_dir
+    gate.begin_evaluation(run)
     settings = settings_of(cfg, data.corpus.content_hash)
     settings["outside"] = outside.name  # its content hash: Python's own files differ between releases
     if match is not None:  # the KL depends on the teacher, the documents and the device's dtype too
@@ -610,7 +604,7 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
             f"eval: {model.name} ({model.path}) on {', '.join(cfg.tasks)} with lm-eval's {cfg.backend} backend"
         )
         if model.role == "quantized" and cfg.backend != "hf":
-            from distill.quantize import scheme_of, serving_problem
+            from distill.vllm.kernels import scheme_of, serving_problem
 
             problem = serving_problem(scheme_of(model.path))
             if problem:  # vLLM would start and die at the first request: fail this model with the reason
@@ -634,7 +628,7 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         samples[model.name] = read_samples(out / "models" / model.name)
         how = "reused (same files and settings)" if record["reused"] else f"{record['seconds']:.0f}s"
         log(f"eval: {model.name}: {_headline(record)} [{how}]")
-    decision = decide(cfg.gate, records, samples)
+    decision = gate.decide(cfg.gate, records, samples)
     decision["errors"] = crashed + decision["errors"]
     decision["passed"] = bool(decision["passed"] and not crashed and "teacher" in records)
     decision["models"] = {
@@ -647,30 +641,32 @@ def run_eval(recipe: RecipeConfig, extra: dict[str, str] | None = None, log=prin
         for name, r in records.items()
     }
     evaluated = [m for m in models if m.name in records]  # not the models whose evaluation crashed
-    for name, row in _expected_acceptance(recipe, evaluated, log).items():
+    for name, row in _expected_acceptance(recipe, evaluated, data.tokens_dir, log).items():
         if name in decision["models"]:
             decision["models"][name]["expected_acceptance"] = row
     decision["settings"] = settings
     decision["eval_passed"] = decision["passed"]
-    decision = apply_acceptance(decision, cfg.gate, fresh_bench(recipe))  # `distill bench serve`'s, if any
-    atomic_write_json(gate_path, decision)
-    RunManifest(recipe.run_dir).record(
+    atomic_write_json(run.eval_results, decision)
+    decision = gate.write(run, cfg.gate, recipe.cache_path)  # with `distill bench serve`'s, if measured
+    run.manifest.record(
         "eval",
         "passed" if decision["passed"] else "failed",
         hash_json(settings),
-        {"gate": str(gate_path), "passed": decision["passed"]},
+        {"gate": str(run.gate_file), "passed": decision["passed"]},
         time.perf_counter() - started,
     )
     return decision
 
 
-def _expected_acceptance(recipe: RecipeConfig, models: list[EvalModel], log) -> dict[str, dict]:
+def _expected_acceptance(
+    recipe: RecipeConfig, models: list[EvalModel], tokens_dir: Path, log
+) -> dict[str, dict]:
     """Each draft candidate's expected acceptance in the serving benchmark, predicted offline
     (distill.acceptance); informational, so a failure is reported and the evaluation goes on."""
     from distill.acceptance import draft_acceptance
 
     try:
-        return draft_acceptance(recipe, models, log)
+        return draft_acceptance(recipe, models, tokens_dir, log)
     except Exception as exc:  # noqa: BLE001 - whatever it is, the gate's decision must still be written
         log(f"eval: no expected acceptance: {type(exc).__name__}: {' '.join(str(exc).split())}")
         return {}

@@ -1,0 +1,1 @@
+"""The training loop and what it needs: data order, checkpoints, validation, launch, on-policy sampling."""

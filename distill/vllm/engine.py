@@ -1,0 +1,111 @@
+"""Arguments for vLLM's engine, with the CPU accommodations kept behind device detection.
+
+On GPUs vLLM's defaults stand (plus whatever the recipe passes through). On CPU-only machines the vLLM
+CPU build needs a bounded KV cache, a RAM share instead of GPU memory, eager mode (starts in ~30 s
+instead of ~85 s), fp32 (bf16 runs at half speed on AVX2 CPUs without bf16 hardware) and no chunked
+prefill (see cpu_defaults).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distill.config import RecipeConfig
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def cpu_defaults() -> dict[str, Any]:
+    # NOTE: on the CPU build gpu_memory_utilization is the share of RAM vLLM may take.
+    # NOTE: when a prefill is chunked, vLLM 0.32 rewinds a seeded request's generator with
+    # `set_offset`, which CPU generators lack: the engine dies ("CPU Generator does not use offset")
+    # as soon as enough seeded prompts arrive together. Unchunked prefill never rewinds.
+    return {
+        "dtype": "float32",
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.3,
+        "enable_chunked_prefill": False,
+    }
+
+
+def engine_kwargs(model: str, gpu: bool | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` (or `vllm serve`) serving `model` on this machine, or on a
+    GPU machine when `gpu` says so (a dry run printing a GPU command); overrides win."""
+    kwargs: dict[str, Any] = {"model": str(model), "seed": 0}
+    if not (has_cuda() if gpu is None else gpu):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+        kwargs.update(cpu_defaults())
+    kwargs.update(overrides)
+    return kwargs
+
+
+def teacher_engine_args(recipe: RecipeConfig, model: Path) -> dict[str, Any]:
+    """The teacher's engine: generate.engine passed through, logprobs room for generate.top_k, the
+    teacher's dtype and the generation seed."""
+    from distill.errors import DistillError
+
+    k, extra = recipe.generate.top_k, dict(recipe.generate.engine)
+    if extra.get("max_logprobs", k) < k:
+        raise DistillError(
+            f"generate.top_k={k} exceeds generate.engine.max_logprobs={extra['max_logprobs']}; "
+            f"raise max_logprobs to at least {k} or leave it unset"
+        )
+    extra.setdefault("max_logprobs", k)
+    if recipe.teacher.dtype != "auto":
+        extra.setdefault("dtype", recipe.teacher.dtype)
+    extra.setdefault("seed", recipe.generate.seed)
+    extra.setdefault("trust_remote_code", recipe.teacher.trust_remote_code)
+    return engine_kwargs(str(model), **extra)
+
+
+def serving_engine_args(
+    recipe: RecipeConfig,
+    mode: str,
+    student: Path | None,
+    teacher: Path | str | None = None,
+    gpu: bool | None = None,
+) -> dict[str, Any]:
+    """Engine arguments of a served setup (recipe section `serve`): the student (`mode=student`), the
+    teacher drafting with the student (`draft`), or the teacher alone (`teacher`, the serving
+    benchmark's baseline). `gpu` forces the GPU form (a dry run for a GPU host)."""
+    cfg = recipe.serve
+    model = student if mode == "student" else teacher
+    if model is None:
+        raise ValueError(
+            f"serving mode {mode!r} needs {'the student' if mode == 'student' else 'the teacher'}"
+        )
+    args = engine_kwargs(str(model), gpu=gpu)
+    if cfg.max_model_len:
+        args["max_model_len"] = cfg.max_model_len
+    if mode == "draft":
+        args["speculative_config"] = {
+            "method": "draft_model",
+            "model": str(student),
+            "num_speculative_tokens": cfg.num_speculative_tokens,
+        }
+    trust = recipe.student.trust_remote_code if mode == "student" else recipe.teacher.trust_remote_code
+    args["trust_remote_code"] = bool(trust)  # never on unless the recipe says so
+    args.update(cfg.engine)
+    return args
+
+
+def shutdown_engine(llm) -> None:
+    """Stop a `vllm.LLM`'s engine processes now, while the interpreter is whole.
+
+    Left to interpreter exit, vLLM's engine-core monitor thread races the teardown; on the CPU build that
+    race occasionally ends the process with SIGABRT ("terminate called without an active exception")
+    after all the work is written.
+    """
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
