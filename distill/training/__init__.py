@@ -1,1 +1,2 @@
-"""The training loop and what it needs: data order, checkpoints, validation, launch, on-policy sampling."""
+"""Training: the loop every model distill trains goes through (loop.py), its distributed launch
+(launch.py) and on-policy sampling (onpolicy.py)."""
