@@ -240,3 +240,38 @@ def test_the_serving_benchmark_acceptance_joins_the_gate_and_fails_closed_withou
     assert apply_acceptance(passing, GateConfig(), None)["passed"]
     failed_eval = {**passing, "passed": False, "eval_passed": False}
     assert not apply_acceptance(failed_eval, cfg, bench_with(0.9))["passed"]
+
+
+def test_gate_json_is_written_from_evals_results_and_a_bench_of_the_current_student(tmp_path):
+    """The one writer: eval/results.json plus serve/bench.json (only if it measured the run's current
+    student) make eval/gate.json; nothing is written before eval has finished; a new evaluation first
+    marks the verdict as unfinished and drops the old results."""
+    from distill import gate as gate_writer
+    from distill.artifacts import atomic_write_json, read_json
+    from distill.models import model_fingerprint
+    from distill.run import RunDir
+
+    layout = RunDir(tmp_path / "run")
+    cfg = GateConfig(min_acceptance_rate=0.6)
+    assert gate_writer.write(layout, cfg, tmp_path / "cache") is None and not layout.gate_file.exists()
+    layout.student.mkdir(parents=True)
+    (layout.student / "config.json").write_text("{}")
+    (layout.student / "model.safetensors").write_bytes(b"weights")
+    results = run(gate(RETAIN), pair([1] * 50, [1] * 50))  # what eval decided
+    assert results["passed"]
+    atomic_write_json(layout.eval_results, results)
+    unmeasured = gate_writer.write(layout, cfg, tmp_path / "cache")
+    assert not unmeasured["passed"] and read_json(layout.gate_file) == unmeasured  # fail closed: no bench yet
+    bench = bench_with(0.72)
+    fingerprint = model_fingerprint(layout.student, tmp_path / "cache")
+    bench["setups"]["teacher+student"]["fingerprint"] = fingerprint
+    atomic_write_json(layout.bench_file, bench)
+    measured = gate_writer.write(layout, cfg, tmp_path / "cache")
+    assert measured["passed"] and read_json(layout.gate_file)["checks"][-1]["value"] == 0.72
+    (layout.student / "model.safetensors").write_bytes(b"retrained")  # the bench measured another student
+    assert not gate_writer.write(layout, cfg, tmp_path / "cache")["passed"]
+    gate_writer.begin_evaluation(layout)
+    assert (
+        read_json(layout.gate_file) == {"passed": False, "status": "evaluating"}
+        and not layout.eval_results.exists()
+    )

@@ -15,7 +15,6 @@ import pytest
 from .conftest import MICRO, TINY, teacher_of
 from .test_pretrain import TEACHER
 
-pytestmark = pytest.mark.slow
 LOAD = ["serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16"]  # short requests: many of them
 
 
@@ -93,6 +92,7 @@ class Server:
         return 0.0
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_gpu_command(runs):
     out = subprocess.run(
         command(runs["copy"], "--draft", "--dry-run"), capture_output=True, text=True, timeout=300
@@ -108,6 +108,7 @@ def test_dry_run_prints_the_gpu_command(runs):
     assert "--enforce-eager" not in line and "float32" not in line  # the GPU form, no CPU accommodations
 
 
+@pytest.mark.slow
 def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
     import openai
 
@@ -146,6 +147,7 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
     assert not [p for p in [*group, *children] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
 def test_a_promoted_draft_keeps_greedy_output(runs, tmp_path):
     import openai
     import torch
@@ -183,6 +185,7 @@ def test_a_promoted_draft_keeps_greedy_output(runs, tmp_path):
     assert drafted > 0 and accepted / drafted > 0.9  # the promoted draft (a copy of the teacher) drafted
 
 
+@pytest.mark.slow
 def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_drafts(runs, cache_dir):
     """The copy run's student is the "distilled" draft, the random run's the undistilled baseline."""
     from distill.artifacts import atomic_write_json
@@ -190,7 +193,7 @@ def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_d
     run_dir = runs["copy"] / "tiny"
     passed = {"passed": True, "eval_passed": True, "noise": "paired", "z": 1.0, "checks": [], "errors": [],
               "models": {}}  # fmt: skip
-    atomic_write_json(run_dir / "eval" / "gate.json", passed)  # an evaluation that passed
+    atomic_write_json(run_dir / "eval" / "results.json", passed)  # an evaluation that passed (eval's results)
     args = [
         "serve.max_model_len=256",
         "serve.bench.requests=16",
