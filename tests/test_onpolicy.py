@@ -300,7 +300,7 @@ def test_a_dead_teacher_stops_training_after_bounded_retries_keeping_the_checkpo
 ):
     """Runs last in this module: it stops the module's server."""
     import distill.training.loop as train_mod
-    from distill.training.loop import list_checkpoints
+    from distill.training.checkpoint import list_checkpoints
 
     recipe = micro(
         *ON_POLICY,

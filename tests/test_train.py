@@ -4,12 +4,15 @@ import pytest
 import torch
 
 import distill.training.loop as train_mod
+import distill.training.validation as validation_mod
 from distill.config import TinyModelConfig, TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama
 from distill.tokenizer import load_tokenizer
 from distill.tracking import read_metrics
-from distill.training.loop import BlockOrder, TrainJob, list_checkpoints, lr_factor, train
+from distill.training.checkpoint import list_checkpoints
+from distill.training.data import BlockOrder
+from distill.training.loop import TrainJob, lr_factor, train
 
 MODEL = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 
@@ -134,7 +137,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared, tmp_path,
         loss, n = real(logits, labels)
         return (loss * float("nan"), n) if calls["n"] > 7 else (loss, n)
 
-    monkeypatch.setattr(train_mod, "cross_entropy", poisoned)
+    monkeypatch.setattr(train_mod, "cross_entropy", poisoned)  # the training loss
+    monkeypatch.setattr(validation_mod, "cross_entropy", poisoned)  # and the validation loss, counted alike
     with pytest.raises(
         DistillError, match=r"loss is nan at step \d+; stopped. Last good checkpoint: .*step-000003"
     ):

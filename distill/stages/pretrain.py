@@ -18,7 +18,9 @@ from distill.errors import DistillError
 from distill.models import build_tiny_llama, count_parameters, resolve_device
 from distill.run import PreparedData, Run, embedded_teacher_dir, teacher_key
 from distill.tokenizer import load_tokenizer
-from distill.training.loop import TokenBlocks, TrainJob, evaluate_loss, train
+from distill.training.data import TokenBlocks
+from distill.training.loop import TrainJob, train
+from distill.training.validation import evaluate_loss
 
 
 @dataclass(frozen=True)

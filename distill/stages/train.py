@@ -20,7 +20,8 @@ from distill.run import Run
 from distill.store import TeacherStore
 from distill.tokenizer import load_tokenizer, tokenizer_hash
 from distill.training import loop
-from distill.training.loop import TrainJob, TrainResult, check_checkpoints
+from distill.training.checkpoint import check_checkpoints
+from distill.training.loop import TrainJob, TrainResult
 
 # A teacher whose weights take at most this much is loaded beside the student for validation (dense
 # full-vocabulary KL and top-1 agreement on held-out text); a larger one is measured by `distill eval`.

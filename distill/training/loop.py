@@ -21,19 +21,17 @@ import numpy as np
 
 from distill.artifacts import (
     atomic_directory,
-    atomic_write_json,
-    begin_directory,
-    commit_directory,
-    hash_json,
     read_json,
-    remove_directory,
     remove_stale_temps,
 )
-from distill.config import BOOKKEEPING, TrackingConfig, TrainConfig
+from distill.config import TrackingConfig, TrainConfig
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
 from distill.tracking import MetricsLog, NullTracker, make_tracker
+from distill.training.checkpoint import check_checkpoints, list_checkpoints, save_checkpoint, settings_hash
+from distill.training.data import BlockOrder, StoreItems, TokenBlocks
 from distill.training.onpolicy import draws_on_policy
+from distill.training.validation import HeldOutText, evaluate_acceptance, evaluate_kl, evaluate_loss
 
 
 @dataclass
@@ -101,71 +99,6 @@ class TrainResult:
     tail: str | None = None  # train.tail as resolved for this run (auto -> sample or bucket)
 
 
-# --------------------------------------------------------------------------- data
-
-
-class TokenBlocks:
-    """Non-overlapping blocks of `seq_len` tokens cut from one flat token array."""
-
-    def __init__(self, path: Path, seq_len: int):
-        tokens = np.load(path, mmap_mode="r")
-        self.num_blocks = len(tokens) // seq_len
-        if self.num_blocks == 0:
-            raise DistillError(f"{path}: {len(tokens)} tokens is less than one block of {seq_len}")
-        self.blocks = tokens[: self.num_blocks * seq_len].reshape(self.num_blocks, seq_len)
-
-    @property
-    def num_items(self) -> int:
-        return self.num_blocks
-
-    def batch(self, indices) -> dict[str, Any]:
-        """input_ids (B, T) and loss_mask (B, T): every position but the last predicts the next token."""
-        import torch
-
-        ids = torch.from_numpy(self.blocks[np.asarray(indices)].astype(np.int64))
-        return {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool)}
-
-
-class StoreItems:
-    """The sequences of a teacher store with their top-k, decoded once and batched by index."""
-
-    def __init__(self, path: Path, pad_id: int):
-        from distill.store import TeacherStore
-
-        store = TeacherStore(path)
-        store.require_complete()
-        self.k, self.pad_id = store.k, pad_id
-        self.teacher_draws = store.teacher_draws
-        self.rows = list(store.rows())
-        if not self.rows:
-            raise DistillError(f"teacher store {path} is empty: run `distill generate` first")
-
-    @property
-    def num_items(self) -> int:
-        return len(self.rows)
-
-    def batch(self, indices) -> dict[str, Any]:
-        from distill.store import collate
-
-        return collate([self.rows[i] for i in indices], self.k, self.pad_id)
-
-
-class BlockOrder:
-    """Global position p -> block index: a fresh seeded permutation per epoch."""
-
-    def __init__(self, num_blocks: int, seed: int):
-        self.num_blocks, self.seed, self._perms = num_blocks, seed, {}
-
-    def indices(self, start: int, count: int) -> list[int]:
-        out = []
-        for pos in range(start, start + count):
-            epoch, offset = divmod(pos, self.num_blocks)
-            if epoch not in self._perms:
-                self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)}
-            out.append(int(self._perms[epoch][offset]))
-        return out
-
-
 # --------------------------------------------------------------------------- optimisation
 
 
@@ -210,74 +143,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def settings_hash(job: TrainJob) -> str:
-    """What must match to resume exactly: every setting but logging and bookkeeping."""
-    train = job.cfg.model_dump(mode="json", exclude=set(BOOKKEEPING))
-    for key in ("teacher_url", "retries"):  # where the teacher answers is not a training setting
-        train.get("on_policy", {}).pop(key, None)
-    return hash_json(
-        {
-            "train": train,
-            "seq_len": job.seq_len,
-            "tokens": str(Path(job.tokens_dir).resolve()),
-            "tokenizer": str(Path(job.tokenizer_dir).resolve()),
-            "store": _store_fingerprint(job.store),
-            "model": job.model_settings,
-            "device": job.device,
-            "mixed_precision": job.mixed_precision,
-        }
-    )
-
-
-def _store_fingerprint(store: Path | None) -> str | None:
-    if store is None:
-        return None
-    manifest = read_json(Path(store) / "manifest.json")
-    return hash_json({"identity": manifest["identity"], "shards": manifest["shards"]})
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once trainer_state.json is inside)."""
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator, out_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
-    """Every process writes its part (DeepSpeed shards, RNG states) into one temporary directory, which
-    the main process renames when complete: a kill mid-write never replaces or hides the last good one."""
-    target = Path(out_dir) / "checkpoints" / f"step-{state['step']:06d}"
-    tmp = target.with_name(f".{target.name}.tmp-save")
-    if accelerator.is_main_process:
-        begin_directory(target, tag="save")
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / "trainer_state.json", state)
-        commit_directory(tmp, target)
-        for old in list_checkpoints(out_dir)[:-keep_last]:
-            remove_directory(old)
-    accelerator.wait_for_everyone()
-    return target
-
-
-def check_checkpoints(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; checkpoints without --resume are refused (never overwritten)."""
-    checkpoints = list_checkpoints(out_dir)
-    if checkpoints and not resume:
-        raise DistillError(
-            f"{out_dir} has checkpoints (last: {checkpoints[-1].name}); pass --resume to continue "
-            "or --overwrite to start over"
-        )
-    return checkpoints[-1] if checkpoints else None
 
 
 @dataclass
@@ -351,118 +216,6 @@ def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
     )
     kd, ce = parts.kd.item(), parts.ce.item()
     return parts.total, {"kd": kd, "ce": ce, "objective": kd + cfg.ce_weight * ce}, parts.tokens
-
-
-def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, max_batches: int, device) -> float:
-    """Mean next-token CE over the first `max_batches` validation micro-batches."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(min(max_batches, math.ceil(blocks.num_blocks / batch_size))):
-            ids = blocks.batch(range(b * batch_size, min((b + 1) * batch_size, blocks.num_blocks)))[
-                "input_ids"
-            ]
-            ids = ids.to(device)
-            loss_sum, n = cross_entropy(model(input_ids=ids).logits, ids)
-            total, count = total + loss_sum.item(), count + n
-    model.train()
-    return total / count
-
-
-def evaluate_kl(model, items: StoreItems, batch_size: int, max_batches: int, device) -> float:
-    """Mean forward KL(teacher || model) per target token on a held-out teacher store (T=1).
-
-    With top-k targets the teacher's tail is one bucket (the same bucketing on the model's side), so
-    this is the KL between the two distributions over the top-k plus "the rest"; a lower bound of the
-    full-vocabulary KL, and exact when k covers the vocabulary.
-    """
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(min(max_batches, math.ceil(items.num_items / batch_size))):
-            batch = items.batch(range(b * batch_size, min((b + 1) * batch_size, items.num_items)))
-            batch = {key: value.to(device) for key, value in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            parts = kd_loss(
-                logits,
-                SparseTeacher(batch["topk_ids"], batch["topk_logprobs"]),
-                batch["loss_mask"],
-                batch["input_ids"],
-                "forward_kl",
-                tail="bucket",
-            )
-            total, count = total + parts.kd.item(), count + parts.tokens
-    model.train()
-    return total / max(count, 1)
-
-
-class HeldOutText:
-    """Validation in units the objective does not train on: bits per byte of human text the student
-    never saw (the corpus's validation split, and text from outside the corpus), and with a teacher in
-    memory its full-vocabulary KL to the teacher and top-1 agreement (distill.heldout)."""
-
-    def __init__(self, job: TrainJob, documents: int, accelerator):
-        from transformers import AutoModelForCausalLM
-
-        from distill.heldout import Documents
-        from distill.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(job.tokenizer_dir)
-        self.docs = {
-            name: Documents.encode(texts, tokenizer, job.seq_len, documents)
-            for name, texts in job.heldout.items()
-        }
-        from distill.training.launch import is_zero3
-
-        self.device, self.teacher = accelerator.device, None
-        # NOTE: a frozen model loaded inside a ZeRO-3 run is partitioned and cannot run on its own, so
-        # under ZeRO-3 the loop logs bits per byte only; `distill eval` measures the full KL densely.
-        if job.heldout_teacher is not None and not is_zero3(accelerator):
-            import torch
-
-            self.teacher = AutoModelForCausalLM.from_pretrained(str(job.heldout_teacher), dtype=torch.float32)
-            self.teacher.to(self.device).eval()
-
-    def evaluate(self, model, batch_size: int) -> dict[str, float]:
-        """{<name>_bpb, <name>_kl_full, <name>_top1} for each held-out text."""
-        from distill.heldout import measure, summarize
-
-        row = {}
-        for name, docs in self.docs.items():
-            figures = summarize(measure(model, self.teacher, docs, batch_size, self.device))
-            row[f"{name}_bpb"] = figures["bits_per_byte"]
-            if "kl" in figures:
-                row[f"{name}_kl_full"], row[f"{name}_top1"] = figures["kl"], figures["top1_agreement"]
-        return row
-
-
-def evaluate_acceptance(model, job: TrainJob, batch_size: int) -> float:
-    """Expected acceptance of the model as the teacher's draft on held-out prompts: it samples
-    completions (a fixed seed, so evaluations compare), the teacher scores them, and the overlap
-    sum_v min(p_model, p_teacher) is averaged over the completion positions."""
-    import torch
-
-    from distill.training.onpolicy import acceptance_sum
-
-    source, prompts = job.on_policy, job.val_prompts
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo : lo + batch_size]
-        batch = source.batch_for(model, chunk, [f"v{lo + i}" for i in range(len(chunk))], job.cfg.seed + lo)
-        device = next(model.parameters()).device
-        batch = {key: value.to(device) for key, value in batch.items()}
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        accepted, positions = acceptance_sum(logits, batch)
-        total, count = total + accepted, count + positions
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def _refresh_sampler(job: TrainJob, accelerator, model, step: int, out_dir: Path, rank: int) -> None:
