@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from .conftest import MICRO, ROOT, TINY, kill_tree
 from .test_pretrain import TEACHER
 
-pytestmark = pytest.mark.slow
 REDUCED = [
     *MICRO,
     *TEACHER,
+    "teacher.backend=hf",  # the stores through transformers: the chaining is the point (vLLM's: test_generate)
     "generate.mode=score",
     "generate.num_sequences=48",
     "generate.items_per_shard=24",
@@ -58,6 +58,7 @@ def full_run(cache_dir, tmp_path_factory):
     return runs, out.stdout
 
 
+@pytest.mark.slow
 def test_every_stage_runs_from_nothing_and_a_rerun_does_no_work(full_run):
     runs, stdout = full_run
     run_dir = runs / "tiny"
@@ -125,6 +126,7 @@ def test_every_stage_runs_from_nothing_and_a_rerun_does_no_work(full_run):
     assert "[eval] inputs changed: will redo" in changed.stdout and "[bench] inputs changed" in changed.stdout
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_rerun_ends_with_the_uninterrupted_student(full_run, tmp_path):
     runs, _ = full_run
     killed = tmp_path / "runs"
@@ -150,6 +152,7 @@ def test_kill_9_during_training_then_rerun_ends_with_the_uninterrupted_student(f
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_the_train_stage_launches_ddp_processes_and_matches_one_process(full_run, tmp_path):
     """train.distributed asks for DDP over 2 processes: `distill run` trains through `accelerate launch`,
     with half the batch per process, the same global batch and so (nearly) the same student."""

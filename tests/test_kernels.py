@@ -1,0 +1,100 @@
+"""The quantized-kernel probe (distill/vllm/kernels.py): which schemes this machine's vLLM can serve, read
+from vLLM's kernel libraries and never executed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="vLLM's CUDA build has no CPU kernel libraries"
+)
+
+
+@cpu_only
+def test_the_serving_check_reads_the_kernels_vllm_loads(monkeypatch):
+    """The answer for every CPU build comes from reading its kernel library, never from running it (the
+    AVX-512 builds die with SIGILL on AVX2-only CPUs), so it is the same on AVX2 and AVX-512 machines."""
+    import ctypes
+
+    import distill.vllm.kernels as kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the serving check must not execute a kernel library")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(torch.ops, "load_library", refuse)
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    kernels._library_kernels.cache_clear()
+
+    # the AVX2 build (what vLLM loads on AVX2-only CPUs) has no W4A16 kernel; W8A8 and FP8 need none it lacks
+    message = kernels.serving_problem("w4a16", isa="avx2")
+    assert message.startswith(
+        "w4a16 cannot be served on this CPU: vLLM's AVX2 kernels (_C_AVX2.abi3.so) have no cpu_gemm_wna16"
+    )
+    assert kernels.serving_problem("w8a8", isa="avx2") is None
+    assert kernels.serving_problem("fp8", isa="avx2") is None
+    for isa in ("avx512", "avx512_bf16"):  # both AVX-512 builds have both kernels
+        assert kernels.serving_problem("w4a16", isa=isa) is None, isa
+        assert kernels.serving_problem("w8a8", isa=isa) is None, isa
+    assert kernels.serving_problem(None) is None  # an unquantized model
+
+    # this machine: the build its /proc/cpuinfo flags select, so W4A16 serves exactly on AVX-512 CPUs
+    isa = kernels.isa_from_flags(kernels.cpu_flags())
+    assert kernels.cpu_isa() == isa
+    assert (kernels.serving_problem("w4a16") is None) == (isa != "avx2"), isa
+    assert kernels.serving_problem("w8a8") is None
+
+
+def test_the_isa_rule_is_vllms():
+    """vLLM loads _C (AVX-512 with BF16), _C_AVX512 (AVX-512 F/VL/BW/DQ) or _C_AVX2 (anything less)."""
+    from distill.vllm.kernels import CPU_LIBRARIES, isa_from_flags
+
+    avx2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}
+    avx512 = avx2 | {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512cd"}
+    assert isa_from_flags(avx2) == "avx2"
+    assert isa_from_flags(avx2 | {"avx512f", "avx512cd", "avx512er", "avx512pf"}) == "avx2"  # no VL/BW/DQ
+    assert isa_from_flags(avx512) == "avx512"
+    assert isa_from_flags(avx512 | {"avx512_vnni"}) == "avx512"
+    assert isa_from_flags(avx512 | {"avx512_bf16", "amx_tile"}) == "avx512_bf16"
+    assert isa_from_flags(avx2 | {"avx512_bf16"}) == "avx2"
+    assert [CPU_LIBRARIES[isa] for isa in ("avx2", "avx512", "avx512_bf16")] == ["_C_AVX2", "_C_AVX512", "_C"]
+
+
+@cpu_only
+def test_the_kernel_reader_agrees_with_loading_this_cpus_library():
+    """The library vLLM loads on this CPU (and only that one: it runs here) is loaded into torch in a fresh
+    process: the kernels the ELF reader finds are registered ops, and the schemes' kernels agree."""
+    from distill.vllm.kernels import CPU_KERNELS, cpu_isa, cpu_library, library_kernels
+
+    lib = cpu_library(cpu_isa())
+    probe = (
+        "import json, sys, torch\n"
+        "torch.ops.load_library(sys.argv[1])\n"
+        "names = {n.split('::')[1].split('.')[0] for n in torch._C._dispatch_get_all_op_names()"
+        " if n.startswith('_C::')}\n"
+        "print(json.dumps(sorted(names)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(lib)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    registered = set(json.loads(out.stdout))
+    found = library_kernels(lib)
+    assert len(found) >= 20 and found <= registered, sorted(found - registered)
+    for kernel in filter(None, CPU_KERNELS.values()):
+        assert (kernel in found) == (kernel in registered), kernel
+
+
+@cpu_only
+def test_an_unreadable_kernel_library_is_reported_not_run(monkeypatch, tmp_path):
+    import distill.vllm.kernels as kernels
+
+    fake = tmp_path / "_C_AVX2.abi3.so"
+    fake.write_text("not an ELF file\n")
+    monkeypatch.setattr(kernels, "cpu_library", lambda isa: fake)
+    assert kernels.serving_problem("w4a16", isa="avx2") == (
+        "could not inspect vLLM's CPU kernels (_C_AVX2.abi3.so: ValueError: not a little-endian 64-bit ELF file)"
+    )
+    assert kernels.serving_problem("fp8", isa="avx2") is None  # needs no kernel of its own
