@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distill.artifacts import atomic_write_json, read_json, remove_directory
+from distill.artifacts import atomic_write_json, read_json
 from distill.config import GateConfig, GateCriterion
 from distill.run import RunDir
 
@@ -241,8 +241,7 @@ def begin_evaluation(run: RunDir) -> None:
     """Before eval measures anything: gate.json fails closed ("evaluating") until `write` replaces it, so
     a killed evaluation never leaves an earlier verdict standing, and eval's old results are gone."""
     run.eval_dir.mkdir(parents=True, exist_ok=True)
-    if run.eval_results.exists():
-        remove_directory(run.eval_results) if run.eval_results.is_dir() else run.eval_results.unlink()
+    run.eval_results.unlink(missing_ok=True)
     atomic_write_json(run.gate_file, {"passed": False, "status": "evaluating"})
 
 
