@@ -7,6 +7,7 @@ full traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -249,11 +250,14 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from distill.models import check_model_dir
     from distill.pipeline import open_run, train_teacher
     from distill.run import Run
     from distill.stages.train import is_main_process, launch, needs_launch, train
 
     recipe = _load(args)
+    if recipe.student.model and not args.print_launch:  # before any data is prepared or process launched
+        check_model_dir(recipe.student.model, "student.model")
     if args.print_launch or needs_launch(recipe):
         if recipe.train.distributed.backend == "none":
             print("launch: none (train.distributed.backend=none trains in this process)")
@@ -363,11 +367,15 @@ def cmd_eval(args) -> int:
 
 
 def _load_run(args):
-    """A recipe file, or a run directory whose recipe.yaml the stages wrote."""
+    """A recipe file, or a run directory whose recipe.yaml the stages wrote. A run directory is the run,
+    wherever it is now: one that was moved or copied works there, not where its recipe first ran."""
     from distill.config import load_recipe
 
     run = Path(args.recipe)
-    return load_recipe(run / "recipe.yaml", args.overrides) if run.is_dir() else _load(args)
+    if not run.is_dir():
+        return _load(args)
+    here = [f"runs_dir={json.dumps(str(run.resolve().parent))}", f"name={json.dumps(run.resolve().name)}"]
+    return load_recipe(run / "recipe.yaml", [*here, *args.overrides])
 
 
 def cmd_quantize(args) -> int:

@@ -10,6 +10,7 @@ Python gives byte-identical files; `manifest.json` carries their hashes and the 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import json
 import platform
@@ -107,6 +108,13 @@ def _split_settings(cfg: DataConfig) -> dict:
 
 def embedded_documents() -> list[Document]:
     """pydoc topics, then standard-library docstrings, in a fixed order."""
+    return list(_embedded_documents())
+
+
+@functools.cache
+def _embedded_documents() -> tuple[Document, ...]:
+    """Parsed once per process: the interpreter's own library does not change under it (parsing its
+    ~600 files takes several seconds, and a process may prepare several corpora from them)."""
     import pydoc_data.topics
 
     docs = [
@@ -119,7 +127,7 @@ def embedded_documents() -> list[Document]:
         if SKIPPED_DIRS.intersection(rel.parts):
             continue
         docs.extend(_docstrings(path, rel.as_posix()))
-    return docs
+    return tuple(docs)
 
 
 def _docstrings(path: Path, rel: str) -> list[Document]:

@@ -98,3 +98,28 @@ def train_run(recipe, **kwargs):
     from distill.stages.train import train
 
     return train(open_run(recipe, train_teacher(recipe), progress=False), **kwargs)
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`distill ARGV` through the CLI's own `main`, in this process: the same parsing, checks, one-line
+    errors and exit status as the real command, without a new interpreter importing torch and lm-eval
+    again. For input the CLI refuses; tests about processes (signals, launches, servers) spawn one."""
+    import io
+    import sys
+
+    from distill import processes
+    from distill.cli import main
+
+    saved = {signum: signal.getsignal(signum) for signum in processes.HANDLED}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in argv])
+            except SystemExit as exc:  # argparse's own usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    sys.stdout.flush()
+    return subprocess.CompletedProcess(["distill", *map(str, argv)], code, out.getvalue(), err.getvalue())

@@ -9,7 +9,7 @@ import pytest
 
 from distill import __version__
 
-from .conftest import train_run
+from .conftest import run_cli, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
@@ -65,6 +65,20 @@ def test_later_stages_before_training_say_what_is_missing(command, message, tmp_
     assert out.stderr == f"distill: error: {message.format(run=tmp_path / 'tiny')}\n"
 
 
+def test_a_moved_run_directory_is_the_run_where_it_is_now(tmp_path):
+    from distill.config import load_recipe, recipe_to_yaml
+
+    first = tmp_path / "first" / "tiny"
+    first.mkdir(parents=True)
+    (first / "recipe.yaml").write_text(recipe_to_yaml(load_recipe(TINY, [f"runs_dir={first.parent}"])))
+    moved = tmp_path / "elsewhere" / "copy"
+    first.parent.rename(moved.parent)
+    (moved.parent / "tiny").rename(moved)
+    out = run_cli("serve", moved, "--student", "--dry-run")  # the command it would run, from the copy
+    assert out.returncode == 0, out.stderr
+    assert f" serve {moved}/student/final " in out.stdout and str(first) not in out.stdout
+
+
 def test_config_show_prints_the_resolved_recipe_with_overrides():
     out = distill("config", "show", TINY, "train.max_steps=20", "serve.port=9001")
     assert out.returncode == 0
@@ -115,7 +129,7 @@ def test_malformed_yaml_shows_the_line(tmp_path):
 
 
 def test_missing_student_model_names_the_path(tmp_path, cache_dir):
-    out = distill(
+    out = run_cli(
         "train",
         TINY,
         "train.loss=ce",
@@ -143,7 +157,7 @@ def test_train_sft_student_from_a_model_directory(cache_dir, tmp_path):
     """`distill train` with train.loss=ce (the SFT baseline), the student loaded from an HF directory."""
     from .conftest import MICRO
 
-    first = distill(
+    first = run_cli(
         "train",
         TINY,
         *MICRO,
@@ -158,7 +172,7 @@ def test_train_sft_student_from_a_model_directory(cache_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     student = tmp_path / "a" / "tiny" / "student" / "final"
     assert (student / "config.json").exists() and (student / "tokenizer.json").exists()
-    second = distill(
+    second = run_cli(
         "train",
         TINY,
         *MICRO,
@@ -176,7 +190,9 @@ def test_train_sft_student_from_a_model_directory(cache_dir, tmp_path):
 
 
 def test_distillation_needs_a_teacher_store(cache_dir, tmp_path):
-    out = distill("train", TINY, "train.loss=forward_kl", f"runs_dir={tmp_path}")
+    from .conftest import MICRO
+
+    out = run_cli("train", TINY, *MICRO, "train.loss=forward_kl", f"runs_dir={tmp_path}")
     assert out.returncode == 1
     assert (
         out.stderr.strip()

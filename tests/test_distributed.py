@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY, kill_tree
+from .conftest import MICRO, TINY, kill_tree, run_cli
 from .test_pretrain import TEACHER
 
 STORE = [
@@ -64,8 +64,8 @@ def distill(*args, runs):
 def store_runs(cache_dir, tmp_path_factory):
     """A teacher store and a held-out store, shared by the runs of this module (each copies it)."""
     runs = tmp_path_factory.mktemp("dist")
-    for split in ("train", "validation"):
-        out = distill("generate", "--split", split, runs=runs)
+    for split in ("train", "validation"):  # through the CLI's main in this process: no launch here
+        out = run_cli(*command("generate", "--split", split, runs=runs)[3:])
         assert out.returncode == 0, out.stderr[-3000:]
     return runs
 

@@ -36,6 +36,7 @@ def test_stage_engines_are_installed():
         assert metadata.version(name)
 
 
+@pytest.mark.slow  # imports all of vLLM's CLI (about 25 s); every served test runs `vllm serve`
 def test_vllm_serve_command_works():
     out = subprocess.run(
         [str(VENV_BIN / "vllm"), "serve", "--help"], capture_output=True, text=True, timeout=300

@@ -14,7 +14,7 @@ import pytest
 
 from distill.store import LOGPROB_MAX_ERROR, TeacherStore
 
-from .conftest import MICRO, TINY, kill_tree, teacher_of
+from .conftest import MICRO, TINY, kill_tree, run_cli, teacher_of
 from .test_pretrain import TEACHER
 
 SAMPLE = [
@@ -28,11 +28,20 @@ SAMPLE = [
 ]
 
 
-def distill(*args, runs):
-    cmd = [sys.executable, "-m", "distill", *args]
+def argv(*args, runs):
     if args and args[0] == "generate":  # the micro settings first, so the test's own overrides win
-        cmd = [*cmd[:5], *MICRO, *TEACHER, f"runs_dir={runs}", *args[2:]]
+        return [*args[:2], *MICRO, *TEACHER, f"runs_dir={runs}", *args[2:]]
+    return list(args)
+
+
+def distill(*args, runs):
+    cmd = [sys.executable, "-m", "distill", *argv(*args, runs=runs)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def cli(*args, runs):
+    """The same command through the CLI's main in this process (refusals and the HF backend)."""
+    return run_cli(*argv(*args, runs=runs))
 
 
 def rows(path):
@@ -171,25 +180,24 @@ def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(r
 @pytest.mark.slow
 def test_shards_on_separate_jobs_merge_into_the_unsharded_store(tmp_path):
     """About the store, not the engine: the transformers backend (it seeds each prompt by its index, as
-    vLLM does), so no engine starts; vLLM's reruns match across processes in the kill-9 test."""
-    whole = distill("generate", str(TINY), *SAMPLE, "teacher.backend=hf", runs=tmp_path / "whole")
+    vLLM does), in this process, so no engine starts; vLLM's reruns match across processes in the kill-9
+    test."""
+    whole = cli("generate", str(TINY), *SAMPLE, "teacher.backend=hf", runs=tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     reference = tmp_path / "whole" / "tiny" / "teacher"
     runs = tmp_path / "runs"
     for index in (0, 1):
-        out = distill(
-            "generate", str(TINY), *SAMPLE, "teacher.backend=hf", "--shard", f"{index}/2", runs=runs
-        )
+        out = cli("generate", str(TINY), *SAMPLE, "teacher.backend=hf", "--shard", f"{index}/2", runs=runs)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "complete: False" in out.stdout
     parts = [runs / "tiny" / f"teacher.shard-{i}-of-2" for i in (0, 1)]
     merged = tmp_path / "merged"
-    out = distill("store", "merge", str(merged), *map(str, parts), runs=runs)
+    out = cli("store", "merge", str(merged), *map(str, parts), runs=runs)
     assert out.returncode == 0, out.stderr
     assert shard_hashes(merged) == shard_hashes(reference)
-    info = distill("store", "info", str(merged), runs=runs)
+    info = cli("store", "info", str(merged), runs=runs)
     assert "rows: 48" in info.stdout and "complete: True" in info.stdout and "bytes_per_token:" in info.stdout
-    verify = distill("store", "verify", str(merged), runs=runs)
+    verify = cli("store", "verify", str(merged), runs=runs)
     assert verify.returncode == 0 and "ok: 12 shards" in verify.stdout
 
 
@@ -244,7 +252,7 @@ def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path
 
 
 def test_k_above_the_engine_limit_says_what_to_set(cache_dir, tmp_path):
-    out = distill("generate", str(TINY), *SAMPLE, "generate.engine.max_logprobs=8", runs=tmp_path)
+    out = cli("generate", str(TINY), *SAMPLE, "generate.engine.max_logprobs=8", runs=tmp_path)
     assert out.returncode == 1
     assert (
         "generate.top_k=16 exceeds generate.engine.max_logprobs=8; raise max_logprobs to at least 16"
@@ -256,14 +264,12 @@ def test_teacher_that_is_not_a_causal_lm(cache_dir, prepared, tmp_path):
     model = tmp_path / "encoder"
     shutil.copytree(prepared.tokenizer_dir, model)
     (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "vocab_size": 4096}))
-    out = distill("generate", str(TINY), "teacher.tiny=null", f"teacher.model={model}", runs=tmp_path)
+    out = cli("generate", str(TINY), "teacher.tiny=null", f"teacher.model={model}", runs=tmp_path)
     assert out.returncode == 1
     assert (
         f"teacher.model: {model} is not a causal language model (architectures: ['BertModel'])" in out.stderr
     )
-    missing = distill(
-        "generate", str(TINY), "teacher.tiny=null", f"teacher.model={tmp_path}/nope", runs=tmp_path
-    )
+    missing = cli("generate", str(TINY), "teacher.tiny=null", f"teacher.model={tmp_path}/nope", runs=tmp_path)
     assert (
         missing.returncode == 1
         and f"teacher.model: model path does not exist: {tmp_path}/nope" in missing.stderr
@@ -277,14 +283,14 @@ def test_hf_backend_samples_into_the_same_kind_of_store(cache_dir, tmp_path):
         "generate.items_per_shard=2",
         "generate.max_new_tokens=8",
     ]
-    out = distill("generate", str(TINY), *SAMPLE, *hf, runs=tmp_path)
+    out = cli("generate", str(TINY), *SAMPLE, *hf, runs=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     store = TeacherStore(tmp_path / "tiny" / "teacher")
     assert store.summary()["backend"] == "hf" and store.summary()["rows"] == 8
     for c in store.rows():
         assert 0 < c.num_positions <= 8 and c.topk_ids.shape[1] == 16
         assert np.all(np.diff(c.topk_logprobs, axis=1) <= 1e-6)
-    mixed = distill("generate", str(TINY), *SAMPLE, *hf[1:], runs=tmp_path)  # same store, vLLM this time
+    mixed = cli("generate", str(TINY), *SAMPLE, *hf[1:], runs=tmp_path)  # same store, vLLM this time
     assert mixed.returncode == 1 and "capture.backend changed" in mixed.stderr
 
 
@@ -296,7 +302,7 @@ def test_top_k_above_the_vocabulary_is_one_line_and_leaves_nothing_behind(cache_
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": 500}))
     real = ["teacher.tiny=null", f"teacher.model={teacher}"]
-    out = distill("generate", str(TINY), *SAMPLE, *real, "generate.top_k=512", runs=tmp_path)
+    out = cli("generate", str(TINY), *SAMPLE, *real, "generate.top_k=512", runs=tmp_path)
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-3000:]
     assert (
         f"generate.top_k=512 exceeds the teacher's vocabulary (500 tokens, {teacher / 'config.json'})"

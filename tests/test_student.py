@@ -9,7 +9,7 @@ import pytest
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY, train_run
+from .conftest import MICRO, TINY, run_cli, train_run
 from .test_pretrain import TEACHER
 
 STORE = [
@@ -31,19 +31,9 @@ TRAIN = [
 
 
 def distill(*args, runs):
-    cmd = [
-        sys.executable,
-        "-m",
-        "distill",
-        args[0],
-        str(TINY),
-        *MICRO,
-        *TEACHER,
-        *STORE,
-        f"runs_dir={runs}",
-        *args[1:],
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    """`distill COMMAND` on the micro recipe with this module's store, through the CLI's main in this
+    process (nothing here is about processes; the launch tests are test_distributed's)."""
+    return run_cli(args[0], TINY, *MICRO, *TEACHER, *STORE, f"runs_dir={runs}", *args[1:])
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +205,7 @@ def test_kd_student_beats_the_sft_student_on_held_out_text(cache_dir, tmp_path):
     validation split, and text from outside the corpus) and the full-vocabulary KL to the teacher."""
 
     def run(*args):
-        cmd = [sys.executable, "-m", "distill", args[0], str(TINY), *MICRO, *STRONGER_TEACHER, *KD_STORE]
-        out = subprocess.run(
-            [*cmd, f"runs_dir={tmp_path}", *args[1:]], capture_output=True, text=True, timeout=900
-        )
+        out = run_cli(args[0], TINY, *MICRO, *STRONGER_TEACHER, *KD_STORE, f"runs_dir={tmp_path}", *args[1:])
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
 
