@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.config import load_recipe  # noqa: E402
-from distill.pipeline import open_run, train_teacher  # noqa: E402
+from distill.pipeline import open_run  # noqa: E402
 from distill.stages.generate import generate  # noqa: E402
-from distill.stages.train import train  # noqa: E402
+from distill.stages.train import train, train_teacher  # noqa: E402
 from distill.vllm.engine import teacher_engine_args  # noqa: E402
 
 

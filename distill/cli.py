@@ -251,9 +251,9 @@ def cmd_pretrain(args) -> int:
 
 def cmd_train(args) -> int:
     from distill.models import check_model_dir
-    from distill.pipeline import open_run, train_teacher
+    from distill.pipeline import open_run
     from distill.run import Run
-    from distill.stages.train import is_main_process, launch, needs_launch, train
+    from distill.stages.train import is_main_process, launch, needs_launch, train, train_teacher
 
     recipe = _load(args)
     if recipe.student.model and not args.print_launch:  # before any data is prepared or process launched

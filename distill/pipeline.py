@@ -4,7 +4,7 @@ The stages: prepare, pretrain (a tiny teacher), generate (the teacher store and 
 train (the KD student; through `accelerate launch` when train.distributed asks), baseline (the SFT
 student, pipeline.sft_baseline), quantize, eval (lm-eval and the gate, quantized students included),
 bench (the vLLM serving benchmark; its acceptance joins the gate), report, promote (when the gate
-passed).
+passed). Each declares itself beside its code (`pipeline_stages` in its module, `distill.stages.Stage`).
 
 Each stage's inputs hash chains the recipe sections it reads with the hash of the stage before it, so a
 changed section redoes its stage and everything after. The run's manifest.json records per stage its
@@ -18,17 +18,15 @@ first unfinished shard, training from its last checkpoint) instead of starting o
 
 from __future__ import annotations
 
-import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from distill.artifacts import QUANT_RECORD, RunManifest, hash_json, read_json
+from distill.artifacts import RunManifest, hash_json, read_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.run import Run, RunDir
+from distill.stages import Stage
 
 STAGES = (
     "prepare",
@@ -43,17 +41,6 @@ STAGES = (
     "promote",
 )
 FINISHED = ("done", "refused")
-
-
-@dataclass
-class Stage:
-    name: str
-    inputs: dict[str, Any]  # the recipe sections the stage reads
-    run: Callable[[bool], dict]  # run(redo) -> outputs; redo: the inputs changed since the last run
-    outputs: Callable[[], list[Path] | None]  # what must exist for the stage to count as done (None: damaged)
-    plan: Callable[[], list[str]]  # the commands a dry run prints
-    off: str | None = None  # why the recipe leaves it out
-    hash: str = ""
 
 
 @dataclass
@@ -75,16 +62,14 @@ def open_run(recipe: RecipeConfig, teacher: str | None = "pretrain", progress: b
     return run if teacher is None else resolve_teacher(run, teacher, progress)
 
 
-def _dump(model) -> Any:
-    return model.model_dump() if model is not None else None
-
-
 class Inputs:
-    """The run's inputs as `distill run` resolves them: once, when the first stage that reads them runs
-    (stage prepare builds the data, stage pretrain or teacher.model gives the teacher)."""
+    """What `distill run` hands each stage (`ctx`; see distill.stages.Stage): the recipe, its run
+    directory, progress and log, and the run's inputs, resolved once, when the first stage that reads them
+    runs (stage prepare builds the data, stage pretrain or teacher.model gives the teacher)."""
 
-    def __init__(self, recipe: RecipeConfig, progress: bool):
-        self.recipe, self.progress = recipe, progress
+    def __init__(self, recipe: RecipeConfig, progress: bool, log=print):
+        self.recipe, self.progress, self.log = recipe, progress, log
+        self.layout = RunDir(recipe.run_dir)
         self._run: Run | None = None
 
     def prepared(self) -> Run:
@@ -120,196 +105,19 @@ def resolve_teacher(run: Run, teacher: str = "pretrain", progress: bool = True) 
     return run.with_teacher(pretrain(run, resume=True, progress=progress).path)
 
 
-def train_teacher(recipe: RecipeConfig) -> str:
-    """What training needs of the teacher: on-policy scores with it (pretrained now if need be); offline
-    training validates against it only if it is there already."""
-    return "pretrain" if recipe.train.mode == "on_policy" else "ready"
+def stages(recipe: RecipeConfig) -> list[Stage]:
+    """The recipe's stages in order, each declared beside its code (`pipeline_stages` in its module)."""
+    from distill.stages import bench, evaluate, generate, prepare, pretrain, promote, quantize, report, train
+
+    modules = (prepare, pretrain, generate, train, quantize, evaluate, bench, report, promote)
+    return [stage for module in modules for stage in module.pipeline_stages(recipe)]
 
 
-def stages(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage]:
-    r = recipe
-    inputs = Inputs(recipe, progress)
-    layout = RunDir(r.run_dir)
-    run_dir, recipe_file = layout.path, layout.recipe_file
-
-    def prepare_stage(redo: bool) -> dict:
-        return inputs.prepared().data.summary()
-
-    def pretrain_stage(redo: bool) -> dict:
-        from distill.stages.pretrain import pretrain
-
-        t = pretrain(inputs.run(teacher=None), resume=True, progress=progress)
-        inputs.set_teacher(t.path)
-        log(f"teacher: {t.path}{' (reused from cache)' if t.reused else ''}, held-out loss {t.test_loss:.3f}")
-        return {"teacher": str(t.path), "test_loss": t.test_loss, "reused": t.reused}
-
-    def generate_stage(redo: bool) -> dict:
-        from distill.stages.generate import generate
-
-        run = inputs.run()
-        store = generate(run, overwrite=redo)
-        out = {"store": str(store.root)}
-        if r.generate.validation_sequences:
-            out["validation_store"] = str(generate(run, overwrite=redo, split="validation").root)
-        return out
-
-    def train_stage(recipe_: RecipeConfig, extra: list[str]) -> Callable[[bool], dict]:
-        def go(redo: bool) -> dict:
-            from distill.stages.train import launch, needs_launch, train
-
-            run = inputs.run(train_teacher(recipe_)).with_recipe(recipe_)
-            final = run.final(recipe_.train.output)
-            if needs_launch(recipe_):
-                args = ["train", str(recipe_file), *extra, "--resume", "--no-progress"]
-                status = launch(run, args, resume=True, overwrite=redo)
-                if status != 0:
-                    raise DistillError(
-                        f"train ({recipe_.train.output}): the launched training exited with {status}"
-                    )
-                if not (final / "config.json").exists():
-                    raise DistillError(
-                        f"train ({recipe_.train.output}): launched on {recipe_.train.distributed.num_machines} "
-                        "machines; rerun `distill run` when they have finished"
-                    )
-                return {"student": str(final), "launched": True}
-            result = train(run, resume=not redo, overwrite=redo, progress=progress)
-            return {"student": str(result.final_dir), "val_loss": result.val_loss, "steps": result.steps}
-
-        return go
-
-    baseline = r.model_copy(
-        update={"train": r.train.model_copy(update={"loss": "ce", "output": "baseline", "mode": "offline"})}
-    )
-
-    def quantize_stage(redo: bool) -> dict:
-        from distill.stages.quantize import quantize
-
-        return {s: str(p) for s, p in quantize(inputs.run(teacher=None), log=log).items()}
-
-    def eval_stage(redo: bool) -> dict:
-        from distill.stages.evaluate import evaluate
-
-        decision = evaluate(inputs.run(), log=log)
-        # the verdict so far: the serving benchmark's acceptance may still join it (bench)
-        return {"gate": str(layout.gate_file), "passed": decision["passed"],
-                "eval_passed": decision["eval_passed"]}  # fmt: skip
-
-    def bench_stage(redo: bool) -> dict:
-        from distill.stages.bench import bench
-
-        bench(inputs.run(), log=log)
-        return {"bench": str(layout.bench_file)}
-
-    def report_stage(redo: bool) -> dict:
-        from distill.stages.report import report
-
-        return {"report": str(report(run_dir))}
-
-    def promote_stage(redo: bool) -> dict:
-        from distill.stages.promote import gate_failures, promote
-
-        gate_path = layout.gate_file
-        failures = gate_failures(read_json(gate_path) if gate_path.exists() else None)
-        if failures:
-            return {"promoted": None, "refused": failures}
-        entry = promote(inputs.run(teacher="ready"))
-        return {
-            "promoted": entry["ref"],
-            "entry": str(r.registry_path / entry["name"] / str(entry["version"])),
-        }
-
-    def serve_plan() -> list[str]:
-        from distill.vllm.engine import serving_engine_args
-        from distill.vllm.server import serve_command
-
-        student = layout.student
-        # the plan names the tiny teacher instead of pretraining it to learn its cache path
-        teacher = r.teacher.model or "<the pretrained tiny teacher>"
-        commands = [
-            serve_command(serving_engine_args(r, mode, model, teacher, gpu=True), r.serve.port, served_name=name)
-            for mode, model, name in (("teacher", None, "teacher"), ("draft", student, "teacher"),
-                                      ("student", student, "student"))
-        ]  # fmt: skip
-        return [shlex.join(c) for c in commands]
-
-    def launch_plan(recipe_: RecipeConfig, extra: list[str]) -> list[str]:
-        from distill.training.launch import launch_command
-
-        args = ["train", str(recipe_file), *extra, "--resume", "--no-progress"]
-        if recipe_.train.distributed.backend == "none":
-            return [shlex.join(["distill", *args]) + "   (in this process)"]
-        return [shlex.join(launch_command(recipe_.train.distributed, args, None))]
-
-    def vllm_plan() -> list[str]:
-        import json
-
-        model = r.teacher.model or "the pretrained tiny teacher"
-        engine = json.dumps(dict(r.generate.engine))
-        return [f"distill generate {recipe_file}   (vllm.LLM on {model}, engine {engine}, in process)"]
-
-    def exists(*paths: Path) -> Callable[[], list[Path]]:
-        return lambda: list(paths)
-
-    def intact_stores() -> list[Path] | None:
-        """The teacher stores' manifests if every shard matches them; None sends generate back to work
-        (it redoes what is damaged or missing and keeps the rest)."""
-        from distill.store import TeacherStore
-
-        roots = [layout.store] + ([layout.validation_store] if r.generate.validation_sequences else [])
-        for root in roots:
-            if not (root / "manifest.json").exists():
-                return None
-            problem = TeacherStore(root).problem()
-            if problem:
-                log(f"generate: {problem}")
-                return None
-        return [root / "manifest.json" for root in roots]
-
-    student_final = layout.student / "config.json"
-    p = r.pipeline
-    serve_inputs = r.serve.model_dump(exclude={"host", "port", "api_key_env"})
-    # the eval stage predicts the serving benchmark's acceptance (distill.acceptance)
-    workload = r.serve.bench.model_dump(include={"requests", "prompt_tokens", "max_tokens", "temperature"})
-    expected_inputs = {"k": r.serve.num_speculative_tokens, **workload}
-    return [
-        Stage("prepare", {"data": _dump(r.data), "tokenizer_from": r.teacher.model}, prepare_stage,
-              exists(recipe_file), lambda: [f"distill prepare {recipe_file}"]),
-        Stage("pretrain", {"teacher": _dump(r.teacher), "pretrain": _dump(r.pretrain)}, pretrain_stage,
-              exists(), lambda: [f"distill pretrain {recipe_file}"],
-              off=None if r.teacher.tiny else "the teacher is a model directory (teacher.model)"),
-        Stage("generate", {"teacher": _dump(r.teacher), "generate": _dump(r.generate)}, generate_stage,
-              intact_stores, vllm_plan,
-              off="train.mode on_policy with lmbda 1 reads no store" if (
-                  r.train.mode == "on_policy" and r.train.on_policy.lmbda >= 1.0) else None),
-        Stage("train", {"student": _dump(r.student), "train": _dump(r.train)}, train_stage(r, []),
-              exists(student_final), lambda: launch_plan(r, [])),
-        Stage("baseline", {"student": _dump(r.student), "train": _dump(baseline.train)},
-              train_stage(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
-              exists(layout.baseline / "config.json"),
-              lambda: launch_plan(baseline, ["train.loss=ce", "train.output=baseline", "train.mode=offline"]),
-              off=None if p.sft_baseline else "pipeline.sft_baseline is false"),
-        Stage("quantize", {"quantize": _dump(r.quantize)}, quantize_stage,
-              exists(*(layout.quantized(s) / QUANT_RECORD for s in r.quantize.schemes)),
-              lambda: [f"distill quantize {run_dir}   (.venv-quant: llm-compressor oneshot)"],
-              off=None if p.quantize and r.quantize.schemes else "pipeline.quantize is false"),
-        Stage("eval", {"eval": _dump(r.eval), "expected_acceptance": expected_inputs}, eval_stage,
-              exists(layout.gate_file),
-              lambda: [f"distill eval {run_dir}   (lm-eval {r.eval.backend} backend: {', '.join(r.eval.tasks)})"]),
-        Stage("bench", {"serve": serve_inputs, "gate": _dump(r.eval.gate)}, bench_stage,
-              exists(layout.bench_file), serve_plan,
-              off=None if p.bench else "pipeline.bench is false"),
-        Stage("report", {}, report_stage, exists(layout.report_html),
-              lambda: [f"distill report {run_dir}"]),
-        Stage("promote", {"registry": str(r.registry_path)}, promote_stage, exists(),
-              lambda: [f"distill promote {run_dir}   (only if the gate passed)"],
-              off=None if p.promote else "pipeline.promote is false"),
-    ]  # fmt: skip
-
-
-def plan(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage]:
+def plan(recipe: RecipeConfig) -> list[Stage]:
     """The recipe's stages with their chained inputs hashes."""
     upstream = hash_json({"distill-pipeline": 1, "name": recipe.name, "device": recipe.device})
-    out = stages(recipe, progress, log)
+    out = stages(recipe)
+    assert tuple(s.name for s in out) == STAGES
     for stage in out:
         if stage.off is None:
             stage.hash = hash_json({"stage": stage.name, "inputs": stage.inputs, "upstream": upstream})
@@ -317,7 +125,7 @@ def plan(recipe: RecipeConfig, progress: bool = True, log=print) -> list[Stage]:
     return out
 
 
-def state(stage: Stage, manifest: RunManifest) -> str:
+def state(stage: Stage, manifest: RunManifest, ctx: Inputs) -> str:
     """finished (same inputs, outputs present), interrupted (started under these inputs), changed (run by
     `distill run` with other inputs), or new (never run by `distill run`: the stage's own reuse decides)."""
     record = manifest.stage(stage.name)
@@ -325,7 +133,7 @@ def state(stage: Stage, manifest: RunManifest) -> str:
         return "new"
     if record["pipeline_hash"] != stage.hash:
         return "changed"
-    outputs = stage.outputs()
+    outputs = stage.outputs(ctx)
     if record["status"] in FINISHED and outputs is not None and all(p.exists() for p in outputs):
         return "finished"
     return "interrupted"
@@ -353,7 +161,8 @@ def run(
     """Run the stages of `recipe` in order: a finished stage with unchanged inputs is skipped (unless
     `start`/`only` forces it), an interrupted one continues, a changed one is redone."""
     started = time.perf_counter()
-    all_stages = plan(recipe, progress, log)
+    all_stages = plan(recipe)
+    ctx = Inputs(recipe, progress, log)
     forced = select([s.name for s in all_stages], start, only)
     result = RunResult(recipe)
     manifest = RunManifest(recipe.run_dir)
@@ -363,7 +172,7 @@ def run(
         if stage.off is not None:
             log(f"[{stage.name}] off: {stage.off}")
             continue
-        status = state(stage, manifest)
+        status = state(stage, manifest, ctx)
         if status == "finished" and stage.name not in forced and not result.ran:
             log(f"[{stage.name}] unchanged: skipped")
             result.skipped.append(stage.name)
@@ -376,7 +185,7 @@ def run(
                     "finished": rerun}[status]  # fmt: skip
             result.ran.append(stage.name)  # what follows a stage that runs runs too
             log(f"[{stage.name}] {what}")
-            for line in stage.plan():
+            for line in stage.plan(ctx):
                 log(f"    {line}")
             continue
         log(f"[{stage.name}] {'continuing' if status == 'interrupted' else 'running'}")
@@ -385,7 +194,7 @@ def run(
         RunManifest(recipe.run_dir).record(
             stage.name, "running", stage.hash, {}, 0.0, pipeline_hash=stage.hash
         )
-        outputs = stage.run(status in ("changed",) or (status == "finished" and stage.name in forced))
+        outputs = stage.run(ctx, status in ("changed",) or (status == "finished" and stage.name in forced))
         fresh = RunManifest(recipe.run_dir)  # stages write their own records: merge their outputs
         own_record = fresh.stage(stage.name) or {}
         own = own_record.get("outputs", {})

@@ -94,8 +94,8 @@ def teacher_of(recipe):
 
 def train_run(recipe, **kwargs):
     """Stage train on `recipe`'s run, its inputs resolved as `distill train` resolves them."""
-    from distill.pipeline import open_run, train_teacher
-    from distill.stages.train import train
+    from distill.pipeline import open_run
+    from distill.stages.train import train, train_teacher
 
     return train(open_run(recipe, train_teacher(recipe), progress=False), **kwargs)
 

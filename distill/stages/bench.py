@@ -367,3 +367,52 @@ def comparison(bench: dict) -> list[str]:
                 f"mean acceptance length {row['mean_acceptance_length']:.2f}"
             )
     return lines
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage); its acceptance joins the gate."""
+    import shlex
+
+    from distill.stages import Stage, dump
+    from distill.vllm.engine import serving_engine_args
+    from distill.vllm.server import serve_command
+
+    layout = RunDir(recipe.run_dir)
+
+    def go(ctx, redo: bool) -> dict:
+        bench(ctx.run(), log=ctx.log)
+        return {"bench": str(layout.bench_file)}
+
+    def plan(ctx) -> list[str]:
+        student = layout.student
+        # the plan names the tiny teacher instead of pretraining it to learn its cache path
+        teacher = recipe.teacher.model or "<the pretrained tiny teacher>"
+        setups = (
+            ("teacher", None, "teacher"),
+            ("draft", student, "teacher"),
+            ("student", student, "student"),
+        )
+        return [
+            shlex.join(
+                serve_command(
+                    serving_engine_args(recipe, mode, model, teacher, gpu=True),
+                    recipe.serve.port,
+                    served_name=name,
+                )
+            )  # fmt: skip
+            for mode, model, name in setups
+        ]
+
+    return [
+        Stage(
+            "bench",
+            {
+                "serve": recipe.serve.model_dump(exclude={"host", "port", "api_key_env"}),
+                "gate": dump(recipe.eval.gate),
+            },
+            run=go,
+            outputs=lambda ctx: [layout.bench_file],
+            plan=plan,
+            off=None if recipe.pipeline.bench else "pipeline.bench is false",
+        )
+    ]

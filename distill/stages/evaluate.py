@@ -29,7 +29,7 @@ from distill.artifacts import (
 )
 from distill.config import EvalConfig, RecipeConfig
 from distill.errors import DistillError
-from distill.run import Run
+from distill.run import Run, RunDir
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 LOCAL_TASKS = ("distill_ppl", "distill_outside_ppl", "distill_cloze", "distill_nextword")
@@ -680,3 +680,36 @@ def _headline(record: dict) -> str:
         shown = sorted(values, key=lambda mv: first.get(mv[0], 1))[:2]
         parts.append(f"{task} " + " ".join(f"{m} {v:.4g}" for m, v in shown))
     return "; ".join(parts)
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage). Its inputs include the serving
+    workload, since it predicts the serving benchmark's acceptance (distill.acceptance)."""
+    from distill.stages import Stage, dump
+
+    layout = RunDir(recipe.run_dir)
+    workload = recipe.serve.bench.model_dump(
+        include={"requests", "prompt_tokens", "max_tokens", "temperature"}
+    )
+
+    def go(ctx, redo: bool) -> dict:
+        decision = evaluate(ctx.run(), log=ctx.log)
+        # the verdict so far: the serving benchmark's acceptance may still join it (bench)
+        return {"gate": str(layout.gate_file), "passed": decision["passed"],
+                "eval_passed": decision["eval_passed"]}  # fmt: skip
+
+    tasks = ", ".join(recipe.eval.tasks)
+    return [
+        Stage(
+            "eval",
+            {
+                "eval": dump(recipe.eval),
+                "expected_acceptance": {"k": recipe.serve.num_speculative_tokens, **workload},
+            },
+            run=go,
+            outputs=lambda ctx: [layout.gate_file],
+            plan=lambda ctx: [
+                f"distill eval {layout.path}   (lm-eval {recipe.eval.backend} backend: {tasks})"
+            ],
+        )
+    ]

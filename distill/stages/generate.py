@@ -19,7 +19,7 @@ from distill.artifacts import hash_json, sha256_file
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.models import model_fingerprint, resolve_device, resolve_dtype
-from distill.run import PreparedData, Run
+from distill.run import PreparedData, Run, RunDir
 from distill.store import (
     LOGPROB_SCALE,
     STORE_FORMAT,
@@ -206,3 +206,48 @@ def _shard_done(root: Path, manifest: dict, name: str) -> bool:
         del manifest["shards"][name]
         return False
     return True
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage): the teacher store, and the
+    held-out store when generate.validation_sequences asks for one."""
+    from distill.stages import Stage, dump
+
+    layout = RunDir(recipe.run_dir)
+    roots = [layout.store] + ([layout.validation_store] if recipe.generate.validation_sequences else [])
+
+    def go(ctx, redo: bool) -> dict:
+        run = ctx.run()
+        out = {"store": str(generate(run, overwrite=redo).root)}
+        if recipe.generate.validation_sequences:
+            out["validation_store"] = str(generate(run, overwrite=redo, split="validation").root)
+        return out
+
+    def intact_stores(ctx) -> list[Path] | None:
+        """The stores' manifests if every shard matches them; None sends generate back to work (it redoes
+        what is damaged or missing and keeps the rest)."""
+        for root in roots:
+            if not (root / "manifest.json").exists():
+                return None
+            problem = TeacherStore(root).problem()
+            if problem:
+                ctx.log(f"generate: {problem}")
+                return None
+        return [root / "manifest.json" for root in roots]
+
+    def plan(ctx) -> list[str]:
+        model = recipe.teacher.model or "the pretrained tiny teacher"
+        engine = json.dumps(dict(recipe.generate.engine))
+        return [f"distill generate {layout.recipe_file}   (vllm.LLM on {model}, engine {engine}, in process)"]
+
+    reads_no_store = recipe.train.mode == "on_policy" and recipe.train.on_policy.lmbda >= 1.0
+    return [
+        Stage(
+            "generate",
+            {"teacher": dump(recipe.teacher), "generate": dump(recipe.generate)},
+            run=go,
+            outputs=intact_stores,
+            plan=plan,
+            off="train.mode on_policy with lmbda 1 reads no store" if reads_no_store else None,
+        )
+    ]

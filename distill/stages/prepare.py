@@ -48,3 +48,19 @@ def prepare(recipe: RecipeConfig) -> PreparedData:
         "prepare", "done", hash_json(recipe.data.model_dump()), summary, time.perf_counter() - started
     )
     return data
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage)."""
+    from distill.stages import Stage, dump
+
+    recipe_file = RunDir(recipe.run_dir).recipe_file
+    return [
+        Stage(
+            "prepare",
+            {"data": dump(recipe.data), "tokenizer_from": recipe.teacher.model},
+            run=lambda ctx, redo: ctx.prepared().data.summary(),
+            outputs=lambda ctx: [recipe_file],
+            plan=lambda ctx: [f"distill prepare {recipe_file}"],
+        )
+    ]

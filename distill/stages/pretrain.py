@@ -16,7 +16,7 @@ from distill.artifacts import atomic_write_json, read_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama, count_parameters, resolve_device
-from distill.run import PreparedData, Run, embedded_teacher_dir, teacher_key
+from distill.run import PreparedData, Run, RunDir, embedded_teacher_dir, teacher_key
 from distill.tokenizer import load_tokenizer
 from distill.training.data import TokenBlocks
 from distill.training.loop import TrainJob, train
@@ -110,3 +110,29 @@ def count_parameters_of(model_dir: Path) -> int:
     from transformers import AutoModelForCausalLM
 
     return count_parameters(AutoModelForCausalLM.from_pretrained(str(model_dir)))
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage): the embedded teacher, trained or
+    reused from the cache, becomes the run's teacher for the stages after it."""
+    from distill.stages import Stage, dump, nothing
+
+    def go(ctx, redo: bool) -> dict:
+        t = pretrain(ctx.run(teacher=None), resume=True, progress=ctx.progress)
+        ctx.set_teacher(t.path)
+        ctx.log(
+            f"teacher: {t.path}{' (reused from cache)' if t.reused else ''}, held-out loss {t.test_loss:.3f}"
+        )
+        return {"teacher": str(t.path), "test_loss": t.test_loss, "reused": t.reused}
+
+    recipe_file = RunDir(recipe.run_dir).recipe_file
+    return [
+        Stage(
+            "pretrain",
+            {"teacher": dump(recipe.teacher), "pretrain": dump(recipe.pretrain)},
+            run=go,
+            outputs=nothing,
+            plan=lambda ctx: [f"distill pretrain {recipe_file}"],
+            off=None if recipe.teacher.tiny else "the teacher is a model directory (teacher.model)",
+        )
+    ]

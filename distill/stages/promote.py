@@ -30,7 +30,7 @@ from distill.artifacts import (
 )
 from distill.config import RecipeConfig
 from distill.errors import DistillError
-from distill.run import Run
+from distill.run import Run, RunDir
 
 GATE_FAILED = 3
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -226,3 +226,33 @@ def student_of(entry_dir: Path, quant: str | None) -> Path:
         have = sorted(p.name for p in (Path(entry_dir) / "quant").glob("*")) or ["none"]
         raise DistillError(f"{entry_dir} has no quantized student {quant} (it has: {', '.join(have)})")
     return path
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage): a student whose gate failed is
+    not promoted, and the stage records why (status `refused`)."""
+    from distill.stages import Stage, nothing
+
+    layout = RunDir(recipe.run_dir)
+
+    def go(ctx, redo: bool) -> dict:
+        gate_path = layout.gate_file
+        failures = gate_failures(read_json(gate_path) if gate_path.exists() else None)
+        if failures:
+            return {"promoted": None, "refused": failures}
+        entry = promote(ctx.run(teacher="ready"))
+        return {
+            "promoted": entry["ref"],
+            "entry": str(recipe.registry_path / entry["name"] / str(entry["version"])),
+        }
+
+    return [
+        Stage(
+            "promote",
+            {"registry": str(recipe.registry_path)},
+            run=go,
+            outputs=nothing,
+            plan=lambda ctx: [f"distill promote {layout.path}   (only if the gate passed)"],
+            off=None if recipe.pipeline.promote else "pipeline.promote is false",
+        )
+    ]

@@ -24,8 +24,9 @@ from distill.artifacts import (
     read_json,
     remove_stale_temps,
 )
+from distill.config import RecipeConfig
 from distill.errors import DistillError
-from distill.run import Run
+from distill.run import Run, RunDir
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: .venv-quant sits beside .venv
 WORKER = Path(__file__).parents[1] / "quant_worker.py"
@@ -139,3 +140,23 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
         time.perf_counter() - started,
     )
     return done
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage)."""
+    from distill.stages import Stage, dump
+
+    layout = RunDir(recipe.run_dir)
+    on = recipe.pipeline.quantize and recipe.quantize.schemes
+    return [
+        Stage(
+            "quantize",
+            {"quantize": dump(recipe.quantize)},
+            run=lambda ctx, redo: {
+                s: str(p) for s, p in quantize(ctx.run(teacher=None), log=ctx.log).items()
+            },
+            outputs=lambda ctx: [layout.quantized(s) / QUANT_RECORD for s in recipe.quantize.schemes],
+            plan=lambda ctx: [f"distill quantize {layout.path}   (.venv-quant: llm-compressor oneshot)"],
+            off=None if on else "pipeline.quantize is false",
+        )
+    ]

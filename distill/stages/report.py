@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from distill.artifacts import atomic_write_text, read_json
+from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.run import RunDir
 
@@ -429,3 +430,19 @@ td.fail {{ color: {FAIL}; font-weight: bold; }} td.pass {{ color: {PASS}; }}
 """
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage)."""
+    from distill.stages import Stage
+
+    layout = RunDir(recipe.run_dir)
+    return [
+        Stage(
+            "report",
+            {},
+            run=lambda ctx, redo: {"report": str(report(layout.path))},
+            outputs=lambda ctx: [layout.report_html],
+            plan=lambda ctx: [f"distill report {layout.path}"],
+        )
+    ]

@@ -16,7 +16,7 @@ from distill.artifacts import hash_json
 from distill.config import LoraConfig, RecipeConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama, check_model_dir, load_causal_lm
-from distill.run import Run
+from distill.run import Run, RunDir
 from distill.store import TeacherStore
 from distill.tokenizer import load_tokenizer, tokenizer_hash
 from distill.training import loop
@@ -266,3 +266,78 @@ def with_lora(model, cfg: LoraConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def train_teacher(recipe: RecipeConfig) -> str:
+    """What training needs of the teacher: on-policy scores with it (pretrained now if need be); offline
+    training validates against it only if it is there already."""
+    return "pretrain" if recipe.train.mode == "on_policy" else "ready"
+
+
+BASELINE_OVERRIDES = ["train.loss=ce", "train.output=baseline", "train.mode=offline"]
+
+
+def pipeline_stages(recipe: RecipeConfig) -> list:
+    """How `distill run` drives this stage (see distill.stages.Stage): the KD student, then the SFT
+    baseline (the same student and sequences with CE: pipeline.sft_baseline). Each trains in the
+    pipeline's process, or through `accelerate launch` when train.distributed asks."""
+    import shlex
+
+    from distill.stages import Stage, dump
+
+    layout = RunDir(recipe.run_dir)
+    baseline = recipe.model_copy(
+        update={
+            "train": recipe.train.model_copy(update={"loss": "ce", "output": "baseline", "mode": "offline"})
+        }
+    )
+
+    def launch_args(extra: list[str]) -> list[str]:
+        return ["train", str(layout.recipe_file), *extra, "--resume", "--no-progress"]
+
+    def trainer(recipe_: RecipeConfig, extra: list[str]):
+        def go(ctx, redo: bool) -> dict:
+            run = ctx.run(train_teacher(recipe_)).with_recipe(recipe_)
+            name = recipe_.train.output
+            if not needs_launch(recipe_):
+                result = train(run, resume=not redo, overwrite=redo, progress=ctx.progress)
+                return {"student": str(result.final_dir), "val_loss": result.val_loss, "steps": result.steps}
+            status = launch(run, launch_args(extra), resume=True, overwrite=redo)
+            if status != 0:
+                raise DistillError(f"train ({name}): the launched training exited with {status}")
+            if not (run.final(name) / "config.json").exists():
+                raise DistillError(
+                    f"train ({name}): launched on {recipe_.train.distributed.num_machines} machines; "
+                    "rerun `distill run` when they have finished"
+                )
+            return {"student": str(run.final(name)), "launched": True}
+
+        return go
+
+    def plan(recipe_: RecipeConfig, extra: list[str]):
+        def commands(ctx) -> list[str]:
+            from distill.training.launch import launch_command
+
+            if recipe_.train.distributed.backend == "none":
+                return [shlex.join(["distill", *launch_args(extra)]) + "   (in this process)"]
+            return [shlex.join(launch_command(recipe_.train.distributed, launch_args(extra), None))]
+
+        return commands
+
+    return [
+        Stage(
+            "train",
+            {"student": dump(recipe.student), "train": dump(recipe.train)},
+            run=trainer(recipe, []),
+            outputs=lambda ctx: [layout.student / "config.json"],
+            plan=plan(recipe, []),
+        ),
+        Stage(
+            "baseline",
+            {"student": dump(recipe.student), "train": dump(baseline.train)},
+            run=trainer(baseline, BASELINE_OVERRIDES),
+            outputs=lambda ctx: [layout.baseline / "config.json"],
+            plan=plan(baseline, BASELINE_OVERRIDES),
+            off=None if recipe.pipeline.sft_baseline else "pipeline.sft_baseline is false",
+        ),
+    ]

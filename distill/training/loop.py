@@ -1,4 +1,5 @@
-"""The training loop: one function, read top to bottom (data, forward, loss, backward, step, log, save).
+"""The training loop: `_train`, read top to bottom (setup, micro-batches, backward, step, log, validate,
+save, export), with its parts below it.
 
 One loop for every model distill trains: the embedded teacher's pretraining (CE on corpus blocks), the
 KD student (offline on the teacher store, or on-policy on its own samples scored by the teacher server),
@@ -284,10 +285,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     import torch
     from tqdm.auto import tqdm
 
-    from distill.training.launch import configure_deepspeed, is_zero3
+    from distill.training.launch import configure_deepspeed
 
     cfg, out_dir = job.cfg, Path(job.out_dir)
-    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    main, world = accelerator.is_main_process, accelerator.num_processes
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out_dir / "checkpoints")
@@ -304,48 +305,9 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by us once per optimizer step; accelerate only saves and restores it.
     accelerator.register_for_checkpointing(scheduler)
-
-    if job.store is not None:
-        train_items = StoreItems(job.store, pad_id=_pad_id(job.tokenizer_dir))
-    elif cfg.mode == "on_policy" and cfg.on_policy.lmbda >= 1.0:
-        train_items = None  # every micro-batch is sampled by the student
-    elif cfg.loss != "ce":
-        raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
-    else:
-        train_items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
-    cfg = cfg.model_copy(update={"tail": resolve_tail(cfg, train_items, job.store)})
-    val_blocks = TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len)
-    val_items = StoreItems(job.val_store, pad_id=_pad_id(job.tokenizer_dir)) if job.val_store else None
-    heldout = HeldOutText(job, cfg.eval_batches * cfg.batch_size, accelerator) if job.heldout else None
-    order = BlockOrder(train_items.num_items, cfg.seed) if train_items is not None else None
-    # Every process evaluates the same global micro-batches (ZeRO-3 needs all of them in each forward),
-    # so the validation figures do not depend on how the batch is split across processes.
-    eval_batch = cfg.batch_size * world
-
-    settings = settings_hash(job)
-    state: dict[str, Any] = {
-        "step": 0,
-        "tokens": 0,
-        "wandb_id": None,
-        "val_loss": None,
-        "val_kl": None,
-        "val_acceptance": None,
-        "start_acceptance": None,
-        "heldout": {},
-        "sampled_batches": 0,  # on-policy micro-batches so far, over all processes
-        "store_batches": 0,
-        "settings": settings,
-    }
-    if resume_from is not None:
-        saved = read_json(resume_from / "trainer_state.json")
-        if saved.get("settings") != settings:
-            raise DistillError(
-                f"cannot resume from {resume_from}: the training settings, model or data changed since it "
-                "was written (an exact resume needs the same ones); use --overwrite to start over"
-            )
-        accelerator.load_state(str(resume_from))
-        state = saved
-        accelerator.print(f"resuming from {resume_from} (step {state['step']})")
+    data = _Data.of(job, accelerator)
+    cfg = cfg.model_copy(update={"tail": resolve_tail(cfg, data.train, job.store)})
+    state = _start_state(accelerator, settings_hash(job), resume_from)
     # Only the main process tracks and logs; every process trains.
     tracker = (
         make_tracker(job.tracking, job.name, out_dir, job.config_dump, resume_id=state["wandb_id"])
@@ -362,67 +324,22 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     try:  # the wandb run is closed however the loop ends (a crash, a NaN, Ctrl-C)
         if job.val_prompts and main and resume_from is None:
             # the starting student's expected acceptance: what on-policy training is measured against
-            state["start_acceptance"] = evaluate_acceptance(accelerator.unwrap_model(model), job, eval_batch)
+            state["start_acceptance"] = evaluate_acceptance(
+                accelerator.unwrap_model(model), job, data.eval_batch
+            )
             log.write({"step": 0, "val_acceptance": state["start_acceptance"]})
         # ---- loop
         model.train()
-        started, window_started = time.perf_counter(), time.perf_counter()
-        tokens_at_window = state["tokens"]
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=state["step"],
-            unit="step",
-            disable=not (job.progress and main),
-            desc=job.name,
-        )
+        started = time.perf_counter()
+        clock = _Clock(started, state["tokens"])
+        bar = tqdm(total=cfg.max_steps, initial=state["step"], unit="step", disable=not (job.progress and main),
+                   desc=job.name)  # fmt: skip
         while state["step"] < cfg.max_steps:
             step = state["step"]
-            window = _Window()
-            # A global micro-batch is batch_size x processes rows; this process takes its own slice.
-            rows = cfg.batch_size * world
             if cfg.mode == "on_policy" and cfg.on_policy.sampler == "vllm":
-                _refresh_sampler(job, accelerator, model, step, out_dir, rank)
-            micro, sampled = [], []
-            for m in range(cfg.grad_accum):
-                g = step * cfg.grad_accum + m  # the global micro-batch index
-                first = g * rows + rank * cfg.batch_size
-                if cfg.mode == "on_policy" and draws_on_policy(cfg.seed, g, cfg.on_policy.lmbda):
-                    # the current student samples this process's prompts; the teacher scores them
-                    indices = job.on_policy.prompt_indices(first, cfg.batch_size)
-                    seed = int(np.random.default_rng([cfg.seed, g, rank]).integers(2**31))
-                    try:
-                        micro.append(job.on_policy.batch(accelerator.unwrap_model(model), indices, seed))
-                    except DistillError as exc:
-                        last = list_checkpoints(out_dir)
-                        raise DistillError(
-                            f"{exc}. Last good checkpoint: {last[-1] if last else 'none'}"
-                        ) from exc
-                    sampled.append(True)
-                else:
-                    micro.append(train_items.batch(order.indices(first, cfg.batch_size)))
-                    sampled.append(False)
-            # NOTE: every summed loss is divided by the target-token count of the whole window on all
-            # processes, so batch 8 x accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 4
-            # give the same gradient. Accelerate (or DeepSpeed) divides by grad_accum and DDP/ZeRO average
-            # over processes; the scale undoes both.
-            (window_tokens,) = _all_reduce_sum(
-                accelerator, [float(sum(int(b["loss_mask"][:, :-1].sum()) for b in micro))]
-            )
-            scale = cfg.grad_accum * world / max(window_tokens, 1.0)
-            for batch, is_sampled in zip(micro, sampled, strict=True):
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                with accelerator.accumulate(model):
-                    to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled)
-                    # checked on every process before backward, so a NaN never reaches the weights
-                    (bad,) = _all_reduce_sum(accelerator, [0.0 if math.isfinite(parts["objective"]) else 1.0])
-                    if bad:
-                        last = list_checkpoints(out_dir)
-                        raise DistillError(
-                            f"loss is {parts['objective'] / max(n, 1)} at step {step + 1}; stopped. Last good "
-                            f"checkpoint: {last[-1] if last else 'none'} (lower train.lr or check the data)"
-                        )
-                    accelerator.backward(to_backward)
-                window.add(parts, n)
+                _refresh_sampler(job, accelerator, model, step, out_dir, accelerator.process_index)
+            micro, sampled = _micro_batches(job, cfg, data, accelerator, model, step)
+            window, window_tokens = _accumulate(accelerator, model, cfg, micro, sampled, step, out_dir)
             # (DeepSpeed clipped and stepped inside the last backward; these two then only report / no-op.)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -437,46 +354,10 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
 
             row: dict[str, Any] = {}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                keys = sorted(window.sums)
-                totals = _all_reduce_sum(accelerator, [window.sums[k] for k in keys] + [float(window.tokens)])
-                sums, tokens = dict(zip(keys, totals[:-1], strict=True)), max(totals[-1], 1.0)
-                elapsed = time.perf_counter() - window_started
-                row.update(
-                    loss=sums["objective"] / tokens,
-                    **{f"loss_{key}": sums[key] / tokens for key in ("kd", "ce") if key in sums},
-                    lr=lr,
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    tokens=state["tokens"],
-                    tokens_per_s=(state["tokens"] - tokens_at_window) / max(elapsed, 1e-9),
-                )
-                if cfg.mode == "on_policy":
-                    row.update(sampled_batches=state["sampled_batches"], store_batches=state["store_batches"])
-                    if job.on_policy.sampler is not None:  # the step whose weights the engine samples with
-                        row["sampler_step"] = job.on_policy.sampler.refreshed_at
-                    if sums.get("sampled_tokens"):
-                        row["acceptance"] = sums["acceptance"] / sums["sampled_tokens"]
-                window_started, tokens_at_window = time.perf_counter(), state["tokens"]
+                row.update(_train_row(accelerator, job, window, state, lr, grad_norm, clock))
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                state["val_loss"] = evaluate_loss(
-                    model, val_blocks, eval_batch, cfg.eval_batches, accelerator.device
-                )
-                row.update(val_loss=state["val_loss"], val_ppl=math.exp(min(state["val_loss"], 50)))
-                if val_items is not None:
-                    state["val_kl"] = evaluate_kl(
-                        model, val_items, eval_batch, cfg.eval_batches, accelerator.device
-                    )
-                    row.update(val_kl=state["val_kl"])
-                if heldout is not None:
-                    state["heldout"] = heldout.evaluate(model, eval_batch)
-                    row.update(state["heldout"])
-                if job.val_prompts and main:
-                    if job.on_policy.sampler is not None:  # the engine samples with the current weights
-                        job.on_policy.sampler.refresh(accelerator.unwrap_model(model), step)
-                    state["val_acceptance"] = evaluate_acceptance(
-                        accelerator.unwrap_model(model), job, eval_batch
-                    )
-                    row.update(val_acceptance=state["val_acceptance"])
+                row.update(_validate(job, data, accelerator, model, step, state))
             if row and main:
                 row["step"] = step
                 log.write(row)
@@ -484,22 +365,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(accelerator, out_dir, dict(state), cfg.keep_last)
         bar.close()
-
-        # ---- export
-        final_dir = out_dir / "final"
-        accelerator.wait_for_everyone()
-        if is_zero3(accelerator):
-            # ZeRO-3 partitions the weights: gather them on the main process into a fresh, plain copy.
-            state_dict = accelerator.get_state_dict(model)
-            if main:
-                with accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False):
-                    export = job.build_model()
-                export.load_state_dict(state_dict)
-        else:
-            export = accelerator.unwrap_model(model)
-        if main:
-            _export(export, out_dir, job.tokenizer_dir)
-        accelerator.wait_for_everyone()
+        final_dir = _export_final(job, accelerator, model, out_dir)
     finally:
         tracker.finish()
         if job.on_policy is not None and job.on_policy.sampler is not None:
@@ -516,6 +382,195 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         state.get("heldout", {}),
         cfg.tail if cfg.loss != "ce" else None,
     )
+
+
+# --------------------------------------------------------------------------- the loop's parts
+
+
+@dataclass
+class _Data:
+    """What a training run reads: its items (the teacher store, or corpus blocks for CE; None when the
+    student samples every micro-batch), their order, and the held-out sets validation measures."""
+
+    train: StoreItems | TokenBlocks | None
+    order: BlockOrder | None
+    val_blocks: TokenBlocks
+    val_items: StoreItems | None
+    heldout: HeldOutText | None
+    # Every process evaluates the same global micro-batches (ZeRO-3 needs all of them in each forward),
+    # so the validation figures do not depend on how the batch is split across processes.
+    eval_batch: int
+
+    @classmethod
+    def of(cls, job: TrainJob, accelerator) -> _Data:
+        cfg = job.cfg
+        if job.store is not None:
+            items = StoreItems(job.store, pad_id=_pad_id(job.tokenizer_dir))
+        elif cfg.mode == "on_policy" and cfg.on_policy.lmbda >= 1.0:
+            items = None  # every micro-batch is sampled by the student
+        elif cfg.loss != "ce":
+            raise DistillError(f"train.loss={cfg.loss} needs a teacher store (run `distill generate` first)")
+        else:
+            items = TokenBlocks(job.tokens_dir / "train.npy", job.seq_len)
+        return cls(
+            train=items,
+            order=BlockOrder(items.num_items, cfg.seed) if items is not None else None,
+            val_blocks=TokenBlocks(job.tokens_dir / "validation.npy", job.seq_len),
+            val_items=StoreItems(job.val_store, pad_id=_pad_id(job.tokenizer_dir)) if job.val_store else None,
+            heldout=HeldOutText(job, cfg.eval_batches * cfg.batch_size, accelerator) if job.heldout else None,
+            eval_batch=cfg.batch_size * accelerator.num_processes,
+        )
+
+
+def _start_state(accelerator, settings: str, resume_from: Path | None) -> dict[str, Any]:
+    """The loop's state: fresh, or the checkpoint's (whose weights, optimizer and RNGs are loaded too)."""
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens": 0,
+        "wandb_id": None,
+        "val_loss": None,
+        "val_kl": None,
+        "val_acceptance": None,
+        "start_acceptance": None,
+        "heldout": {},
+        "sampled_batches": 0,  # on-policy micro-batches so far, over all processes
+        "store_batches": 0,
+        "settings": settings,
+    }
+    if resume_from is None:
+        return state
+    saved = read_json(resume_from / "trainer_state.json")
+    if saved.get("settings") != settings:
+        raise DistillError(
+            f"cannot resume from {resume_from}: the training settings, model or data changed since it "
+            "was written (an exact resume needs the same ones); use --overwrite to start over"
+        )
+    accelerator.load_state(str(resume_from))
+    accelerator.print(f"resuming from {resume_from} (step {saved['step']})")
+    return saved
+
+
+def _micro_batches(job: TrainJob, cfg: TrainConfig, data: _Data, accelerator, model, step: int):
+    """This process's rows of the step's grad_accum global micro-batches (batch_size x processes rows
+    each), and whether each was sampled by the student (on-policy) or read from the store."""
+    rank, rows = accelerator.process_index, cfg.batch_size * accelerator.num_processes
+    micro, sampled = [], []
+    for m in range(cfg.grad_accum):
+        g = step * cfg.grad_accum + m  # the global micro-batch index
+        first = g * rows + rank * cfg.batch_size
+        if cfg.mode == "on_policy" and draws_on_policy(cfg.seed, g, cfg.on_policy.lmbda):
+            # the current student samples this process's prompts; the teacher scores them
+            indices = job.on_policy.prompt_indices(first, cfg.batch_size)
+            seed = int(np.random.default_rng([cfg.seed, g, rank]).integers(2**31))
+            try:
+                micro.append(job.on_policy.batch(accelerator.unwrap_model(model), indices, seed))
+            except DistillError as exc:
+                last = list_checkpoints(Path(job.out_dir))
+                raise DistillError(f"{exc}. Last good checkpoint: {last[-1] if last else 'none'}") from exc
+            sampled.append(True)
+        else:
+            micro.append(data.train.batch(data.order.indices(first, cfg.batch_size)))
+            sampled.append(False)
+    return micro, sampled
+
+
+def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int, out_dir: Path):
+    """Forward and backward over the step's micro-batches; (their loss parts, the target tokens of the
+    whole window on all processes). A non-finite loss stops before it reaches the weights."""
+    # NOTE: every summed loss is divided by the target-token count of the whole window on all
+    # processes, so batch 8 x accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 4
+    # give the same gradient. Accelerate (or DeepSpeed) divides by grad_accum and DDP/ZeRO average
+    # over processes; the scale undoes both.
+    (window_tokens,) = _all_reduce_sum(
+        accelerator, [float(sum(int(b["loss_mask"][:, :-1].sum()) for b in micro))]
+    )
+    scale = cfg.grad_accum * accelerator.num_processes / max(window_tokens, 1.0)
+    window = _Window()
+    for batch, is_sampled in zip(micro, sampled, strict=True):
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.accumulate(model):
+            to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled)
+            # checked on every process before backward, so a NaN never reaches the weights
+            (bad,) = _all_reduce_sum(accelerator, [0.0 if math.isfinite(parts["objective"]) else 1.0])
+            if bad:
+                last = list_checkpoints(out_dir)
+                raise DistillError(
+                    f"loss is {parts['objective'] / max(n, 1)} at step {step + 1}; stopped. Last good "
+                    f"checkpoint: {last[-1] if last else 'none'} (lower train.lr or check the data)"
+                )
+            accelerator.backward(to_backward)
+        window.add(parts, n)
+    return window, window_tokens
+
+
+@dataclass
+class _Clock:
+    """When the current logging window started, and the tokens trained by then (for tokens/s)."""
+
+    started: float
+    tokens: int
+
+
+def _train_row(accelerator, job: TrainJob, window: _Window, state: dict, lr: float, grad_norm, clock: _Clock):
+    """The training metrics of a logged step, summed over all processes."""
+    keys = sorted(window.sums)
+    totals = _all_reduce_sum(accelerator, [window.sums[k] for k in keys] + [float(window.tokens)])
+    sums, tokens = dict(zip(keys, totals[:-1], strict=True)), max(totals[-1], 1.0)
+    elapsed = time.perf_counter() - clock.started
+    row: dict[str, Any] = dict(
+        loss=sums["objective"] / tokens,
+        **{f"loss_{key}": sums[key] / tokens for key in ("kd", "ce") if key in sums},
+        lr=lr,
+        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        tokens=state["tokens"],
+        tokens_per_s=(state["tokens"] - clock.tokens) / max(elapsed, 1e-9),
+    )
+    if job.cfg.mode == "on_policy":
+        row.update(sampled_batches=state["sampled_batches"], store_batches=state["store_batches"])
+        if job.on_policy.sampler is not None:  # the step whose weights the engine samples with
+            row["sampler_step"] = job.on_policy.sampler.refreshed_at
+        if sums.get("sampled_tokens"):
+            row["acceptance"] = sums["acceptance"] / sums["sampled_tokens"]
+    clock.started, clock.tokens = time.perf_counter(), state["tokens"]
+    return row
+
+
+def _validate(job: TrainJob, data: _Data, accelerator, model, step: int, state: dict) -> dict[str, Any]:
+    """Held-out figures at an eval step (also kept in `state` for the result and the checkpoint)."""
+    cfg, device, batch = job.cfg, accelerator.device, data.eval_batch
+    state["val_loss"] = evaluate_loss(model, data.val_blocks, batch, cfg.eval_batches, device)
+    row = {"val_loss": state["val_loss"], "val_ppl": math.exp(min(state["val_loss"], 50))}
+    if data.val_items is not None:
+        state["val_kl"] = row["val_kl"] = evaluate_kl(model, data.val_items, batch, cfg.eval_batches, device)
+    if data.heldout is not None:
+        state["heldout"] = data.heldout.evaluate(model, batch)
+        row.update(state["heldout"])
+    if job.val_prompts and accelerator.is_main_process:
+        if job.on_policy.sampler is not None:  # the engine samples with the current weights
+            job.on_policy.sampler.refresh(accelerator.unwrap_model(model), step)
+        state["val_acceptance"] = evaluate_acceptance(accelerator.unwrap_model(model), job, batch)
+        row["val_acceptance"] = state["val_acceptance"]
+    return row
+
+
+def _export_final(job: TrainJob, accelerator, model, out_dir: Path) -> Path:
+    """`out_dir/final` in HF format, written by the main process once every process is done."""
+    from distill.training.launch import is_zero3
+
+    accelerator.wait_for_everyone()
+    if is_zero3(accelerator):
+        # ZeRO-3 partitions the weights: gather them on the main process into a fresh, plain copy.
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            with accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False):
+                export = job.build_model()
+            export.load_state_dict(state_dict)
+    else:
+        export = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        _export(export, out_dir, job.tokenizer_dir)
+    accelerator.wait_for_everyone()
+    return out_dir / "final"
 
 
 def _export(model, out_dir: Path, tokenizer_dir: Path) -> None:
