@@ -96,22 +96,25 @@ class VllmTeacher:
     """The teacher in vLLM's engine, started once and reused for every shard."""
 
     def __init__(self, engine_args: dict[str, Any], k: int):
-        try:
-            from vllm import LLM
-        except ImportError as exc:
+        from importlib.util import find_spec
+
+        from distill.vllm.engine import start_engine
+
+        if find_spec("vllm") is None:
             raise DistillError(
                 "teacher.backend=vllm needs vLLM: run `make setup` (or use teacher.backend=hf)"
-            ) from exc
-        self.k = k
-        self.llm = LLM(**engine_args)
+            )
+
+        self.k, self.engine_args = k, engine_args
+        self.llm = start_engine(engine_args)  # the engine kept_engines holds, if it has these arguments
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
 
     def close(self) -> None:
-        from distill.vllm.engine import shutdown_engine
+        from distill.vllm.engine import finish_engine
 
         llm, self.llm = self.llm, None
         if llm is not None:
-            shutdown_engine(llm)
+            finish_engine(llm, self.engine_args)
 
     def sample(self, items: list[Item], settings: SampleSettings, first_index: int) -> list[Capture]:
         """N completions per prompt; prompt i (global index first_index + i) gets seed settings.seed + that index."""

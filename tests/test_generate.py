@@ -52,11 +52,22 @@ def shard_hashes(path):
     return {name: entry["sha256"] for name, entry in TeacherStore(path).shards.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kept_engine():
+    """The module's in-process commands share the teacher's engine while their engine arguments agree
+    (distill.vllm.engine.kept_engines, as `distill run` does for its two stores); killed runs and the
+    agreement script start their own."""
+    from distill.vllm.engine import kept_engines
+
+    with kept_engines():
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference(cache_dir, tmp_path_factory):
     """An uninterrupted, unsharded sample-mode store."""
     runs = tmp_path_factory.mktemp("reference")
-    out = distill("generate", str(TINY), *SAMPLE, runs=runs)
+    out = cli("generate", str(TINY), *SAMPLE, runs=runs)
     assert out.returncode == 0, out.stderr[-3000:]
     return runs / "tiny" / "teacher"
 
@@ -89,11 +100,16 @@ def test_sample_mode_captures_each_completion_token(reference):
 
 
 @pytest.mark.slow
-def test_hundreds_of_seeded_prompts_in_one_engine_call(cache_dir, tmp_path):
+def test_hundreds_of_seeded_prompts_in_one_engine_call(reference, tmp_path):
     """Enough prompts at once that vLLM would chunk prefills; its chunked-prefill path rewinds seeded
     generators, which CPU generators cannot do (the engine died with 'CPU Generator does not use offset'
-    before the CPU defaults turned chunked prefill off)."""
-    out = distill(
+    before the CPU defaults turned chunked prefill off). The engine is the one the reference store
+    used, kept: the same engine arguments start nothing new."""
+    from distill.vllm import engine
+
+    kept = engine._kept["llm"]
+    assert kept is not None  # the reference's engine, kept after its command
+    out = cli(
         "generate",
         str(TINY),
         *SAMPLE,
@@ -107,14 +123,15 @@ def test_hundreds_of_seeded_prompts_in_one_engine_call(cache_dir, tmp_path):
     store = TeacherStore(tmp_path / "tiny" / "teacher")
     assert store.summary()["rows"] == 400
     assert sum(c.num_positions for c in store.rows()) > 400 * 8
+    assert engine._kept["llm"] is kept  # reused and kept again, not replaced by a second start
 
 
 @pytest.mark.slow
 def test_rerun_reuses_and_changed_settings_are_refused(reference, tmp_path):
     runs = reference.parent.parent
-    again = distill("generate", str(TINY), *SAMPLE, runs=runs)
+    again = cli("generate", str(TINY), *SAMPLE, runs=runs)
     assert again.returncode == 0 and "generate: shard-" not in again.stdout  # nothing recomputed
-    changed = distill("generate", str(TINY), *SAMPLE, "generate.temperature=0.7", runs=runs)
+    changed = cli("generate", str(TINY), *SAMPLE, "generate.temperature=0.7", runs=runs)
     assert changed.returncode == 1
     assert "different settings (capture.temperature changed); pass --overwrite" in changed.stderr
 
@@ -165,7 +182,7 @@ def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(r
     first = store / sorted(done)[0]
     first.write_bytes(first.read_bytes()[:-100])  # damage a finished shard too
 
-    out = distill("generate", str(TINY), *SAMPLE, runs=runs)
+    out = cli("generate", str(TINY), *SAMPLE, runs=runs)  # the kept engine: a fresh one's computation
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{first} fails its checksum; redoing it" in out.stdout
     redone = [line for line in out.stdout.splitlines() if line.startswith("generate: shard-")]
@@ -203,7 +220,7 @@ def test_shards_on_separate_jobs_merge_into_the_unsharded_store(tmp_path):
 
 @pytest.mark.slow
 def test_score_mode_truncates_to_the_context_and_never_crashes(cache_dir, tmp_path):
-    out = distill(
+    out = cli(
         "generate",
         str(TINY),
         "generate.mode=score",

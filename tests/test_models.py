@@ -52,9 +52,15 @@ def test_missing_model_path_names_the_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_loads_and_generates_the_same_model(tiny_model_dir, tmp_path):
-    """vLLM's engine (CPU build here) loads our directory, generates, and scores like transformers."""
-    path, model = tiny_model_dir
+def test_vllm_loads_and_generates_the_same_model(micro, tmp_path):
+    """vLLM's engine (CPU build here) loads what distill exports, generates, and scores like
+    transformers: a student trained with LoRA, whose final/ is the adapter merged into the weights."""
+    from .conftest import train_run
+
+    recipe = micro("train.loss=ce", "train.max_steps=2", "train.batch_size=2", "student.lora.r=4")
+    path = train_run(recipe, progress=False).final_dir
+    assert (path.parent / "adapter" / "adapter_config.json").exists()  # LoRA trained; final/ is merged
+    model = load_causal_lm(path, "student.model", torch.float32)
     out = subprocess.run(
         [sys.executable, str(SCRIPT), str(path), str(tmp_path / "out.json")],
         capture_output=True,

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -126,23 +124,6 @@ def test_lora_target_that_does_not_exist_is_refused_before_training(micro):
         DistillError, match=r"student.lora.target_modules: wq not in the model \(its linear layers: .*q_proj"
     ):
         train_run(recipe, progress=False)
-
-
-@pytest.mark.slow
-def test_merged_lora_export_loads_in_vllm(micro, tmp_path):
-    import os
-
-    recipe = micro("train.loss=ce", "train.max_steps=2", "train.batch_size=2", "student.lora.r=4")
-    final = train_run(recipe, progress=False).final_dir
-    script = os.path.join(os.path.dirname(__file__), "scripts", "vllm_generate.py")
-    out = subprocess.run(
-        [sys.executable, script, str(final), str(tmp_path / "out.json")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert all(len(r["token_ids"]) == 12 for r in json.loads((tmp_path / "out.json").read_text()))
 
 
 def test_a_store_from_another_tokenizer_is_refused(micro):

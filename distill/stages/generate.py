@@ -217,10 +217,13 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
     roots = [layout.store] + ([layout.validation_store] if recipe.generate.validation_sequences else [])
 
     def go(ctx, redo: bool) -> dict:
+        from distill.vllm.engine import kept_engines
+
         run = ctx.run()
-        out = {"store": str(generate(run, overwrite=redo).root)}
-        if recipe.generate.validation_sequences:
-            out["validation_store"] = str(generate(run, overwrite=redo, split="validation").root)
+        with kept_engines():  # one teacher engine for both stores when their engine arguments agree
+            out = {"store": str(generate(run, overwrite=redo).root)}
+            if recipe.generate.validation_sequences:
+                out["validation_store"] = str(generate(run, overwrite=redo, split="validation").root)
         return out
 
     def intact_stores(ctx) -> list[Path] | None:

@@ -8,7 +8,9 @@ prefill (see cpu_defaults).
 
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,3 +111,52 @@ def shutdown_engine(llm) -> None:
 
     llm.llm_engine.engine_core.shutdown()
     gc.collect()
+
+
+# --------------------------------------------------------------------------- engines kept between uses
+
+_kept: dict[str, Any] = {"depth": 0, "key": None, "llm": None}
+
+
+@contextmanager
+def kept_engines():
+    """Within this block, a `vllm.LLM` a caller is done with stays up, and the next one asked for with the
+    same arguments is that engine (its prefix cache emptied, so it computes as a fresh one would). One is
+    kept at a time; the last is shut down when the outermost block ends. `distill run` keeps the
+    teacher's engine across the training store and the held-out store (one start instead of two); tests
+    keep one across the commands of a module."""
+    _kept["depth"] += 1
+    try:
+        yield
+    finally:
+        _kept["depth"] -= 1
+        if _kept["depth"] == 0:
+            _release_kept()
+
+
+def start_engine(engine_args: dict[str, Any]):
+    """A `vllm.LLM` with these arguments: the kept one if it matches (see kept_engines), else a new one."""
+    from vllm import LLM
+
+    key = json.dumps(engine_args, sort_keys=True, default=str)
+    if _kept["llm"] is not None and _kept["key"] == key:
+        llm, _kept["llm"], _kept["key"] = _kept["llm"], None, None
+        llm.reset_prefix_cache()
+        return llm
+    _release_kept()  # one engine at a time: memory (GPU memory on GPUs) is what bounds them
+    return LLM(**engine_args)
+
+
+def finish_engine(llm, engine_args: dict[str, Any]) -> None:
+    """A caller is done with `llm`: kept for the next use inside kept_engines, shut down otherwise."""
+    if _kept["depth"] > 0:
+        _release_kept()
+        _kept["llm"], _kept["key"] = llm, json.dumps(engine_args, sort_keys=True, default=str)
+    else:
+        shutdown_engine(llm)
+
+
+def _release_kept() -> None:
+    llm, _kept["llm"], _kept["key"] = _kept["llm"], None, None
+    if llm is not None:
+        shutdown_engine(llm)
