@@ -1,7 +1,6 @@
 """The teacher stage with real vLLM (CPU build) on a micro teacher, through the `distill` command."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -218,45 +217,59 @@ def test_shards_on_separate_jobs_merge_into_the_unsharded_store(tmp_path):
     assert verify.returncode == 0 and "ok: 12 shards" in verify.stdout
 
 
+# Score mode in a 48-token context (the corpus blocks are 64 tokens): both tests below, one engine.
+SCORE_48 = [
+    "generate.mode=score",
+    "generate.num_sequences=6",
+    "generate.items_per_shard=3",
+    "generate.top_k=16",
+    "generate.engine.max_model_len=48",
+]
+
+
 @pytest.mark.slow
 def test_score_mode_truncates_to_the_context_and_never_crashes(cache_dir, tmp_path):
-    out = cli(
-        "generate",
-        str(TINY),
-        "generate.mode=score",
-        "generate.num_sequences=6",
-        "generate.items_per_shard=3",
-        "generate.top_k=8",
-        "generate.engine.max_model_len=48",
-        runs=tmp_path,
-    )
+    out = cli("generate", str(TINY), *SCORE_48, runs=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     store = TeacherStore(tmp_path / "tiny" / "teacher")
     summary = store.summary()
     assert summary["mode"] == "score" and summary["rows"] == 6 and summary["truncated"] == 6
     for c in store.rows():
-        assert c.start == 0 and len(c.input_ids) == 47 and c.topk_ids.shape == (46, 8)
+        assert c.start == 0 and len(c.input_ids) == 47 and c.topk_ids.shape == (46, 16)
         assert np.all(c.topk_ids[np.arange(46), 0] >= 0)
 
 
 @pytest.mark.slow
 def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path):
-    from distill.config import load_recipe
+    """The same 47-token sequences scored by distill's vLLM teacher (the engine the truncation test
+    kept: the same engine arguments) and by its transformers teacher."""
+    import torch
 
-    teacher = teacher_of(
-        load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    from distill.config import load_recipe
+    from distill.teacher import HfTeacher, VllmTeacher
+    from distill.vllm import engine
+    from distill.vllm.engine import teacher_engine_args
+
+    recipe = load_recipe(
+        TINY, [*MICRO, *TEACHER, *SCORE_48, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"]
     )
-    out_path = tmp_path / "agreement.npz"
-    script = os.path.join(os.path.dirname(__file__), "scripts", "score_agreement.py")
-    out = subprocess.run(
-        [sys.executable, script, str(teacher), str(prepared.tokens_dir / "validation.npy"), str(out_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = np.load(out_path)
-    assert r["vllm_ids"].shape == r["hf_ids"].shape == (8, 47, 16)
+    teacher = teacher_of(recipe)
+    tokens = np.load(prepared.tokens_dir / "validation.npy")
+    items = [(f"b{i}", tokens[i * 47 : (i + 1) * 47].astype(np.int64).tolist()) for i in range(8)]
+    kept = engine._kept["llm"]
+    vllm_teacher = VllmTeacher(teacher_engine_args(recipe, teacher), 16)
+    assert kept is not None and vllm_teacher.llm is kept  # no second start for the same arguments
+    try:
+        vllm_caps = vllm_teacher.score(items)
+    finally:
+        vllm_teacher.close()
+    hf_caps = HfTeacher(str(teacher), 16, "cpu", torch.float32, batch_size=4).score(items)
+    r = {}
+    for name, caps in (("vllm", vllm_caps), ("hf", hf_caps)):
+        r[f"{name}_ids"] = np.stack([c.topk_ids for c in caps])
+        r[f"{name}_lps"] = np.stack([c.topk_logprobs for c in caps])
+        r[f"{name}_token_lps"] = np.stack([c.token_logprobs for c in caps])
+    assert r["vllm_ids"].shape == r["hf_ids"].shape == (8, 46, 16)
     assert np.abs(r["vllm_lps"] - r["hf_lps"]).max() < 1e-3
     assert np.abs(r["vllm_token_lps"] - r["hf_token_lps"]).max() < 1e-3
     differ = r["vllm_ids"] != r["hf_ids"]
