@@ -25,11 +25,15 @@ docs: setup  ## build the documentation site into site/ (git-ignored); a broken 
 figures: setup  ## rewrite the generated figures and module map in README.md and docs/ from bench/results/
 	$(BIN)/python bench/figures.py
 
+# pytest-xdist: JOBS workers, a module (or tests/conftest.py's SHARED_WORKER group) per worker, longest first
+JOBS ?= 2
+PARALLEL = -n $(JOBS) --dist loadgroup --no-loadscope-reorder
+
 test: setup lint docs  ## lint, the docs build, then the whole test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL) --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PARALLEL) -m "not slow"
 
 lock:  ## regenerate the pins from the current environments
 	@{ head -3 packaging/constraints-cpu.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^vllm(==| @)'; \

@@ -409,6 +409,12 @@ class ServeBenchConfig(Section):
         description="Which setups to bench: teacher, teacher+student, teacher+baseline, student, "
         "student-<scheme>; default: every one this run has.",
     )
+    servers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Setups benched on a server that is already running (setup name: its URL) instead of "
+        "one started here, e.g. `teacher+student: http://host:8000`; it must serve the setup's model, and a "
+        "draft setup's server must draft.",
+    )
 
 
 class ServeConfig(Section):

@@ -78,6 +78,10 @@ setup_quant() {
 case "${1:-all}" in
     main) setup_main ;;
     quant) setup_quant ;;
-    all) setup_main; setup_quant ;;
+    all)  # independent environments, built side by side (much of a pip install waits on the disk)
+        setup_quant &
+        quant=$!
+        setup_main
+        wait "$quant" ;;
     *) echo "usage: packaging/setup.sh [main|quant|all]" >&2; exit 2 ;;
 esac

@@ -30,6 +30,15 @@ MICRO = [
     "data.seq_len=64",
     "tracking.wandb=disabled",
 ]
+# The micro teacher most tests share: 40 steps, pretrained once per session (cached by content hash).
+TEACHER = [
+    "pretrain.max_steps=40",
+    "pretrain.batch_size=16",
+    "pretrain.save_every=4",
+    "pretrain.eval_every=10",
+    "pretrain.log_every=1",
+    "pretrain.warmup_steps=4",
+]
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +71,48 @@ def prepared(cache_dir):
     return prepare(recipe)
 
 
+@pytest.fixture(scope="session")
+def teacher_server(cache_dir, tmp_path_factory):
+    """The micro teacher (MICRO + TEACHER) alone behind `vllm serve`, started once for the session with
+    the engine arguments `distill bench serve` gives its `teacher` setup (serve.max_model_len=256): the
+    serving benchmark's teacher setup and eval's local-completions teacher (serve.bench.servers,
+    eval.servers) are this one server. Its log: `server.log_path`."""
+    from distill.config import load_recipe
+    from distill.vllm.engine import serving_engine_args
+    from distill.vllm.server import VllmServer
+
+    root = tmp_path_factory.mktemp("teacher-server")
+    overrides = [*MICRO, *TEACHER, f"runs_dir={root}", f"cache_dir={cache_dir}", "serve.max_model_len=256"]
+    recipe = load_recipe(TINY, overrides)
+    args = serving_engine_args(recipe, "teacher", None, teacher_of(recipe))
+    with VllmServer(args, root / "server.log") as server:
+        yield server
+
+
+# Modules whose tests share a session fixture run in one pytest-xdist worker, so it starts once.
+SHARED_WORKER = {"test_eval": "teacher-server", "test_serve": "teacher-server"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA; on machines without it they are reported as skipped, never passed."""
+    """`make test` runs the suite in 2 pytest-xdist workers (`--dist loadgroup`): each module is one unit
+    of work (its module-scoped engines and servers start once), or SHARED_WORKER's group; the units are
+    ordered by their count of slow tests, the longest first, so the last to start are short.
+    Tests marked `gpu` need CUDA; on machines without it they are reported as skipped, never passed."""
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
+        groups = {}
+        for item in items:
+            module = item.module.__name__.rsplit(".", 1)[-1]
+            groups[item] = SHARED_WORKER.get(module, module)
+            item.add_marker(pytest.mark.xdist_group(groups[item]))
+        slow = {}
+        for item in items:
+            slow[groups[item]] = slow.get(groups[item], 0) + ("slow" in item.keywords)
+        items.sort(key=lambda item: -slow[groups[item]])  # stable: a module's own order is kept
+    _skip_gpu_tests(items)
+
+
+def _skip_gpu_tests(items):
     import torch
 
     if torch.cuda.is_available():

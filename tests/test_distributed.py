@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY, kill_tree, run_cli
-from .test_pretrain import TEACHER
+from .conftest import MICRO, TEACHER, TINY, kill_tree, run_cli
 
 STORE = [
     "teacher.backend=hf",

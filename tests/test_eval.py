@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import MICRO, TINY, run_cli, teacher_of
-from .test_pretrain import TEACHER
+from .conftest import MICRO, TEACHER, TINY, run_cli, teacher_of
 
 STRICT = [
     "eval.limit=30",
@@ -116,21 +115,19 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, hf
 
 
 @pytest.mark.slow
-def test_local_completions_against_running_servers_and_servers_it_starts(models, hf_eval, tmp_path):
-    """The twin is served by a `vllm serve` started here (eval.servers); distill starts the teacher's."""
-    from distill.vllm.engine import engine_kwargs
-    from distill.vllm.server import VllmServer
-
-    args = engine_kwargs(str(models["twin"]), max_model_len=256, seed=1234)
-    with VllmServer(args, tmp_path / "twin-server.log") as server:
-        out = distill_eval(
-            *STRICT, "eval.backend=local-completions", f"eval.servers.twin={server.url}",
-            f"--model=twin={models['twin']}", runs=tmp_path,
-        )  # fmt: skip
+def test_local_completions_against_running_servers_and_servers_it_starts(
+    models, hf_eval, teacher_server, tmp_path
+):
+    """The teacher is the session's running `vllm serve` (eval.servers); distill starts the twin's."""
+    requests = teacher_server.log_path.read_text().count("POST /v1/completions")
+    out = distill_eval(
+        *STRICT, "eval.backend=local-completions", f"eval.servers.teacher={teacher_server.url}",
+        f"--model=twin={models['twin']}", runs=tmp_path,
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (tmp_path / "tiny" / "eval" / "server-teacher.log").exists()  # the one distill started
-    assert not (tmp_path / "tiny" / "eval" / "server-twin.log").exists()
-    assert (tmp_path / "twin-server.log").read_text().count("POST /v1/completions") > 30
+    assert (tmp_path / "tiny" / "eval" / "server-twin.log").exists()  # the one distill started
+    assert not (tmp_path / "tiny" / "eval" / "server-teacher.log").exists()
+    assert teacher_server.log_path.read_text().count("POST /v1/completions") > requests + 30
     # the same documents score as through transformers
     hf_runs = hf_eval[0]
     for task, metric in (("distill_cloze", "acc"), ("distill_nextword", "exact_match")):

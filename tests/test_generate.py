@@ -13,8 +13,7 @@ import pytest
 
 from distill.store import LOGPROB_MAX_ERROR, TeacherStore
 
-from .conftest import MICRO, TINY, kill_tree, run_cli, teacher_of
-from .test_pretrain import TEACHER
+from .conftest import MICRO, TEACHER, TINY, kill_tree, run_cli, teacher_of
 
 SAMPLE = [
     "generate.mode=sample",
@@ -54,8 +53,8 @@ def shard_hashes(path):
 @pytest.fixture(scope="module", autouse=True)
 def kept_engine():
     """The module's in-process commands share the teacher's engine while their engine arguments agree
-    (distill.vllm.engine.kept_engines, as `distill run` does for its two stores); killed runs and the
-    agreement script start their own."""
+    (distill.vllm.engine.kept_engines, as `distill run` does for its two stores); the SIGTERM test's
+    process starts its own."""
     from distill.vllm.engine import kept_engines
 
     with kept_engines():
@@ -135,60 +134,80 @@ def test_rerun_reuses_and_changed_settings_are_refused(reference, tmp_path):
     assert "different settings (capture.temperature changed); pass --overwrite" in changed.stderr
 
 
+def generate_process(runs, *args) -> list[str]:
+    """`distill generate` as its own process (to be signalled), sample mode on the micro teacher."""
+    return [sys.executable, "-m", "distill", *argv("generate", str(TINY), *SAMPLE, *args, runs=runs)]
+
+
+def start_and_wait_for(cmd, store, shards: int, **pipes) -> subprocess.Popen:
+    """Start `cmd` and return it once its store has recorded `shards` finished shards."""
+    proc = subprocess.Popen(cmd, **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **pipes})
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        manifest = store / "manifest.json"
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= shards:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "generation finished before it could be stopped"
+    return proc
+
+
 @pytest.mark.slow
-def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(reference, tmp_path):
-    runs = tmp_path / "runs"
-    store = runs / "tiny" / "teacher"
-    cmd = [
-        sys.executable,
-        "-m",
-        "distill",
-        "generate",
-        str(TINY),
-        *SAMPLE,
-        *MICRO,
-        *TEACHER,
-        f"runs_dir={runs}",
-    ]
-
-    def start_and_wait_for(shards: int, **pipes) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **pipes})
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            manifest = store / "manifest.json"
-            if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= shards:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "generation finished before it could be stopped"
-        return proc
-
-    # SIGTERM to distill's pid alone (a scheduler, a timeout): it stops vLLM's engine processes and exits
-    proc = start_and_wait_for(1, stderr=subprocess.PIPE, text=True)
+def test_sigterm_stops_the_engine_processes_and_keeps_what_was_recorded(reference, tmp_path):
+    """SIGTERM to distill's pid alone (a scheduler, a timeout): it stops vLLM's engine processes and
+    exits; the shards it finished are intact and, computed in another process, equal the reference's."""
+    store = tmp_path / "runs" / "tiny" / "teacher"
+    proc = start_and_wait_for(
+        generate_process(tmp_path / "runs"), store, 1, stderr=subprocess.PIPE, text=True
+    )
     engine = psutil.Process(proc.pid).children(recursive=True)
     assert engine, "vLLM's engine core runs in a process of its own"
     proc.terminate()
     assert proc.wait(timeout=180) == 143
-    assert proc.stderr.read().strip().splitlines()[-1].startswith("distill: terminated (SIGTERM)")
+    # distill's last word; multiprocessing's resource tracker (vLLM's) may warn after it on the same stderr
+    ours = [line for line in proc.stderr.read().splitlines() if line.startswith("distill: ")]
+    assert ours[-1].startswith("distill: terminated (SIGTERM)"), ours
     _, alive = psutil.wait_procs(engine, timeout=60)
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
-    first_done = len(TeacherStore(store).shards)
-    assert 1 <= first_done < 12
+    done = shard_hashes(store)
+    assert 1 <= len(done) < 12
     TeacherStore(store).verify()  # what was recorded before the signal is intact
+    assert done == {name: sha for name, sha in shard_hashes(reference).items() if name in done}
 
-    kill_tree(start_and_wait_for(first_done + 2))
+
+# Enough shards of the transformers teacher that a kill lands mid-store (it writes one in ~40 ms).
+MANY = ["teacher.backend=hf", "generate.num_sequences=240"]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(cache_dir, tmp_path_factory):
+    """An uninterrupted store of the transformers teacher, MANY shards (in this process)."""
+    runs = tmp_path_factory.mktemp("hf-reference")
+    out = cli("generate", str(TINY), *SAMPLE, *MANY, runs=runs)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return runs / "tiny" / "teacher"
+
+
+@pytest.mark.slow
+def test_kill_9_and_a_corrupted_shard_then_rerun_equal_the_uninterrupted_store(hf_reference, tmp_path):
+    """About the store, not the engine: the transformers backend, so the killed run starts no engine."""
+    runs = tmp_path / "runs"
+    store = runs / "tiny" / "teacher"
+    kill_tree(start_and_wait_for(generate_process(runs, *MANY), store, 2))
     done = TeacherStore(store).shards
-    assert first_done + 2 <= len(done) < 12
+    total = len(TeacherStore(hf_reference).shards)
+    assert 2 <= len(done) < total
     first = store / sorted(done)[0]
     first.write_bytes(first.read_bytes()[:-100])  # damage a finished shard too
 
-    out = cli("generate", str(TINY), *SAMPLE, runs=runs)  # the kept engine: a fresh one's computation
+    out = cli("generate", str(TINY), *SAMPLE, *MANY, runs=runs)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{first} fails its checksum; redoing it" in out.stdout
     redone = [line for line in out.stdout.splitlines() if line.startswith("generate: shard-")]
-    assert len(redone) == 12 - len(done) + 1  # finished shards were not redone
+    assert len(redone) == total - len(done) + 1  # finished shards were not redone
     TeacherStore(store).verify()
-    assert shard_hashes(store) == shard_hashes(reference)
-    a, b = rows(store), rows(reference)
+    assert shard_hashes(store) == shard_hashes(hf_reference)
+    a, b = rows(store), rows(hf_reference)
     assert sorted(a) == sorted(b)  # same ids, no duplicates, no gaps
     assert all(np.array_equal(a[i].topk_ids, b[i].topk_ids) and a[i].input_ids == b[i].input_ids for i in a)
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import MICRO, ROOT, TINY, kill_tree
-from .test_pretrain import TEACHER
+from .conftest import MICRO, ROOT, TEACHER, TINY, kill_tree
 
 REDUCED = [
     *MICRO,

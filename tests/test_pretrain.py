@@ -13,16 +13,7 @@ import pytest
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY
-
-TEACHER = [
-    "pretrain.max_steps=40",
-    "pretrain.batch_size=16",
-    "pretrain.save_every=4",
-    "pretrain.eval_every=10",
-    "pretrain.log_every=1",
-    "pretrain.warmup_steps=4",
-]
+from .conftest import MICRO, TEACHER, TINY
 
 
 def data_only_cache(cache_dir: Path, dest: Path) -> Path:

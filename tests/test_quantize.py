@@ -12,8 +12,7 @@ import torch
 
 from distill.run import RunDir
 
-from .conftest import MICRO, TINY, teacher_of
-from .test_pretrain import TEACHER
+from .conftest import MICRO, TEACHER, TINY, teacher_of
 
 QUANT = [
     "quantize.calibration_samples=16",
@@ -184,25 +183,36 @@ def test_each_scheme_is_a_compressed_tensors_model_that_transformers_loads(quant
     )
 
 
-VLLM_SCORE = """
-import json, sys
-from distill.vllm.engine import engine_kwargs, shutdown_engine
+@pytest.fixture(scope="module")
+def w8a8_server(quantized, cache_dir):
+    """The W8A8 student behind `vllm serve` with the engine arguments `distill bench serve` gives its
+    student-w8a8 setup: scored here, then benched as that setup (serve.bench.servers)."""
+    from distill.config import load_recipe
+    from distill.vllm.engine import serving_engine_args
+    from distill.vllm.server import VllmServer
 
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
+    runs, _ = quantized
+    recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={runs}", f"cache_dir={cache_dir}"])
+    args = serving_engine_args(recipe, "student", runs / "tiny" / "quant" / "w8a8")
+    with VllmServer(args, runs / "w8a8-server.log", served_name="student") as server:
+        yield server
 
-    llm = LLM(**engine_kwargs(sys.argv[1], max_model_len=64, max_logprobs=20))
-    params = SamplingParams(max_tokens=1, prompt_logprobs=20, detokenize=False)
-    (out,) = llm.generate([{"prompt_token_ids": json.loads(sys.argv[2])}], params, use_tqdm=False)
-    rows = [{str(t): p.logprob for t, p in position.items()} for position in out.prompt_logprobs[1:]]
-    with open(sys.argv[3], "w") as fh:
-        json.dump(rows, fh)
-    shutdown_engine(llm)
-"""
+
+def prompt_logprobs(url: str, ids: list[int], k: int) -> list[dict[int, float]]:
+    """The server's top-k (plus actual-token) log-probabilities at each position after the first."""
+    import urllib.request
+
+    body = {"model": "student", "prompt": ids, "max_tokens": 1, "prompt_logprobs": k}
+    request = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        (choice,) = json.loads(resp.read())["choices"]
+    return [{int(t): v["logprob"] for t, v in entry.items()} for entry in choice["prompt_logprobs"][1:]]
 
 
 @pytest.mark.slow
-def test_vllm_runs_w8a8_with_int8_weights_and_activations(quantized, tmp_path):
+def test_vllm_runs_w8a8_with_int8_weights_and_activations(quantized, w8a8_server):
     """vLLM's W8A8 (int8 GEMM on per-token int8 activations) gives next-token log-probabilities that
     differ from the float student's and also from transformers' weight-only dequantized model (so vLLM
     quantizes the activations too), while staying close to both. On AVX2 CPUs without VNNI the int8
@@ -213,17 +223,8 @@ def test_vllm_runs_w8a8_with_int8_weights_and_activations(quantized, tmp_path):
 
     runs, _ = quantized
     root = runs / "tiny"
-    script, out = tmp_path / "score.py", tmp_path / "logprobs.json"
-    script.write_text(VLLM_SCORE)
     path = root / "quant" / "w8a8"
-    done = subprocess.run(
-        [sys.executable, str(script), str(path), json.dumps(IDS), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    rows = prompt_logprobs(w8a8_server.url, IDS, 20)
     assert len(rows) == len(IDS) - 1 and all(len(row) >= 20 for row in rows)
     student = AutoModelForCausalLM.from_pretrained(root / "student" / "final", dtype=torch.float32)
     weights_only = AutoModelForCausalLM.from_pretrained(
@@ -231,7 +232,7 @@ def test_vllm_runs_w8a8_with_int8_weights_and_activations(quantized, tmp_path):
     )
     want, dequantized = logprobs(student)[:-1], logprobs(weights_only)[:-1]
     floor = (want - logprobs(student.double(), torch.float64)[:-1]).abs().max().item()
-    tokens = [torch.tensor([int(t) for t in row]) for row in rows]
+    tokens = [torch.tensor(list(row)) for row in rows]
     got = [torch.tensor(list(row.values()), dtype=torch.float64) for row in rows]
 
     def change(reference: torch.Tensor) -> float:
@@ -244,8 +245,9 @@ def test_vllm_runs_w8a8_with_int8_weights_and_activations(quantized, tmp_path):
 
 
 @pytest.mark.slow
-def test_w8a8_and_fp8_students_serve_in_vllm(quantized):
-    """vLLM's server loads both compressed-tensors students and answers a parallel workload in full."""
+def test_w8a8_and_fp8_students_serve_in_vllm(quantized, w8a8_server):
+    """vLLM's server loads both compressed-tensors students and answers a parallel workload in full (the
+    W8A8 one is the server the test above scored on, benched as its setup; bench starts the FP8 one)."""
     runs, _ = quantized
     out = distill(
         "bench serve",
@@ -253,9 +255,11 @@ def test_w8a8_and_fp8_students_serve_in_vllm(quantized):
         "serve.bench.requests=24",
         "serve.bench.concurrency=[4]",
         "serve.bench.max_tokens=8",
+        f"serve.bench.servers.student-w8a8={w8a8_server.url}",
         runs=runs,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "bench: student-w8a8: the running server at " in out.stdout
     setups = json.loads((runs / "tiny" / "serve" / "bench.json").read_text())["setups"]
     assert set(setups) == {"student-w8a8", "student-fp8"}
     for scheme, row in setups.items():

@@ -12,8 +12,7 @@ import urllib.request
 import psutil
 import pytest
 
-from .conftest import MICRO, TINY, teacher_of
-from .test_pretrain import TEACHER
+from .conftest import MICRO, TEACHER, TINY, run_cli, teacher_of
 
 LOAD = ["serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16"]  # short requests: many of them
 
@@ -108,6 +107,25 @@ def test_dry_run_prints_the_gpu_command(runs):
     assert "--enforce-eager" not in line and "float32" not in line  # the GPU form, no CPU accommodations
 
 
+def test_a_wrong_or_unreachable_running_server_for_a_setup_is_one_line(runs):
+    def bench(*args):
+        out = run_cli(
+            *command(runs["copy"], "serve.bench.setups=[teacher,student]", *args, verb=["bench", "serve"])[3:]
+        )
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+        return out.stderr
+
+    assert bench("serve.bench.servers.teacher+student=http://127.0.0.1:1") == (
+        "distill: error: serve.bench.servers.teacher+student: not a setup this bench runs (teacher, student)\n"
+    )
+    port = free_port()
+    assert bench(f"serve.bench.servers.student=http://127.0.0.1:{port}/v1").startswith(
+        f"distill: error: serve.bench.servers.student: no vLLM server answers at http://127.0.0.1:{port} ("
+    )
+    assert not (runs["copy"] / "tiny" / "serve" / "bench.json").exists()
+    assert not (runs["copy"] / "tiny" / "serve" / "logs" / "teacher.log").exists()  # checked before any start
+
+
 @pytest.mark.slow
 def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
     import openai
@@ -147,18 +165,29 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
     assert not [p for p in [*group, *children] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.slow
-def test_a_promoted_draft_keeps_greedy_output(runs, tmp_path):
-    import openai
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    registry = {"DISTILL_REGISTRY": str(tmp_path / "registry")}
+@pytest.fixture(scope="module")
+def draft_server(runs, tmp_path_factory):
+    """The copy run's student promoted, then served as the teacher's draft from the registry (`distill
+    serve --promoted tiny --draft`), for the tests below: greedy output, the serving benchmark's
+    teacher+student setup (serve.bench.servers), and last a SIGKILL. Yields (server, promote's stdout)."""
+    registry = {"DISTILL_REGISTRY": str(tmp_path_factory.mktemp("registry"))}
     promoted = subprocess.run(
         [*command(runs["copy"], verb=["promote"]), "--force", "--reason", "no gate in this test"],
         capture_output=True, text=True, timeout=300, env={**os.environ, **registry},
     )  # fmt: skip
-    assert promoted.returncode == 0 and promoted.stdout.startswith("promoted: tiny@1"), promoted.stderr
+    assert promoted.returncode == 0, promoted.stderr
+    with Server(None, "--promoted", "tiny", "--draft", env=registry) as server:
+        yield server, promoted.stdout
+
+
+@pytest.mark.slow
+def test_a_promoted_draft_keeps_greedy_output(runs, draft_server):
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    server, promoted = draft_server
+    assert promoted.startswith("promoted: tiny@1")
     prompts = ["The function returns", "If the value is", "A list of", "This module provides"]
     tokenizer = AutoTokenizer.from_pretrained(runs["teacher"])
     model = AutoModelForCausalLM.from_pretrained(runs["teacher"], dtype=torch.float32)
@@ -167,27 +196,30 @@ def test_a_promoted_draft_keeps_greedy_output(runs, tmp_path):
         ids = tokenizer(p, return_tensors="pt").input_ids
         out = model.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0)
         want.append(out[0, ids.shape[1] :].tolist())
-    with Server(None, "--promoted", "tiny", "--draft", env=registry) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        got = []
-        for p in prompts:
-            reply = client.completions.create(
-                model="teacher",
-                prompt=p,
-                max_tokens=16,
-                temperature=0,
-                extra_body={"return_token_ids": True, "ignore_eos": True},
-            )
-            got.append(reply.choices[0].token_ids)
-        drafted = server.metric("vllm:spec_decode_num_draft_tokens_total")
-        accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    got = []
+    for p in prompts:
+        reply = client.completions.create(
+            model="teacher",
+            prompt=p,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+        )
+        got.append(reply.choices[0].token_ids)
+    drafted = server.metric("vllm:spec_decode_num_draft_tokens_total")
+    accepted = server.metric("vllm:spec_decode_num_accepted_tokens_total")
     assert got == want  # speculative decoding never changes greedy output
     assert drafted > 0 and accepted / drafted > 0.9  # the promoted draft (a copy of the teacher) drafted
 
 
 @pytest.mark.slow
-def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_drafts(runs, cache_dir):
-    """The copy run's student is the "distilled" draft, the random run's the undistilled baseline."""
+def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_drafts(
+    runs, cache_dir, draft_server, teacher_server
+):
+    """The copy run's student is the "distilled" draft, the random run's the undistilled baseline. Two
+    setups are servers already running (serve.bench.servers): the teacher is the session's, the
+    teacher+student setup the promoted draft's; bench starts the teacher+baseline one."""
     from distill.artifacts import atomic_write_json
 
     run_dir = runs["copy"] / "tiny"
@@ -203,15 +235,34 @@ def test_bench_serve_compares_the_teacher_alone_with_distilled_and_undistilled_d
         "serve.bench.setups=[teacher,teacher+student,teacher+baseline]",
         "eval.gate.min_acceptance_rate=0.8",
     ]
-    out = subprocess.run(
-        command(runs["copy"], *args, verb=["bench", "serve"]), capture_output=True, text=True, timeout=1200
+    url = draft_server[0].url
+    wrong = run_cli(*command(runs["copy"], *args, f"serve.bench.servers.student={url}", verb=["bench", "serve"])[3:],
+                    "serve.bench.setups=[student]")  # fmt: skip
+    assert wrong.returncode == 1 and wrong.stderr == (
+        f"distill: error: serve.bench.servers.student: the server at {url} serves {runs['teacher']}, not the "
+        f"setup's model {run_dir / 'student' / 'final'}\n"
     )
+    running = [
+        f"serve.bench.servers.teacher+student={url}/v1",
+        f"serve.bench.servers.teacher={teacher_server.url}",
+    ]
+    out = subprocess.run(
+        command(runs["copy"], *args, *running, verb=["bench", "serve"]),
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "gate: PASSED" in out.stdout
     bench = json.loads((run_dir / "serve" / "bench.json").read_text())
     setups = bench["setups"]
     assert set(setups) == {"teacher", "teacher+student", "teacher+baseline"}
     assert setups["teacher+baseline"]["draft"] == str(runs["random"] / "tiny" / "student" / "final")
+    assert setups["teacher+student"]["url"] == url and setups["teacher"]["url"] == teacher_server.url
+    assert "url" not in setups["teacher+baseline"]
+    assert "bench: teacher+student: the running server at " in out.stdout
+    logs = run_dir / "serve" / "logs"
+    assert [p.name for p in logs.glob("teacher*.log") if not p.name.endswith(".bench.log")] == [
+        "teacher+baseline.log"
+    ]  # the one server bench started
     for name, row in setups.items():
         assert set(row["levels"]) == {"1", "4"} and row["healthy_after"]
         for level in row["levels"].values():
@@ -279,3 +330,25 @@ def assert_measured_by_vllm(level: dict, drafted: bool) -> None:
         assert 0.5 < itl / tpot < 2
         assert measured["mean_itl_ms"] == pytest.approx(measured["mean_tpot_ms"], rel=0.05)
         assert "spec_decode_acceptance_rate" not in measured and level["acceptance_rate"] is None
+
+
+@pytest.mark.slow
+def test_a_killed_distill_serve_leaves_no_server_and_a_taken_port_is_one_line(runs, draft_server):
+    """Last in this module: SIGKILL of `distill serve` alone (no handler runs; the kernel's parent-death
+    signal tells its children) takes the vllm server with it. A second serve on its port is one line."""
+    from distill.vllm.server import require_free_port
+
+    server, _ = draft_server
+    vllm = psutil.Process(server.proc.pid).children(recursive=True)
+    assert any("vllm" in " ".join(p.cmdline()) and "serve" in p.cmdline() for p in vllm)
+    second = subprocess.run(
+        command(runs["copy"], "--student", f"serve.port={server.port}"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr[-2000:]
+    assert second.stderr.startswith(f"distill: error: port {server.port} on 127.0.0.1 is in use (")
+    server.proc.kill()
+    server.proc.wait()
+    _, alive = psutil.wait_procs(vllm, timeout=90)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    require_free_port("127.0.0.1", server.port)  # the port is free again

@@ -7,8 +7,7 @@ import pytest
 
 from distill.tracking import read_metrics
 
-from .conftest import MICRO, TINY, run_cli, train_run
-from .test_pretrain import TEACHER
+from .conftest import MICRO, TEACHER, TINY, run_cli, train_run
 
 STORE = [
     "teacher.backend=hf",

@@ -1,6 +1,7 @@
 """`distill bench serve`: what the distilled draft buys at serving time, measured on vLLM's own server.
 
-Each setup is served by a real `vllm serve` (started here, or one already running with `--url`) and
+Each setup is served by a real `vllm serve` (started here, or one already running: `--url`, or per
+setup serve.bench.servers) and
 loaded by vLLM's own serving benchmark (`vllm.benchmarks.serve.benchmark`, what `vllm bench serve`
 runs): held-out prompts (openings of the corpus's test blocks, as token ids), a fixed number of generated
 tokens (EOS ignored, so every setup does the same work), all requests at once with at most
@@ -110,11 +111,17 @@ def available_setups(run: Run) -> list[Setup]:
     return out
 
 
-def chosen_setups(run: Run) -> list[Setup]:
+def chosen_setups(run: Run, running: dict[str, str] | None = None) -> list[Setup]:
     setups = available_setups(run)
     wanted = run.recipe.serve.bench.setups
+    names = [s.name for s in setups]
+    unknown = [name for name in running or {} if name not in (wanted if wanted is not None else names)]
+    if unknown:
+        raise DistillError(
+            f"serve.bench.servers.{unknown[0]}: not a setup this bench runs "
+            f"({', '.join(wanted if wanted is not None else names)})"
+        )
     if wanted is not None:
-        names = [s.name for s in setups]
         unknown = [w for w in wanted if w not in names]
         if unknown:
             raise DistillError(
@@ -286,6 +293,22 @@ def running_target(url: str, key: str | None, run: Run) -> Target:
     return Target(url, served, str(tokenizer), key)
 
 
+def running_setup(setup: Setup, model: str, url: str, key: str | None, run: Run) -> Target:
+    """The server already running `setup` at `url` (serve.bench.servers): it must serve `model` (the
+    directory its /v1/models names as the root of its first model)."""
+    from vllm.benchmarks.serve import get_first_model_from_server
+
+    url = url.rstrip("/").removesuffix("/v1")
+    where = f"serve.bench.servers.{setup.name}"
+    try:
+        served, root = asyncio.run(get_first_model_from_server(url, _headers(key) or None))
+    except (RuntimeError, ValueError, OSError) as exc:  # vLLM's message is several lines: the first
+        raise DistillError(f"{where}: no vLLM server answers at {url} ({str(exc).splitlines()[0]})") from exc
+    if Path(root).resolve() != Path(model).resolve():
+        raise DistillError(f"{where}: the server at {url} serves {root}, not the setup's model {model}")
+    return Target(url, served, str(root), key)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -310,19 +333,40 @@ def bench(run: Run, url: str | None = None, log=print) -> dict:
         with open(out / "logs" / "server.bench.log", "w") as printed:
             results["server"] = {"url": url, **drive(target, prompts, recipe, "server", printed, log)}
     else:
-        for setup in chosen_setups(run):
-            teacher = None if setup.mode == "student" else run.teacher
-            args = serving_engine_args(recipe, setup.mode, setup.model, teacher)
+        running = recipe.serve.bench.servers
+        planned = [
+            (s, serving_engine_args(recipe, s.mode, s.model, None if s.mode == "student" else run.teacher))
+            for s in chosen_setups(run, running)
+        ]
+        # the running servers are checked before any server starts: a wrong URL costs no engine start
+        targets = {
+            s.name: running_setup(s, args["model"], running[s.name], key, run)
+            for s, args in planned
+            if s.name in running
+        }
+        for setup, args in planned:
             served = "student" if setup.mode == "student" else "teacher"
-            log(f"bench: {setup.name}: starting vllm serve ({args['model']}"
-                + (f", draft {setup.model}" if setup.mode == "draft" else "") + ")")  # fmt: skip
             logs = out / "logs"
-            with (
-                VllmServer(args, logs / f"{setup.name}.log", served_name=served, api_key=key) as server,
-                open(logs / f"{setup.name}.bench.log", "w") as printed,  # vLLM's benchmark printout
-            ):
-                target = Target(server.url, served, args.get("tokenizer", args["model"]), key)
-                row = drive(target, prompts, recipe, setup.name, printed, log)
+            if setup.name in targets:
+                target = targets[setup.name]
+                log(f"bench: {setup.name}: the running server at {target.url} ({args['model']}"
+                    + (f", draft {setup.model}" if setup.mode == "draft" else "") + ")")  # fmt: skip
+                with open(logs / f"{setup.name}.bench.log", "w") as printed:
+                    row = {"url": target.url, **drive(target, prompts, recipe, setup.name, printed, log)}
+                if setup.mode == "draft" and row["acceptance_rate"] is None:
+                    raise DistillError(
+                        f"serve.bench.servers.{setup.name}: the server at {target.url} drafted no tokens "
+                        f"during the benchmark; it is not serving {args['model']} with a draft model"
+                    )
+            else:
+                log(f"bench: {setup.name}: starting vllm serve ({args['model']}"
+                    + (f", draft {setup.model}" if setup.mode == "draft" else "") + ")")  # fmt: skip
+                with (
+                    VllmServer(args, logs / f"{setup.name}.log", served_name=served, api_key=key) as server,
+                    open(logs / f"{setup.name}.bench.log", "w") as printed,  # vLLM's benchmark printout
+                ):
+                    target = Target(server.url, served, args.get("tokenizer", args["model"]), key)
+                    row = drive(target, prompts, recipe, setup.name, printed, log)
             model = setup.model if setup.model is not None else Path(args["model"])
             results[setup.name] = {
                 "mode": setup.mode,
@@ -369,6 +413,10 @@ def comparison(bench: dict) -> list[str]:
     return lines
 
 
+# where the servers are and the key to them do not change what is measured: not in the stage's inputs
+NOT_INPUTS = {"host": True, "port": True, "api_key_env": True, "bench": {"servers"}}
+
+
 def pipeline_stages(recipe: RecipeConfig) -> list:
     """How `distill run` drives this stage (see distill.stages.Stage); its acceptance joins the gate."""
     import shlex
@@ -407,7 +455,7 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
         Stage(
             "bench",
             {
-                "serve": recipe.serve.model_dump(exclude={"host", "port", "api_key_env"}),
+                "serve": recipe.serve.model_dump(exclude=NOT_INPUTS),
                 "gate": dump(recipe.eval.gate),
             },
             run=go,
