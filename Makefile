@@ -25,9 +25,9 @@ docs: setup  ## build the documentation site into site/ (git-ignored); a broken 
 figures: setup  ## rewrite the generated figures and module map in README.md and docs/ from bench/results/
 	$(BIN)/python bench/figures.py
 
-# pytest-xdist: JOBS workers, a module (or tests/conftest.py's SHARED_WORKER group) per worker, longest first
+# pytest-xdist: JOBS workers, each module whole on one worker, those with the most slow tests first
 JOBS ?= 2
-PARALLEL = -n $(JOBS) --dist loadgroup --no-loadscope-reorder
+PARALLEL = -n $(JOBS) --dist loadscope --no-loadscope-reorder
 
 test: setup lint docs  ## lint, the docs build, then the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -q $(PARALLEL) --durations=25

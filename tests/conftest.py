@@ -89,26 +89,23 @@ def teacher_server(cache_dir, tmp_path_factory):
         yield server
 
 
-# Modules whose tests share a session fixture run in one pytest-xdist worker, so it starts once.
-SHARED_WORKER = {"test_eval": "teacher-server", "test_serve": "teacher-server"}
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite in 2 pytest-xdist workers (`--dist loadgroup`): each module is one unit
-    of work (its module-scoped engines and servers start once), or SHARED_WORKER's group; the units are
-    ordered by their count of slow tests, the longest first, so the last to start are short.
-    Tests marked `gpu` need CUDA; on machines without it they are reported as skipped, never passed."""
-    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
-        groups = {}
-        for item in items:
-            module = item.module.__name__.rsplit(".", 1)[-1]
-            groups[item] = SHARED_WORKER.get(module, module)
-            item.add_marker(pytest.mark.xdist_group(groups[item]))
+    """In `make test`'s pytest-xdist workers (`--dist loadscope --no-loadscope-reorder`) each module is
+    one unit of work, so its module-scoped engines and servers start once; the modules are ordered by
+    their count of slow tests, the longest first, so the last to start are short. (`loadgroup` could
+    put two modules in one unit, but pytest-xdist 3.8 cannot rename pytest 9.2's node ids: its groups
+    are silently ignored.) Tests marked `gpu` need CUDA; on machines without it they are reported as
+    skipped, never passed."""
+    if hasattr(config, "workerinput"):  # an xdist worker
+
+        def module(item):
+            return item.module.__name__
+
         slow = {}
         for item in items:
-            slow[groups[item]] = slow.get(groups[item], 0) + ("slow" in item.keywords)
-        items.sort(key=lambda item: -slow[groups[item]])  # stable: a module's own order is kept
+            slow[module(item)] = slow.get(module(item), 0) + ("slow" in item.keywords)
+        items.sort(key=lambda item: -slow[module(item)])  # stable: a module's own order is kept
     _skip_gpu_tests(items)
 
 
