@@ -74,7 +74,12 @@ def test_pins_cover_what_is_installed():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[_norm(name)] = version
-    for dist in metadata.distributions():
+    # what is installed in this environment's site-packages: setuptools, once imported (torch's extension
+    # builder, DeepSpeed), puts its own vendored distributions on sys.path too, and those are not installed
+    import sysconfig
+
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in metadata.distributions(path=site):
         name = _norm(dist.metadata["Name"])
         if name in {"distill", "vllm", "pip", "setuptools", "wheel"}:
             continue
