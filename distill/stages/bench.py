@@ -293,7 +293,7 @@ def running_target(url: str, key: str | None, run: Run) -> Target:
     return Target(url, served, str(tokenizer), key)
 
 
-def running_setup(setup: Setup, model: str, url: str, key: str | None, run: Run) -> Target:
+def running_setup(setup: Setup, model: str, url: str, key: str | None) -> Target:
     """The server already running `setup` at `url` (serve.bench.servers): it must serve `model` (the
     directory its /v1/models names as the root of its first model)."""
     from vllm.benchmarks.serve import get_first_model_from_server
@@ -340,7 +340,7 @@ def bench(run: Run, url: str | None = None, log=print) -> dict:
         ]
         # the running servers are checked before any server starts: a wrong URL costs no engine start
         targets = {
-            s.name: running_setup(s, args["model"], running[s.name], key, run)
+            s.name: running_setup(s, args["model"], running[s.name], key)
             for s, args in planned
             if s.name in running
         }
