@@ -318,8 +318,10 @@ def assert_measured_by_vllm(level: dict, drafted: bool) -> None:
     assert level["output_tokens_per_s"] == pytest.approx(level["output_tokens"] / level["seconds"])
     itl, tpot = level["itl_ms_p50"], level["tpot_ms_p50"]
     assert 0.1 < itl <= level["itl_ms_p95"] and tpot > 0.1
-    if drafted:  # a streamed chunk carries one token or several (the accepted drafts): ITL >= TPOT
-        assert itl > 0.8 * tpot
+    if drafted:  # a streamed chunk carries one token or several (the accepted drafts), and each request's
+        # gaps add up to its TPOT x (tokens - 1), so over equal-length requests mean ITL >= mean TPOT (the
+        # medians need not be ordered: 12.9 vs 17.1 ms was seen with a draft that was never accepted)
+        assert measured["mean_itl_ms"] >= 0.99 * measured["mean_tpot_ms"]
         assert level["acceptance_rate"] == pytest.approx(
             measured["spec_decode_acceptance_rate"] / 100, abs=0.02
         )
