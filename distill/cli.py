@@ -206,16 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
+def _load(args, models: bool = True):
+    """The recipe, with its GGUF models converted and its student cut made (distill.models.local_models;
+    a dry run only checks them); `models=False` leaves the model fields as written."""
     from distill.config import load_recipe
 
-    return load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not models:
+        return recipe
+    from distill.models import local_models
+
+    dry = getattr(args, "dry_run", False) or getattr(args, "print_launch", False)
+    return local_models(recipe, convert=not dry, log=lambda line: print(line, flush=True))
 
 
 def cmd_config_show(args) -> int:
     from distill.config import recipe_to_yaml
 
-    print(recipe_to_yaml(_load(args)), end="")
+    print(recipe_to_yaml(_load(args, models=False)), end="")
     return 0
 
 
@@ -375,7 +383,11 @@ def _load_run(args):
     if not run.is_dir():
         return _load(args)
     here = [f"runs_dir={json.dumps(str(run.resolve().parent))}", f"name={json.dumps(run.resolve().name)}"]
-    return load_recipe(run / "recipe.yaml", [*here, *args.overrides])
+    from distill.models import local_models
+
+    dry = getattr(args, "dry_run", False)
+    recipe = load_recipe(run / "recipe.yaml", [*here, *args.overrides])
+    return local_models(recipe, convert=not dry, log=lambda line: print(line, flush=True))
 
 
 def cmd_quantize(args) -> int:

@@ -65,7 +65,8 @@ class LoraConfig(Section):
 class TeacherConfig(Section):
     model: str | None = Field(
         None,
-        description="Hugging Face model directory of the teacher (e.g. /models/Meta-Llama-3-8B-Instruct).",
+        description="The teacher: a Hugging Face model directory (e.g. /models/Meta-Llama-3-8B-Instruct), "
+        "or a .gguf file (or pkg:<package>/<file>.gguf) that distill converts once into a cached one.",
     )
     tiny: TinyModelConfig | None = Field(
         None, description="Build and pretrain a tiny teacher on the corpus instead (distill pretrain)."
@@ -88,9 +89,43 @@ class TeacherConfig(Section):
         return self
 
 
+class CutConfig(Section):
+    """The student as a subset of the teacher's decoder layers (depth pruning), with the teacher's
+    embeddings, final norm and head."""
+
+    num_layers: int | None = Field(
+        None, gt=0, description="Keep this many layers, evenly spaced from the first to the last."
+    )
+    layers: list[int] | None = Field(
+        None, description="Keep exactly these layers (0-based, increasing) instead of num_layers."
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and (
+            not layers or min(layers) < 0 or any(b <= a for a, b in zip(layers, layers[1:], strict=False))
+        ):
+            raise ValueError(f"{layers} is not a list of increasing layer indices >= 0")
+        return layers
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> CutConfig:
+        if (self.num_layers is None) == (self.layers is None):
+            raise ValueError("set exactly one of num_layers (evenly spaced) or layers (a list)")
+        return self
+
+
 class StudentConfig(Section):
-    model: str | None = Field(None, description="Hugging Face model directory to start the student from.")
+    model: str | None = Field(
+        None,
+        description="Model to start the student from: a Hugging Face model directory, or a .gguf file "
+        "(or pkg:<package>/<file>.gguf) that distill converts once.",
+    )
     tiny: TinyModelConfig | None = Field(None, description="Build the student from this config instead.")
+    cut: CutConfig | None = Field(
+        None, description="Start from a subset of teacher.model's layers instead (needs teacher.model)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training dtype; auto = bfloat16 on GPUs, float32 on CPUs."
     )
@@ -99,8 +134,12 @@ class StudentConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
-        if (self.model is None) == (self.tiny is None):
-            raise ValueError("set exactly one of student.model (a model directory) or student.tiny")
+        given = [name for name in ("model", "tiny", "cut") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of student.model (a model directory or .gguf file), student.tiny or "
+                f"student.cut (got {' and '.join(given) or 'none'})"
+            )
         return self
 
 
@@ -119,6 +158,25 @@ class DataConfig(Section):
     num_prompts: int = Field(512, gt=0, description="Prompts drawn from the train split for generation.")
     prompt_chars: int = Field(160, gt=0, description="Approximate length of a prompt in characters.")
     seq_len: int = Field(256, gt=1, description="Training sequence length in tokens.")
+    prompts: str | None = Field(
+        None,
+        description="Instruction prompts for generation: a .jsonl or .parquet file, a dataset directory or "
+        "a Hugging Face dataset name (loaded with `datasets`), with a 'messages' column (OpenAI chat "
+        "format) or a 'prompt' column and an optional 'response'; or 'instructions', a deterministic set "
+        "built from the corpus. Default: raw-text prompts cut from the corpus, continued as text.",
+    )
+    prompts_split: str = Field("train", description="Split of a data.prompts dataset to read.")
+    chat: bool = Field(
+        True,
+        description="Format data.prompts with the tokenizer's chat template (false: a 'prompt' is plain "
+        "text the teacher continues).",
+    )
+    heldout_prompts: int = Field(
+        32,
+        ge=0,
+        description="data.prompts rows held out of generation: the teacher's responses to them measure the "
+        "students' KL and top-1 agreement on instructions.",
+    )
 
 
 class GenerateConfig(Section):
@@ -496,6 +554,15 @@ class RecipeConfig(Section):
                     f"data.seq_len {self.data.seq_len} exceeds {role}.tiny.max_position_embeddings "
                     f"{tiny.max_position_embeddings}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cut_needs_a_teacher_model(self) -> RecipeConfig:
+        if self.student.cut is not None and self.teacher.model is None:
+            raise ValueError(
+                "student.cut takes its layers from teacher.model; set teacher.model (a model directory or "
+                ".gguf file)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -110,3 +110,126 @@ def model_fingerprint(path: Path, cache_dir: Path) -> dict[str, str]:
         weights_hash = hash_json({p.name: sha256_file(p) for p in weights})
         atomic_write_json(cache_file, {"path": str(path), "weights_hash": weights_hash})
     return {"path": str(path), "config_hash": sha256_file(path / "config.json"), "weights_hash": weights_hash}
+
+
+# --------------------------------------------------------------------------- a student cut from the teacher
+
+LAYER_PREFIX = "model.layers."
+
+
+def cut_layers(total: int, cut, field: str = "student.cut") -> list[int]:
+    """The teacher layers a student keeps: `cut.layers`, or `cut.num_layers` evenly spaced from the first
+    layer to the last (a CutConfig)."""
+    if cut.layers is not None:
+        if cut.layers[-1] >= total:
+            raise DistillError(
+                f"{field}.layers: layer {cut.layers[-1]} does not exist (the teacher has {total} layers, 0-{total - 1})"
+            )
+        return list(cut.layers)
+    if cut.num_layers > total:
+        raise DistillError(f"{field}.num_layers: {cut.num_layers} layers asked for, the teacher has {total}")
+    if cut.num_layers == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (cut.num_layers - 1)) for i in range(cut.num_layers)]
+
+
+def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> Path:
+    """A model directory holding the teacher's embeddings, final norm, head and the decoder layers `cut`
+    keeps, renumbered 0..N-1 (read tensor by tensor from the teacher's safetensors files: the teacher is
+    never built as a model); cached under `<cache>/cuts/` by the teacher's weights, the layers and dtype."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from distill.artifacts import atomic_directory, atomic_write_json, hash_json, remove_stale_temps
+
+    teacher = check_model_dir(teacher, "teacher.model")
+    config = json.loads((teacher / "config.json").read_text())
+    total = config.get("num_hidden_layers")
+    files = sorted(teacher.glob("*.safetensors"))
+    if not isinstance(total, int) or not files:
+        raise DistillError(
+            f"student.cut: {teacher} has no num_hidden_layers or no safetensors weights to cut layers from"
+        )
+    keep = cut_layers(total, cut)
+    fingerprint = model_fingerprint(teacher, cache_dir)
+    out = Path(cache_dir) / "cuts" / hash_json({"teacher": fingerprint, "layers": keep, "dtype": dtype})[:16]
+    if (out / "distill-cut.json").is_file():
+        return out
+    log(f"student.cut: the teacher's layers {keep} ({len(keep)} of {total}) into {out}")
+    renumber = {old: new for new, old in enumerate(keep)}
+    remove_stale_temps(out.parent)
+    with atomic_directory(out) as tmp:
+        tensors = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as weights:
+                for name in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if name.startswith(LAYER_PREFIX):
+                        index, rest = name[len(LAYER_PREFIX) :].split(".", 1)
+                        if int(index) not in renumber:
+                            continue
+                        name_out = f"{LAYER_PREFIX}{renumber[int(index)]}.{rest}"
+                    else:
+                        name_out = name
+                    tensors[name_out] = weights.get_tensor(name).to(getattr(torch, dtype)).contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config["num_hidden_layers"] = len(keep)
+        config["dtype"] = dtype
+        for key in ("layer_types",):  # per-layer settings follow the layers they belong to
+            if isinstance(config.get(key), list) and len(config[key]) == total:
+                config[key] = [config[key][i] for i in keep]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in teacher.iterdir():  # tokenizer, chat template, generation config
+            if extra.is_file() and (extra.name.startswith(("tokenizer", "special_tokens", "generation_config",
+                                                            "chat_template")) or extra.suffix in (".model", ".jinja")):  # fmt: skip
+                shutil.copy2(extra, tmp / extra.name)
+        atomic_write_json(
+            tmp / "distill-cut.json",
+            {"teacher": str(teacher), "teacher_layers": total, "layers": keep, "dtype": dtype, **fingerprint},
+        )
+    return out
+
+
+def local_models(recipe, convert: bool = True, log=print):
+    """The recipe with teacher.model and student.model as Hugging Face directories every stage loads by
+    path: a .gguf file converted once (distill.gguf), student.cut made from the teacher (cut_student).
+    With convert False (dry runs) they are only checked, and nothing is written."""
+    from distill import gguf
+
+    teacher, student = recipe.teacher, recipe.student
+    if not (gguf.is_gguf(teacher.model) or gguf.is_gguf(student.model) or student.cut is not None):
+        return recipe
+    device = resolve_device(recipe.device)
+
+    def dtype_of(section) -> str:
+        return str(resolve_dtype(section.dtype, device)).removeprefix("torch.")
+
+    def local(section, field: str):
+        if not gguf.is_gguf(section.model):
+            return section, None
+        if not convert:
+            return section, gguf.inspect(gguf.locate(section.model, field), field)
+        path = gguf.convert(section.model, field, dtype_of(section), recipe.cache_path, log)
+        return section.model_copy(update={"model": str(path)}), None
+
+    teacher, teacher_info = local(teacher, "teacher.model")
+    student, _ = local(student, "student.model")
+    if student.cut is not None:
+        if convert:
+            path = cut_student(Path(teacher.model), student.cut, dtype_of(student), recipe.cache_path, log)
+            student = student.model_copy(update={"model": str(path), "cut": None})
+        else:  # the layer count from the GGUF header or config.json, without cutting anything
+            import json
+
+            total = (
+                teacher_info.layers
+                if teacher_info
+                else json.loads(
+                    (check_model_dir(teacher.model, "teacher.model") / "config.json").read_text()
+                ).get("num_hidden_layers", 0)
+            )
+            cut_layers(total, student.cut)
+    return recipe.model_copy(update={"teacher": teacher, "student": student})

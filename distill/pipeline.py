@@ -293,7 +293,6 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
         lines.append(f"promoted: {promoted}; serve it: distill serve --promoted {promoted} --student "
                      "(or --draft: the teacher with it as draft)")  # fmt: skip
     else:
-        lines.append(
-            f"not promoted (the gate did not pass); to serve the student anyway: distill serve {run_dir} --student"
-        )
+        why = "pipeline.promote is false" if not recipe.pipeline.promote else "the gate did not pass"
+        lines.append(f"not promoted ({why}); to serve the student anyway: distill serve {run_dir} --student")
     return lines

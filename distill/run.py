@@ -25,12 +25,13 @@ class PreparedData:
     corpus: Corpus
     tokenizer_dir: Path
     tokens_dir: Path  # <split>.npy flat token ids
+    prompt_set: Path | None = None  # data.prompts prepared (distill.prompts.PromptSet); None: corpus prompts
 
     def summary(self) -> dict:
         from distill.tokenizer import tokenizer_hash
 
         manifest = self.corpus.manifest
-        return {
+        out = {
             "corpus": str(self.corpus.root),
             "corpus_hash": manifest["content_hash"],
             "documents": manifest["documents"],
@@ -39,6 +40,16 @@ class PreparedData:
             "tokenizer_hash": tokenizer_hash(self.tokenizer_dir),
             "tokens": str(self.tokens_dir),
         }
+        if self.prompt_set is not None:
+            from distill.prompts import PromptSet
+
+            prompts = PromptSet(self.prompt_set).manifest
+            out.update(
+                prompt_set=str(self.prompt_set),
+                prompts=prompts["prompts"],
+                heldout_prompts=prompts["heldout"],
+            )
+        return out
 
 
 class RunDir:

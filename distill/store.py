@@ -119,6 +119,17 @@ class Capture:
     def num_positions(self) -> int:
         return len(self.input_ids) - 1 - self.start
 
+    def from_position(self, start: int, full_length: int | None = None) -> Capture:
+        """The same capture with the teacher's distributions kept from position `start` of the sequence
+        as it was before any truncation (a prompt cut from the left moves it back by what was cut)."""
+        cut = (full_length - len(self.input_ids)) if full_length is not None else 0
+        start = max(start - cut, self.start)
+        skip = start - self.start
+        return Capture(
+            self.id, self.input_ids, start, self.topk_ids[skip:], self.topk_logprobs[skip:],
+            self.token_logprobs[skip:], self.truncated,
+        )  # fmt: skip
+
 
 def encode_row(c: Capture, bits: int) -> dict[str, Any]:
     if c.topk_ids.shape[0] != c.num_positions or c.token_logprobs.shape[0] != c.num_positions:

