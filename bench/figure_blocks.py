@@ -345,13 +345,13 @@ def block_store_size(page: Page) -> list[str]:
 # --------------------------------------------------------------------------- training
 
 
-def block_kd_loss(page: Page) -> list[str]:
-    r = result("kd_loss")
+def kd_loss_lines(name: str, vocabulary: str) -> list[str]:
+    r = result(name)
     plain, ours = r["plain"], r["distill"]
     return [
-        "Measured with `.venv/bin/python bench/kd_loss.py` (`bench/results/kd_loss.json`): forward KL at "
-        f"Llama 3's vocabulary, B x T = {r['batch']} x {num(r['seq'])}, forward + backward, fp32 on this 2-core "
-        "CPU, each in its own process:",
+        f"Measured with `.venv/bin/python bench/kd_loss.py --vocab {r['vocab']}` (`bench/results/{name}.json`): "
+        f"forward KL at {vocabulary}, B x T = {r['batch']} x {num(r['seq'])}, forward + backward, fp32 on this "
+        "2-core CPU, each in its own process:",
         "",
         "| | peak memory over its inputs | time |",
         "|---|---|---|",
@@ -364,6 +364,77 @@ def block_kd_loss(page: Page) -> list[str]:
         "",
         "Counting inputs too (the plain loss also needs the teacher's dense logits), peak memory is "
         f"{times(r['total_memory_ratio_plain_over_distill'], 1)} lower.",
+    ]
+
+
+def block_kd_loss(page: Page) -> list[str]:
+    return kd_loss_lines("kd_loss", "Llama 3's vocabulary (128,256)")
+
+
+def block_kd_loss_smollm2(page: Page) -> list[str]:
+    return kd_loss_lines("kd_loss_smollm2", "SmolLM2's vocabulary (49,152)")
+
+
+# --------------------------------------------------------------------------- the real teacher
+
+
+def block_real_teacher(page: Page) -> list[str]:
+    r = result("real_teacher")
+    sp, cpu, w = r["speed"], r["cpu"], r["work"]
+    rows = []
+    for mode, work in (("score", f"{w['blocks']} corpus blocks x {w['seq_len']} tokens"),
+                       ("sample", f"{w['prompts']} chat prompts ({w['mean_prompt_tokens']:.0f} tokens) x up to "
+                                  f"{w['max_new_tokens']} new tokens")):  # fmt: skip
+        rows.append(
+            f"| {mode}: {work} | {num(sp[f'vllm_{mode}_tokens_per_s'])} tokens/s ({pct(sp[f'vllm_{mode}_flop_utilization'])}) "
+            f"| {num(sp[f'hf_{mode}_tokens_per_s'])} tokens/s ({pct(sp[f'hf_{mode}_flop_utilization'])}) "
+            f"| {sp[f'{mode}_ratio_vllm_over_hf']:.2f} |"
+        )
+    size = r["size"]
+    return [
+        f"Measured with `.venv/bin/python bench/real_teacher.py` (`bench/results/real_teacher.json`): {r['teacher']}, "
+        f"{params(r['parameters'])} parameters, top-{r['k']}, fp32 on this 2-core CPU, one run. In brackets, the "
+        f"share of this CPU's FLOP limit it reaches: the best fp32 GEMM measured in the same run, "
+        f"{cpu['gemm_fp32_gflops']:.0f} GFLOP/s on {cpu['threads']} threads, against "
+        f"{cpu['forward_gflop_per_token']['score']:.2f} GFLOP per token of forward pass:",
+        "",
+        "| | vLLM (CPU build) | transformers | ratio vLLM / HF |",
+        "|---|---|---|---|",
+        *rows,
+        f"| engine start | {sp['vllm_engine_start_s']:.0f} s | (none) | |",
+        "",
+        f"Store size at V = {num(r['vocab_size'])} ({r['id_bits']}-bit ids), the same captures:",
+        "",
+        "| captures | our store | int32 ids + fp16 logprobs, zstd | the same, raw | vs zstd |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {mode} ({num(size[mode]['positions'])} positions) | **{size[mode]['store_bytes_per_token']:.1f} "
+            f"bytes/token** | {size[mode]['int32_fp16_zstd_bytes_per_token']:.1f} | "
+            f"{size[mode]['int32_fp16_raw_bytes_per_token']:.0f} | {times(size[mode]['ratio_vs_zstd'])} smaller |"
+            for mode in ("score", "sample")
+        ],
+    ]
+
+
+def block_smollm2(page: Page) -> list[str]:
+    r = result("smollm2")
+    stages = r["stage_seconds"]
+    slowest = sorted(stages.items(), key=lambda kv: -kv[1])
+    return [
+        f"`distill run {r['recipe']}` on the 2-core CPU machine, fp32, the GGUF already converted "
+        f"(`bench/results/smollm2.json`, whose `source` names the run): **{minutes(r['wall_seconds'])}** wall "
+        "time. Per stage (the manifest's seconds):",
+        "",
+        "| " + " | ".join(name for name, _ in slowest) + " |",
+        "|" + "---|" * len(slowest),
+        "| " + " | ".join(f"{v / 60:.1f} min" for _, v in slowest) + " |",
+        "",
+        "It ends with this summary (`initial student` is the cut before training; `distill_match_instructions` "
+        "is measured on the teacher's answers to the 32 held-out prompts):",
+        "",
+        "```",
+        *[line for line in r["summary"] if line.strip()],
+        "```",
     ]
 
 
@@ -713,6 +784,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "teacher-capture": block_teacher_capture,
     "store-size": block_store_size,
     "kd-loss": block_kd_loss,
+    "smollm2": block_smollm2,
     "train-step": block_train_step,
     "train-processes": block_train_processes,
     "onpolicy-sampler": block_onpolicy_sampler,

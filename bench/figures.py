@@ -18,7 +18,9 @@ Where the figures come from:
 - bench/results/demo.json: the summary `make demo` prints and its wall times (`record demo`);
 - bench/results/tests.json: the fresh-clone `make test` (`record tests`);
 - bench/results/serve_bench.json: `distill bench serve` and the eval stage's expected acceptance of a
-  run (`record serve`).
+  run (`record serve`);
+- bench/results/smollm2.json: a `distill run recipes/smollm2-135m.yaml` (`record smollm2`);
+  bench/results/real_teacher.json: bench/real_teacher.py; kd_loss_smollm2.json: bench/kd_loss.py --vocab 49152.
 The last three were seeded once from the README's hand-typed figures; each says so in its `source`.
 The module map (block `modules`) is the first sentence of each module docstring under distill/.
 What each block says is in bench/figure_blocks.py; this file finds the blocks, checks and records.
@@ -260,6 +262,23 @@ def record_serve(args: argparse.Namespace) -> None:
     write_result("serve_bench", serve)
 
 
+def record_smollm2(args: argparse.Namespace) -> None:
+    """bench/results/smollm2.json: the summary a `distill run recipes/smollm2-135m.yaml` printed, its stages'
+    seconds and its wall time."""
+    run_dir = Path(args.run_dir)
+    lines = summary_from_log(Path(args.log))
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    out = {
+        "source": f"recorded {time.strftime('%Y-%m-%d')} by bench/figures.py record smollm2 from {run_dir} and "
+        f"the printed summary in {args.log}",
+        "recipe": "recipes/smollm2-135m.yaml",
+        "wall_seconds": round(args.wall_seconds),
+        "stage_seconds": {s: round(v["seconds"]) for s, v in manifest.items() if v.get("seconds")},
+        "summary": lines,
+    }
+    write_result("smollm2", out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -293,9 +312,19 @@ def main() -> int:
     )
     serve.add_argument("run_dir")
     serve.add_argument("--command", help="the `distill bench serve` command that ran")
+    smollm2 = record.add_parser("smollm2", help="bench/results/smollm2.json from a finished real-teacher run")
+    smollm2.add_argument("run_dir")
+    smollm2.add_argument("--log", required=True, help="the output of `distill run recipes/smollm2-135m.yaml`")
+    smollm2.add_argument("--wall-seconds", type=float, required=True, help="its wall time")
     args = parser.parse_args()
     if args.action == "record":
-        {"demo": record_demo, "tests": record_tests, "serve": record_serve}[args.what](args)
+        recorders = {
+            "demo": record_demo,
+            "tests": record_tests,
+            "serve": record_serve,
+            "smollm2": record_smollm2,
+        }
+        recorders[args.what](args)
         return 0
     return main_write(args.check)
 

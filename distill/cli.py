@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument(
         "--split",
-        choices=("train", "validation"),
+        choices=("train", "validation", "heldout"),
         default="train",
         help="validation: the teacher scores held-out blocks into <run>/teacher-validation "
-        "(the students' validation KL)",
+        "(the students' validation KL); heldout: the teacher answers the held-out data.prompts into "
+        "<run>/teacher-heldout (eval.teacher_match: instructions)",
     )
     p.set_defaults(func=cmd_generate)
 

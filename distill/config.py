@@ -411,18 +411,24 @@ class EvalConfig(Section):
         description="lm-eval task names (the distill_* ones are local, in eval/tasks).",
     )
     batch_size: int = Field(8, gt=0, description="Evaluation batch size (identical for every model).")
-    teacher_match: list[Literal["test", "outside"]] = Field(
+    teacher_match: list[Literal["test", "outside", "instructions"]] = Field(
         default_factory=lambda: ["test", "outside"],
         description="Held-out text on which each model's full-vocabulary KL to the teacher and top-1 "
         "agreement are measured (transformers, both models in memory), as tasks distill_match_<source> "
         "(metrics kl, top1_agreement) the gate can name: test (the corpus's test split), outside "
-        "(text that ships with Python but is not in the corpus); [] for none.",
+        "(text that ships with Python but is not in the corpus), instructions (the teacher's answers to "
+        "the held-out data.prompts, measured on the answer tokens); [] for none.",
     )
     teacher_match_documents: int = Field(
         256, gt=0, description="Documents per teacher_match source (the first N, in a fixed order)."
     )
     teacher_match_tokens: int = Field(256, gt=1, description="Tokens per document in teacher_match.")
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples.")
+    initial: bool = Field(
+        False,
+        description="Also evaluate the student before training (the cut, student.model, or student.tiny "
+        "at train.seed) as model 'initial': shown for comparison, not gated.",
+    )
     limit: int | None = Field(None, gt=0, description="Cap on examples per task.")
     seed: int = Field(1234, description="lm-eval seed.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -554,6 +560,17 @@ class RecipeConfig(Section):
                     f"data.seq_len {self.data.seq_len} exceeds {role}.tiny.max_position_embeddings "
                     f"{tiny.max_position_embeddings}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _instructions_need_heldout_prompts(self) -> RecipeConfig:
+        if "instructions" in self.eval.teacher_match and (
+            self.data.prompts is None or not self.data.heldout_prompts
+        ):
+            raise ValueError(
+                "eval.teacher_match: instructions measures the teacher's answers to held-out prompts; set "
+                "data.prompts and data.heldout_prompts > 0"
+            )
         return self
 
     @model_validator(mode="after")

@@ -143,6 +143,16 @@ class Documents:
 
     ids: list[list[int]]
     bytes: list[int]
+    starts: list[int] | None = None  # per document, the first position measured (0: all of them)
+
+    @classmethod
+    def responses(cls, captures, tokenizer) -> Documents:
+        """The responses of teacher-store rows (`distill.store.Capture`): each whole sequence, measured
+        from the position that predicts its first response token; bytes are the response's UTF-8."""
+        ids = [list(c.input_ids) for c in captures]
+        starts = [c.start for c in captures]
+        sizes = [len(tokenizer.decode(c.input_ids[c.start + 1 :]).encode("utf-8")) for c in captures]
+        return cls(ids, sizes, starts)
 
     @classmethod
     def encode(cls, texts: list[str], tokenizer, max_tokens: int, limit: int | None = None) -> Documents:
@@ -204,15 +214,16 @@ def measure(
                 log_p = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
             for b, s in enumerate(seqs):
                 n = len(s) - 1
-                q = log_q[b, :n]
-                target = ids[b, 1 : n + 1]
+                first = docs.starts[lo + b] if docs.starts else 0
+                q = log_q[b, first:n]
+                target = ids[b, first + 1 : n + 1]
                 out["nll"].append(-q.gather(-1, target[:, None]).sum().item())
-                out["tokens"].append(n)
+                out["tokens"].append(n - first)
                 if log_p is not None:
                     # NOTE: a padded vocabulary may differ in size between the two: compare the shared ids
                     # (the padding has no probability), with 0 log 0 = 0 for masked (-inf) entries.
                     v = min(log_p.size(-1), log_q.size(-1))
-                    p, qv = log_p[b, :n, :v], q[:, :v]
+                    p, qv = log_p[b, first:n, :v], q[:, :v]
                     out["kl"].append(_kl(p, qv).mean().item())
                     out["top1"].append((p.argmax(-1) == qv.argmax(-1)).double().mean().item())
             out["bytes"].extend(docs.bytes[lo : lo + batch_size])

@@ -233,3 +233,22 @@ def local_models(recipe, convert: bool = True, log=print):
             )
             cut_layers(total, student.cut)
     return recipe.model_copy(update={"teacher": teacher, "student": student})
+
+
+def initial_student(recipe, tokenizer_dir: Path, out: Path) -> Path:
+    """The student before any training, as a model directory vLLM and lm-eval load: student.model itself
+    (a cut included, once the CLI has made it), or student.tiny built with train.seed (exactly what
+    `distill train` starts from), saved once into `out`."""
+    if recipe.student.model:
+        return Path(recipe.student.model)
+    if (out / "config.json").exists():
+        return out
+    from distill.artifacts import begin_directory, commit_directory
+    from distill.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tmp = begin_directory(out)
+    build_tiny_llama(recipe.student.tiny, tokenizer, seed=recipe.train.seed).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    commit_directory(tmp, out)
+    return out

@@ -269,7 +269,7 @@ def summary(recipe: RecipeConfig, result: RunResult) -> list[str]:
         setup = "teacher" if info["role"] == "teacher" else name
         speed = bench.get(setup, {}).get("levels", {})
         top = speed[max(speed, key=int)]["output_tokens_per_s"] if speed else None
-        label = {"sft": "SFT baseline", "student": "KD student"}.get(name, name)
+        label = {"sft": "SFT baseline", "student": "KD student", "initial": "initial student"}.get(name, name)
         rows.append([
             label,
             f"{size['parameters'] / 1e6:.2f} M" if size["parameters"] else "n/a",

@@ -77,6 +77,10 @@ class RunDir:
     def validation_store(self) -> Path:  # the teacher scoring held-out blocks (students' validation KL)
         return self.path / "teacher-validation"
 
+    @property
+    def heldout_store(self) -> Path:  # the teacher answering the held-out data.prompts (eval's instructions)
+        return self.path / "teacher-heldout"
+
     def output(self, name: str = "student") -> Path:  # a training output: checkpoints/, final/, metrics
         return self.path / name
 

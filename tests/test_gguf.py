@@ -178,7 +178,8 @@ REAL = [
     "generate.temperature=0", "generate.max_new_tokens=24", "generate.top_k=8", "generate.validation_sequences=4",
     "generate.engine.max_model_len=512", "train.max_steps=2", "train.batch_size=3", "train.eval_every=2",
     "train.save_every=2", "train.eval_batches=1", "eval.backend=hf", "eval.tasks=[distill_ppl]", "eval.limit=2",
-    "eval.teacher_match=[test]", "eval.teacher_match_documents=2", "eval.teacher_match_tokens=32",
+    "eval.teacher_match=[test,instructions]", "eval.teacher_match_documents=2", "eval.teacher_match_tokens=32",
+    "eval.initial=true",
     "eval.gate.criteria=[]", "eval.gate.min_acceptance_rate=null", "pipeline.sft_baseline=false",
     "pipeline.quantize=false", "pipeline.bench=false", "pipeline.promote=false", "tracking.wandb=disabled",
 ]  # fmt: skip
@@ -253,6 +254,18 @@ def test_a_short_run_on_the_real_teacher_trains_the_cut_and_evaluates_it(real_ru
     student = json.loads((run_dir / "student" / "final" / "config.json").read_text())
     assert student["num_hidden_layers"] == 4 and student["vocab_size"] == 49152
     results = read_json(run_dir / "eval" / "results.json")
-    assert set(results["models"]) >= {"teacher", "student"}
+    assert set(results["models"]) == {"teacher", "initial", "student"}
+    from distill.store import TeacherStore
+
+    answers = list(TeacherStore(run_dir / "teacher-heldout").rows())
+    assert len(answers) == 2 and all(c.num_positions > 0 for c in answers)
+    gate = read_json(run_dir / "eval" / "gate.json")
+    for name in ("initial", "student"):
+        scores = gate["models"][name]["scores"]
+        assert (
+            scores["distill_match_instructions"]["kl"] > 0
+            and 0 <= scores["distill_match_instructions"]["top1_agreement"] <= 1
+        )
+    assert "| initial student |" in stdout
     print(stdout[-3000:])
     print({name: round(entry.get("seconds") or 0) for name, entry in manifest.items()})

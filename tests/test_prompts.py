@@ -181,6 +181,14 @@ def test_score_mode_scores_the_given_responses_and_training_masks_the_prompt(mic
         batch = collate([c], store.k)
         assert batch["loss_mask"].sum().item() == len(response)
         assert not batch["loss_mask"][0, : len(prompt) - 1].any()
+    from distill.heldout import Documents, measure
+    from distill.models import load_causal_lm
+
+    docs = Documents.responses(list(captured.values()), chat_tokenizer)  # measured on the responses alone
+    teacher = load_causal_lm(run.teacher, "teacher", None)
+    same = measure(teacher, teacher, docs)
+    assert same["tokens"] == [c.num_positions for c in captured.values()] and max(same["kl"]) < 1e-6
+    assert docs.bytes == [len(row["response"].encode()) + len(EOS) for row in rows if row["id"] in captured]
     result = train_run(recipe)
     assert result.steps == 2 and result.val_loss > 0
 

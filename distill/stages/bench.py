@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from distill import gate
-from distill.artifacts import atomic_write_json, begin_directory, commit_directory
+from distill.artifacts import atomic_write_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.gate import DISTILLED_DRAFT, bench_in_order
@@ -57,23 +57,10 @@ class Setup:
 
 
 def initial_student(run: Run) -> Path:
-    """The student before any training, as a model directory vLLM can load: student.model itself, or
-    student.tiny built with train.seed (exactly what `distill train` starts from) saved once."""
-    recipe = run.recipe
-    if recipe.student.model:
-        return Path(recipe.student.model)
-    out = run.serve_dir / "initial-student"
-    if (out / "config.json").exists():
-        return out
-    from distill.models import build_tiny_llama
-    from distill.tokenizer import load_tokenizer
+    """The student before any training (distill.models.initial_student), under the run's serve/."""
+    from distill.models import initial_student as build
 
-    tokenizer = load_tokenizer(run.data.tokenizer_dir)
-    tmp = begin_directory(out)
-    build_tiny_llama(recipe.student.tiny, tokenizer, seed=recipe.train.seed).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    commit_directory(tmp, out)
-    return out
+    return build(run.recipe, run.data.tokenizer_dir, run.serve_dir / "initial-student")
 
 
 def baseline_draft(run: Run) -> Path:

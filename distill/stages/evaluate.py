@@ -50,6 +50,11 @@ def eval_models(run: Run, extra: dict[str, str] | None = None) -> list[EvalModel
     from distill.models import check_causal_lm
 
     models = [EvalModel("teacher", run.teacher, "teacher")]
+    if run.recipe.eval.initial:  # the student before training: shown, not gated
+        from distill.models import initial_student
+
+        start = initial_student(run.recipe, run.data.tokenizer_dir, run.serve_dir / "initial-student")
+        models.append(EvalModel("initial", start, "baseline"))
     student = run.student
     baseline = run.baseline  # the SFT baseline `distill run` trains: shown, not gated
     if (baseline / "config.json").exists():
@@ -379,7 +384,10 @@ class TeacherMatch:
                 texts[source], tokenizer, cfg.teacher_match_tokens, cfg.teacher_match_documents
             )
             for source in cfg.teacher_match
+            if source != "instructions"
         }
+        if "instructions" in cfg.teacher_match:  # the teacher's answers to the held-out prompts
+            docs["instructions"] = Documents.responses(texts["instructions"], tokenizer)
         return cls(teacher, docs, cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
 
     trust_remote_code: bool = False
@@ -583,6 +591,16 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
     match = None
     if cfg.teacher_match:
         texts = {"test": data.corpus.texts("test"), "outside": read_texts(outside / "outside.jsonl")}
+        if "instructions" in cfg.teacher_match:
+            from distill.store import TeacherStore
+
+            done = (run.heldout_store / "manifest.json").exists() and TeacherStore(run.heldout_store).complete
+            if not done:
+                raise DistillError(
+                    f"eval.teacher_match: instructions reads the teacher's answers to the held-out prompts, "
+                    f"and {run.heldout_store} is not complete: run `distill generate --split heldout` first"
+                )
+            texts["instructions"] = list(TeacherStore(run.heldout_store).rows())
         match = TeacherMatch.build(cfg, models[0].path, texts)
     out = run.eval_dir
     gate.begin_evaluation(run)

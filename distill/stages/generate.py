@@ -52,8 +52,14 @@ def for_split(recipe: RecipeConfig, split: str) -> RecipeConfig:
     the teacher scoring `generate.validation_sequences` validation blocks, whatever the train store does."""
     if split == "train":
         return recipe
+    if split == "heldout":
+        if recipe.data.prompts is None or not recipe.data.heldout_prompts:
+            raise DistillError(
+                "--split heldout: the teacher answers the held-out data.prompts, and there are none"
+            )
+        return recipe.model_copy(update={"generate": recipe.generate.model_copy(update={"mode": "sample"})})
     if split != "validation":
-        raise DistillError(f"--split {split!r}: expected train or validation")
+        raise DistillError(f"--split {split!r}: expected train, validation or heldout")
     g = recipe.generate.model_copy(
         update={"mode": "score", "num_sequences": recipe.generate.validation_sequences}
     )
@@ -63,8 +69,8 @@ def for_split(recipe: RecipeConfig, split: str) -> RecipeConfig:
 def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -> tuple[list[Item], dict]:
     """The ordered work list and a description of its source (for the store identity)."""
     cap = recipe.generate.num_sequences
-    if data.prompt_set is not None and split == "train":
-        return prompt_set_items(recipe, data, cap)
+    if data.prompt_set is not None and split in ("train", "heldout"):
+        return prompt_set_items(recipe, data, cap if split == "train" else None, split)
     if recipe.generate.mode == "sample":
         path = data.corpus.root / "prompts.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -188,7 +194,7 @@ def generate(
     items, source = work_items(recipe, data, split)
     starts = source.pop("starts", None)  # score mode on given responses: the first scored position of each
     num_shards = math.ceil(len(items) / g.items_per_shard)
-    base = run.store if split == "train" else run.validation_store
+    base = {"train": run.store, "validation": run.validation_store, "heldout": run.heldout_store}[split]
     if out is None:
         out = base if shard is None else base.with_name(f"{base.name}.shard-{shard[0]}-of-{shard[1]}")
     if g.top_k > vocab:
@@ -264,6 +270,9 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
 
     layout = RunDir(recipe.run_dir)
     roots = [layout.store] + ([layout.validation_store] if recipe.generate.validation_sequences else [])
+    answers_heldout = recipe.data.prompts is not None and recipe.data.heldout_prompts > 0
+    if answers_heldout:
+        roots.append(layout.heldout_store)
 
     def go(ctx, redo: bool) -> dict:
         from distill.vllm.engine import kept_engines
@@ -273,6 +282,8 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
             out = {"store": str(generate(run, overwrite=redo).root)}
             if recipe.generate.validation_sequences:
                 out["validation_store"] = str(generate(run, overwrite=redo, split="validation").root)
+            if answers_heldout:
+                out["heldout_store"] = str(generate(run, overwrite=redo, split="heldout").root)
         return out
 
     def intact_stores(ctx) -> list[Path] | None:

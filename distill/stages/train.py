@@ -100,8 +100,22 @@ def on_policy_source(run: Run, url: str):
     max_len = args.get("max_model_len") or _max_positions(run.teacher)
     client = TeacherClient(url, recipe.generate.top_k, max_len, retries=cfg.retries)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = Prompts.from_corpus(data.corpus.root / "prompts.jsonl", tokenizer, cfg.prompt_tokens)
-    held_out = Prompts.from_blocks(data.tokens_dir / "validation.npy", cfg.prompt_tokens, cfg.eval_prompts)
+    if data.prompt_set is not None:  # data.prompts in the chat template, each cut to its last prompt_tokens
+        from distill.prompts import PromptSet, encode
+
+        chats = PromptSet(data.prompt_set)
+        prompts = Prompts([encode(r, tokenizer)[0][-cfg.prompt_tokens :] for r in chats.rows("train")])
+        held = [encode(r, tokenizer)[0][-cfg.prompt_tokens :] for r in chats.rows("heldout")][
+            : cfg.eval_prompts
+        ]
+        held_out = Prompts(held) if held else None
+    else:
+        prompts = Prompts.from_corpus(data.corpus.root / "prompts.jsonl", tokenizer, cfg.prompt_tokens)
+        held_out = None
+    if held_out is None:
+        held_out = Prompts.from_blocks(
+            data.tokens_dir / "validation.npy", cfg.prompt_tokens, cfg.eval_prompts
+        )
     return OnPolicySource(prompts, client, cfg, recipe.train.seed, pad, tokenizer.eos_token_id), held_out.ids
 
 
