@@ -98,3 +98,26 @@ def test_an_unreadable_kernel_library_is_reported_not_run(monkeypatch, tmp_path)
         "could not inspect vLLM's CPU kernels (_C_AVX2.abi3.so: ValueError: not a little-endian 64-bit ELF file)"
     )
     assert kernels.serving_problem("fp8", isa="avx2") is None  # needs no kernel of its own
+
+
+def test_w8a8_runs_in_bf16_on_amx_cpus_and_fp32_elsewhere(tmp_path, monkeypatch):
+    """vLLM CPU's AMX int8 kernel takes bf16/fp16 activations only (fp32 kills the engine), so a W8A8
+    model's engine is bf16 on AMX CPUs; other models, and any model on AVX2/AVX-512 CPUs, stay fp32."""
+    from distill.artifacts import QUANT_RECORD
+    from distill.vllm import engine
+
+    plain, w8a8, w4a16 = tmp_path / "plain", tmp_path / "w8a8", tmp_path / "w4a16"
+    for path in (plain, w8a8, w4a16):
+        path.mkdir()
+    (w8a8 / QUANT_RECORD).write_text(json.dumps({"scheme": "w8a8"}))
+    (w4a16 / QUANT_RECORD).write_text(json.dumps({"scheme": "w4a16"}))
+    assert engine.cpu_dtype(w8a8, amx=True) == "bfloat16"
+    assert engine.cpu_dtype(w8a8, amx=False) == "float32"
+    assert engine.cpu_dtype(plain, amx=True) == engine.cpu_dtype(w4a16, amx=True) == "float32"
+    # the engine arguments follow this CPU, and an explicit dtype still wins
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)
+    here = "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
+    assert engine.engine_kwargs(str(w8a8))["dtype"] == here
+    assert engine.engine_kwargs(str(plain))["dtype"] == "float32"
+    assert engine.engine_kwargs(str(w8a8), dtype="float16")["dtype"] == "float16"
+    assert "dtype" not in engine.engine_kwargs(str(w8a8), gpu=True)

@@ -2,8 +2,8 @@
 
 On GPUs vLLM's defaults stand (plus whatever the recipe passes through). On CPU-only machines the vLLM
 CPU build needs a bounded KV cache, a RAM share instead of GPU memory, eager mode (starts in ~30 s
-instead of ~85 s), fp32 (bf16 runs at half speed on AVX2 CPUs without bf16 hardware) and no chunked
-prefill (see cpu_defaults).
+instead of ~85 s), fp32 (bf16 runs at half speed on AVX2 CPUs without bf16 hardware; a W8A8 model on an
+AMX CPU is the exception, see cpu_dtype) and no chunked prefill (see cpu_defaults).
 """
 
 from __future__ import annotations
@@ -39,13 +39,32 @@ def cpu_defaults() -> dict[str, Any]:
     }
 
 
+def cpu_dtype(model: str | Path, amx: bool | None = None) -> str:
+    """The activation dtype vLLM CPU runs `model` in: float32, except a W8A8 model on a CPU with AMX.
+
+    There vLLM runs the int8 linear layers on its AMX kernel (`int8_scaled_mm_with_quant`, picked when the
+    activations are symmetric and the weight's shape fits AMX tiles), which takes bf16 or fp16
+    activations only: in fp32 the engine dies at its first forward pass ("expect A to be bfloat16 or
+    half"). AMX CPUs have bf16 hardware, so bf16 costs no speed there. Elsewhere (AVX2, AVX-512 without
+    AMX) vLLM's oneDNN int8 kernel takes fp32. `amx` stands in for this CPU's answer (tests)."""
+    from distill.vllm.kernels import scheme_of
+
+    if scheme_of(Path(model)) != "w8a8":
+        return "float32"
+    if amx is None:
+        import torch
+
+        amx = torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if amx else "float32"
+
+
 def engine_kwargs(model: str, gpu: bool | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` (or `vllm serve`) serving `model` on this machine, or on a
     GPU machine when `gpu` says so (a dry run printing a GPU command); overrides win."""
     kwargs: dict[str, Any] = {"model": str(model), "seed": 0}
     if not (has_cuda() if gpu is None else gpu):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
-        kwargs.update(cpu_defaults())
+        kwargs.update(cpu_defaults(), dtype=cpu_dtype(model))
     kwargs.update(overrides)
     return kwargs
 
