@@ -85,9 +85,9 @@ def bold(text: str, on: bool) -> str:
 # --------------------------------------------------------------------------- the demo's summary
 
 
-def demo_table() -> dict[str, dict[str, str]]:
-    """The summary's markdown table: model label -> column header -> cell."""
-    rows = [line for line in result("demo")["summary"] if line.startswith("|")]
+def demo_table(name: str = "demo") -> dict[str, dict[str, str]]:
+    """The summary's markdown table of a recorded run: model label -> column header -> cell."""
+    rows = [line for line in result(name)["summary"] if line.startswith("|")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     return {
         cells[0]: dict(zip(header, cells, strict=True))
@@ -416,14 +416,62 @@ def block_real_teacher(page: Page) -> list[str]:
     ]
 
 
+def block_cut_layers(page: Page) -> list[str]:
+    r = result("cut_layers")
+    cuts, teacher = r["cuts"], r["cuts"]["teacher"]
+    ranked = sorted((name for name in cuts if name != "teacher"),
+                    key=lambda n: (len(cuts[n]["layers"]), cuts[n]["test"]["bits_per_byte"]))  # fmt: skip
+    rows = [
+        f"| {name} | {len(cuts[name]['layers'])} | {cuts[name]['test']['bits_per_byte']:.2f} | "
+        f"{cuts[name]['outside']['bits_per_byte']:.2f} | {cuts[name]['test']['kl']:.2f} | "
+        f"{cuts[name]['test']['top1_agreement']:.3f} |"
+        for name in ranked
+    ]
+    return [
+        f"Untrained cuts of the {r['teacher_layers']}-layer teacher, measured by `bench/cut_layers.py` "
+        f"(`bench/results/cut_layers.json`) with the eval stage's own measures: bits per byte on "
+        f"{r['documents']['test']} corpus test documents and {r['documents']['outside']} outside documents (up to "
+        f"{r['tokens']} tokens each), full-vocabulary KL to the teacher (nats/token) and top-1 agreement on "
+        f"the test documents. The teacher has {teacher['test']['bits_per_byte']:.2f} and "
+        f"{teacher['outside']['bits_per_byte']:.2f} bits per byte. `importance N` keeps N layers chosen by "
+        "`distill.pruning`: the contiguous block whose input and output hidden states are closest in angle, "
+        f"on {r['calibration']['documents']} corpus train documents ({num(r['calibration']['tokens'])} tokens), "
+        "is dropped, the first and last layers kept.",
+        "",
+        "| layers kept | count | test bits/byte | outside bits/byte | KL | top-1 |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def pipeline_stages(r: dict) -> list[str]:
+    """The pipeline's stages as a recorded run's summary lists them, run or skipped (the manifest also
+    times the verbs they ran inside: generate-validation and generate-heldout within generate,
+    train-baseline as baseline)."""
+    first = r["summary"][0]
+    names = re.search(r"ran: ([^;]*);", first)[1].split(", ") + re.search(r"unchanged: ([^;]*);", first)[
+        1
+    ].split(", ")
+    return [n for n in names if n != "nothing"]
+
+
 def block_smollm2(page: Page) -> list[str]:
     r = result("smollm2")
-    stages = r["stage_seconds"]
+    stages = {name: r["stage_seconds"].get(name, 0) for name in pipeline_stages(r)}
     slowest = sorted(stages.items(), key=lambda kv: -kv[1])
+    rerun = r.get("rerun")
     return [
         f"`distill run {r['recipe']}` on the 2-core CPU machine, fp32, the GGUF already converted "
         f"(`bench/results/smollm2.json`, whose `source` names the run): **{minutes(r['wall_seconds'])}** wall "
-        "time. Per stage (the manifest's seconds):",
+        "time"
+        + (
+            f", every stage run. {rerun['why']} ({minutes(rerun['wall_seconds'])}); the summary below is that "
+            "run's"
+            if rerun
+            else ""
+        )
+        + (". Per pipeline stage of the full run (its manifest's seconds):" if rerun else
+           ". Per pipeline stage (the manifest's seconds):"),
         "",
         "| " + " | ".join(name for name, _ in slowest) + " |",
         "|" + "---|" * len(slowest),
@@ -435,6 +483,84 @@ def block_smollm2(page: Page) -> list[str]:
         "```",
         *[line for line in r["summary"] if line.strip()],
         "```",
+    ]
+
+
+def block_smollm2_reading(page: Page) -> list[str]:
+    r, table = result("smollm2"), demo_table("smollm2")
+    kd, sft, first, w8 = "KD student", "SFT baseline", "initial student", "student-w8a8"
+    ppl, out = "distill_ppl bits_per_byte", "distill_outside_ppl bits_per_byte"
+    top1, kl = "distill_match_instructions top1_agreement", "distill_match_test kl"
+
+    def of(model: str, column: str, digits: int = 3) -> str:
+        return f"{cell(table, model, column):.{digits}f}"
+
+    def pair(column: str, digits: int = 3) -> str:
+        return f"{of(kd, column, digits)} vs {of(sft, column, digits)}"
+
+    ahead = sum(
+        (cell(table, kd, c) < cell(table, sft, c)) if lower else (cell(table, kd, c) > cell(table, sft, c))
+        for c, lower in ((ppl, True), (out, True), (top1, False), (kl, True))
+    )
+    serve = r["serve"]
+    level = max(serve["teacher"]["output_tokens_per_s"], key=int)
+    alone = serve["teacher"]["output_tokens_per_s"][level]
+    drafted = serve["teacher+student"]["output_tokens_per_s"][level] / alone
+    cost = cell(table, kd, "parameters") / cell(table, "teacher", "parameters")
+    pays = (
+        ""
+        if drafted >= 1
+        else (
+            f": at this acceptance a draft with {pct(cost)} of the teacher's parameters costs more than the tokens "
+            "it saves on this CPU"
+        )
+    )
+    bounds = []
+    for c in r["gate"]["criteria"]:
+        column = f"{c['task']} {c['metric']}"
+        if column not in table[first] or not table[first][column]:
+            continue
+        lower = c["metric"] == "bits_per_byte"
+        if c.get("min_retention") is not None:
+            limit = (
+                cell(table, "teacher", column) / c["min_retention"]
+                if lower
+                else (cell(table, "teacher", column) * c["min_retention"])
+            )
+        else:
+            limit = c["min_value"]
+        bounds.append(
+            f"{column} {'at most' if lower else 'at least'} {limit:.3g} (the untrained cut: "
+            f"{of(first, column)}, the KD student: {of(kd, column)})"
+        )
+    bounds.append(
+        f"measured acceptance at least {r['gate']['min_acceptance_rate']} (the untrained cut's "
+        f"expected acceptance: {of(first, 'expected acceptance')})"
+    )
+    ran = pipeline_stages(r)
+    top = sorted(((r["stage_seconds"].get(n, 0), n) for n in ran), reverse=True)[:3]
+    share = sum(v for v, _ in top) / sum(r["stage_seconds"].get(n, 0) for n in ran)
+    return [
+        f"{r['max_steps']} training steps take the cut from {of(first, ppl)} to {of(kd, ppl)} bits per byte on the corpus's held-out "
+        f"text (the teacher has {of('teacher', ppl)}), from {of(first, out)} to {of(kd, out)} on outside text, "
+        f"and from {of(first, top1)} to {of(kd, top1)} top-1 agreement with the teacher's own answers to held-out "
+        f"prompts. The KD student is ahead of the SFT baseline (same cut, sequences and steps) on "
+        f"{'all' if ahead == 4 else ahead} of the four: bits per byte {pair(ppl)}, outside {pair(out)}, instruction top-1 {pair(top1)}, "
+        f"full-vocabulary KL on test text {pair(kl, 2)}. That is one seed, so it is not a claim; the paired "
+        f"three-seed comparison is [KD against SFT]({page.doc('kd-vs-sft.md')}), on the embedded teacher.",
+        "",
+        f"W8A8 keeps {100 * cell(table, kd, ppl) / cell(table, w8, ppl):.1f}% of the KD student's bits per byte "
+        f"({of(w8, ppl)}) and {100 * cell(table, w8, top1) / cell(table, kd, top1):.1f}% of its instruction "
+        f"top-1, "
+        f"at {pct(cell(table, w8, 'on disk') / cell(table, kd, 'on disk'))} of its size on disk. As the teacher's "
+        f"draft (4 tokens a step) the KD student is accepted at {of(kd, 'measured acceptance')} "
+        f"(expected offline: {of(kd, 'expected acceptance')}), the SFT baseline at {of(sft, 'measured acceptance')}. "
+        f"The teacher with the KD draft serves {drafted:.2f}x the tokens/s of the teacher alone (concurrency "
+        f"{level}){pays}; the student alone serves "
+        f"{cell(table, kd, 'tokens/s alone') / cell(table, 'teacher', 'tokens/s alone'):.1f}x the teacher's "
+        f"tokens/s, W8A8 {cell(table, w8, 'tokens/s alone') / cell(table, 'teacher', 'tokens/s alone'):.1f}x. "
+        f"The gate's bounds are set for a cut healed by {r['max_steps']} CPU steps: {'; '.join(bounds)}. "
+        f"Of the wall time, the stages {', '.join(n for _, n in top)} take {pct(share)}.",
     ]
 
 
@@ -785,6 +911,10 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "store-size": block_store_size,
     "kd-loss": block_kd_loss,
     "smollm2": block_smollm2,
+    "smollm2-reading": block_smollm2_reading,
+    "cut-layers": block_cut_layers,
+    "real-teacher": block_real_teacher,
+    "kd-loss-smollm2": block_kd_loss_smollm2,
     "train-step": block_train_step,
     "train-processes": block_train_processes,
     "onpolicy-sampler": block_onpolicy_sampler,

@@ -37,6 +37,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import yaml
 from figure_blocks import BLOCKS, RESULTS, ROOT, Page, result  # bench/ is on sys.path: a script's own folder
 
 START = re.compile(r"^<!-- generated: ([\w-]+) -->$")
@@ -268,6 +269,7 @@ def record_smollm2(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     lines = summary_from_log(Path(args.log))
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     out = {
         "source": f"recorded {time.strftime('%Y-%m-%d')} by bench/figures.py record smollm2 from {run_dir} and "
         f"the printed summary in {args.log}",
@@ -275,8 +277,38 @@ def record_smollm2(args: argparse.Namespace) -> None:
         "wall_seconds": round(args.wall_seconds),
         "stage_seconds": {s: round(v["seconds"]) for s, v in manifest.items() if v.get("seconds")},
         "summary": lines,
+        "serve": serve_figures(run_dir / "serve" / "bench.json"),
+        # what the reading in the README states the run against: its gate and its steps
+        "gate": {k: recipe["eval"]["gate"][k] for k in ("criteria", "min_acceptance_rate")},
+        "max_steps": recipe["train"]["max_steps"],
     }
+    if args.rerun_seconds is not None:  # the log is of a later run that redid only some stages
+        # NOTE: the manifest now times that run's stages (skips and cache hits included): the per-stage
+        # seconds stay those of the full run recorded before, whose wall time --wall-seconds repeats.
+        full = result("smollm2")
+        if full["wall_seconds"] != round(args.wall_seconds):
+            raise SystemExit(
+                f"--wall-seconds {args.wall_seconds:.0f}: the recorded full run took {full['wall_seconds']}"
+            )
+        ran = re.search(r"ran: ([^;]*);", lines[0])[1].split(", ")
+        out["stage_seconds"] = full["stage_seconds"]
+        out["full_run_source"] = full.get("full_run_source", full["source"])
+        out["source"] += "; per-stage seconds and wall time from the full run (full_run_source)"
+        out["rerun"] = {"why": args.rerun_why, "stages": ran, "wall_seconds": round(args.rerun_seconds)}
     write_result("smollm2", out)
+
+
+def serve_figures(bench_file: Path) -> dict:
+    """Per setup of a run's bench.json: output tokens/s per concurrency, acceptance where a draft ran."""
+    setups = json.loads(bench_file.read_text())["setups"]
+    return {
+        name: {
+            "output_tokens_per_s": {c: round(v["output_tokens_per_s"], 2) for c, v in row["levels"].items()},
+            "acceptance_rate": row.get("acceptance_rate"),
+            "mean_acceptance_length": row.get("mean_acceptance_length"),
+        }
+        for name, row in setups.items()
+    }
 
 
 def main() -> int:
@@ -315,7 +347,12 @@ def main() -> int:
     smollm2 = record.add_parser("smollm2", help="bench/results/smollm2.json from a finished real-teacher run")
     smollm2.add_argument("run_dir")
     smollm2.add_argument("--log", required=True, help="the output of `distill run recipes/smollm2-135m.yaml`")
-    smollm2.add_argument("--wall-seconds", type=float, required=True, help="its wall time")
+    smollm2.add_argument(
+        "--wall-seconds", type=float, required=True, help="the wall time of a run of every stage"
+    )
+    smollm2.add_argument("--rerun-seconds", type=float,
+                         help="--log is of a later run that redid some stages (a recipe change): its wall time")  # fmt: skip
+    smollm2.add_argument("--rerun-why", default="", help="what changed before that later run")
     args = parser.parse_args()
     if args.action == "record":
         recorders = {

@@ -31,12 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from teacher_capture import baseline_bytes, timed, tokens_of  # noqa: E402
+from teacher_capture import baseline_bytes, capture_speed, tokens_of  # noqa: E402
 
 from distill.config import load_recipe  # noqa: E402
 from distill.store import id_bits, shard_name, write_shard  # noqa: E402
-from distill.teacher import HfTeacher, SampleSettings, VllmTeacher  # noqa: E402
-from distill.vllm.engine import engine_kwargs  # noqa: E402
+from distill.teacher import SampleSettings  # noqa: E402
 
 K = 32
 RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
@@ -94,7 +93,10 @@ def main() -> None:
     from distill.stages.prepare import prepare
     from distill.tokenizer import load_tokenizer
 
-    overrides = ["tracking.wandb=disabled", f"data.num_prompts={max(args.prompts, 16)}"]
+    # NOTE: a run directory of its own, so that a real run of the recipe is never touched (prepare records
+    # itself in the run directory, and a different recipe there would make the next `distill run` redo it)
+    overrides = ["tracking.wandb=disabled", f"data.num_prompts={max(args.prompts, 16)}",
+                 f"runs_dir={tempfile.mkdtemp(prefix='distill-bench-')}"]  # fmt: skip
     recipe = local_models(load_recipe(RECIPE, overrides))  # the GGUF converted (cached) and the cut made
     data = prepare(recipe)
     teacher = Path(recipe.teacher.model)
@@ -110,28 +112,9 @@ def main() -> None:
     peak = gemm_flops()
     cost = {"score": flops_per_token(config, args.seq_len // 2),
             "sample": flops_per_token(config, int(mean_prompt + args.max_new_tokens / 2))}  # fmt: skip
-    speed: dict[str, float] = {}
-    hf = HfTeacher(str(teacher), K, "cpu", torch.float32, batch_size=8)
-    hf.score(blocks[:1])  # warm-up
-    caps, secs = timed(lambda: hf.score(blocks))
-    speed["hf_score_tokens_per_s"] = tokens_of(caps) / secs
-    caps, secs = timed(lambda: hf.sample(prompts, settings, 0))
-    speed["hf_sample_tokens_per_s"] = tokens_of(caps) / secs
-    hf = None
-    llm, start_secs = timed(
-        lambda: VllmTeacher(engine_kwargs(str(teacher), max_logprobs=K, max_model_len=1024), K)
-    )
-    speed["vllm_engine_start_s"] = start_secs
-    llm.score(blocks[:1])  # warm-up
-    score_caps, secs = timed(lambda: llm.score(blocks))
-    speed["vllm_score_tokens_per_s"] = tokens_of(score_caps) / secs
-    sample_caps, secs = timed(lambda: llm.sample(prompts, settings, 0))
-    speed["vllm_sample_tokens_per_s"] = tokens_of(sample_caps) / secs
-    llm.close()
+    speed, captures = capture_speed(teacher, blocks, prompts, settings, max_model_len=1024, batch_size=8)
+    score_caps, sample_caps = captures["score"], captures["sample"]
     for mode in ("score", "sample"):
-        speed[f"{mode}_ratio_vllm_over_hf"] = (
-            speed[f"vllm_{mode}_tokens_per_s"] / speed[f"hf_{mode}_tokens_per_s"]
-        )
         for backend in ("hf", "vllm"):
             speed[f"{backend}_{mode}_flop_utilization"] = (
                 speed[f"{backend}_{mode}_tokens_per_s"] * cost[mode] / peak

@@ -49,14 +49,20 @@ def tokens_of(captures: list[Capture]) -> int:
     return sum(c.num_positions for c in captures)
 
 
-def speed(model_dir: Path, blocks: list[list[int]], prompts: list[list[int]], max_new: int) -> dict:
+def capture_speed(
+    model_dir: Path,
+    score_items: list[tuple[str, list[int]]],
+    sample_items: list[tuple[str, list[int]]],
+    settings: SampleSettings,
+    max_model_len: int = 512,
+    batch_size: int = 16,
+) -> tuple[dict, dict[str, list[Capture]]]:
+    """Tokens/s of both backends on the same work, score and sample mode (transformers first, freed
+    before vLLM starts; each warmed up on the first two score items), and vLLM's captures by mode."""
     import torch
 
-    score_items = [(f"b{i}", ids) for i, ids in enumerate(blocks)]
-    sample_items = [(f"p{i}", ids) for i, ids in enumerate(prompts)]
-    settings = SampleSettings(1, max_new, 1.0, 1.0, 0)
     results = {}
-    hf = HfTeacher(str(model_dir), K, "cpu", torch.float32, batch_size=16)
+    hf = HfTeacher(str(model_dir), K, "cpu", torch.float32, batch_size=batch_size)
     hf.score(score_items[:2])  # warm-up
     caps, secs = timed(lambda: hf.score(score_items))
     results["hf_score_tokens_per_s"] = tokens_of(caps) / secs
@@ -65,21 +71,27 @@ def speed(model_dir: Path, blocks: list[list[int]], prompts: list[list[int]], ma
     hf = None  # free its memory before vLLM starts
 
     llm, start_secs = timed(
-        lambda: VllmTeacher(engine_kwargs(str(model_dir), max_logprobs=K, max_model_len=512), K)
+        lambda: VllmTeacher(engine_kwargs(str(model_dir), max_logprobs=K, max_model_len=max_model_len), K)
     )
     results["vllm_engine_start_s"] = start_secs
     llm.score(score_items[:2])  # warm-up
-    caps, secs = timed(lambda: llm.score(score_items))
-    results["vllm_score_tokens_per_s"] = tokens_of(caps) / secs
-    caps, secs = timed(lambda: llm.sample(sample_items, settings, 0))
-    results["vllm_sample_tokens_per_s"] = tokens_of(caps) / secs
-    results["score_ratio_vllm_over_hf"] = (
-        results["vllm_score_tokens_per_s"] / results["hf_score_tokens_per_s"]
-    )
-    results["sample_ratio_vllm_over_hf"] = (
-        results["vllm_sample_tokens_per_s"] / results["hf_sample_tokens_per_s"]
-    )
-    return results
+    captures = {}
+    captures["score"], secs = timed(lambda: llm.score(score_items))
+    results["vllm_score_tokens_per_s"] = tokens_of(captures["score"]) / secs
+    captures["sample"], secs = timed(lambda: llm.sample(sample_items, settings, 0))
+    results["vllm_sample_tokens_per_s"] = tokens_of(captures["sample"]) / secs
+    llm.close()
+    for mode in ("score", "sample"):
+        results[f"{mode}_ratio_vllm_over_hf"] = (
+            results[f"vllm_{mode}_tokens_per_s"] / results[f"hf_{mode}_tokens_per_s"]
+        )
+    return results, captures
+
+
+def speed(model_dir: Path, blocks: list[list[int]], prompts: list[list[int]], max_new: int) -> dict:
+    score_items = [(f"b{i}", ids) for i, ids in enumerate(blocks)]
+    sample_items = [(f"p{i}", ids) for i, ids in enumerate(prompts)]
+    return capture_speed(model_dir, score_items, sample_items, SampleSettings(1, max_new, 1.0, 1.0, 0))[0]
 
 
 def baseline_bytes(captures: list[Capture]) -> int:

@@ -135,13 +135,20 @@ def converted_dir(digest: str, dtype: str, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{digest[:16]}-{dtype}-v{CONVERTER}"
 
 
+def converted(path: Path, dtype: str, cache_dir: Path) -> Path | None:
+    """The finished conversion of the GGUF file at `path` in the cache, or None; never hashes the file."""
+    known = file_hash(path, cache_dir, remember=False)
+    if known and (converted_dir(known, dtype, cache_dir) / "distill-gguf.json").is_file():
+        return converted_dir(known, dtype, cache_dir)
+    return None
+
+
 def convert(spec: str, field: str, dtype: str, cache_dir: Path, log=print) -> Path:
     """The Hugging Face directory of a GGUF model, converted now if it is not in the cache yet (a file
     distill cannot use is refused before anything is written)."""
     path = locate(spec, field)
-    known = file_hash(path, cache_dir, remember=False)
-    if known and (converted_dir(known, dtype, cache_dir) / "distill-gguf.json").is_file():
-        return converted_dir(known, dtype, cache_dir)
+    if done := converted(path, dtype, cache_dir):
+        return done
     info = inspect(path, field)
     out = converted_dir(file_hash(path, cache_dir), dtype, cache_dir)
     log(f"{field}: converting {path.name} ({info.architecture}, {info.layers} layers) into {out}")

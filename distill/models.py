@@ -95,9 +95,10 @@ def check_causal_lm(path: str | Path, field: str) -> Path:
     return path
 
 
-def model_fingerprint(path: Path, cache_dir: Path) -> dict[str, str]:
+def model_fingerprint(path: Path, cache_dir: Path, remember: bool = True) -> dict[str, str] | None:
     """SHA-256 of a model's config.json and of its weight files (the latter cached by path, size, mtime,
-    since hashing 16 GB of Llama 3 8B weights takes a minute)."""
+    since hashing 16 GB of Llama 3 8B weights takes a minute); with remember False, only from that cache
+    (None if the weights were never hashed), and nothing is written."""
     from distill.artifacts import atomic_write_json, hash_json, read_json, sha256_file
 
     path = Path(path).resolve()
@@ -106,6 +107,8 @@ def model_fingerprint(path: Path, cache_dir: Path) -> dict[str, str]:
     cache_file = Path(cache_dir) / "model-hashes" / f"{stat_key}.json"
     if cache_file.exists():
         weights_hash = read_json(cache_file)["weights_hash"]
+    elif not remember:
+        return None
     else:
         weights_hash = hash_json({p.name: sha256_file(p) for p in weights})
         atomic_write_json(cache_file, {"path": str(path), "weights_hash": weights_hash})
@@ -133,6 +136,21 @@ def cut_layers(total: int, cut, field: str = "student.cut") -> list[int]:
     return [round(i * (total - 1) / (cut.num_layers - 1)) for i in range(cut.num_layers)]
 
 
+def cut_dir(fingerprint: dict, layers: list[int], dtype: str, cache_dir: Path) -> Path:
+    from distill.artifacts import hash_json
+
+    return (
+        Path(cache_dir) / "cuts" / hash_json({"teacher": fingerprint, "layers": layers, "dtype": dtype})[:16]
+    )
+
+
+def made_cut(teacher: Path, layers: list[int], dtype: str, cache_dir: Path) -> Path | None:
+    """The cut of `layers` already made from the teacher at `teacher`, or None; writes nothing."""
+    fingerprint = model_fingerprint(teacher, cache_dir, remember=False)
+    out = fingerprint and cut_dir(fingerprint, layers, dtype, cache_dir)
+    return out if out and (out / "distill-cut.json").is_file() else None
+
+
 def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> Path:
     """A model directory holding the teacher's embeddings, final norm, head and the decoder layers `cut`
     keeps, renumbered 0..N-1 (read tensor by tensor from the teacher's safetensors files: the teacher is
@@ -144,7 +162,7 @@ def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> P
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from distill.artifacts import atomic_directory, atomic_write_json, hash_json, remove_stale_temps
+    from distill.artifacts import atomic_directory, atomic_write_json, remove_stale_temps
 
     teacher = check_model_dir(teacher, "teacher.model")
     config = json.loads((teacher / "config.json").read_text())
@@ -156,7 +174,7 @@ def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> P
         )
     keep = cut_layers(total, cut)
     fingerprint = model_fingerprint(teacher, cache_dir)
-    out = Path(cache_dir) / "cuts" / hash_json({"teacher": fingerprint, "layers": keep, "dtype": dtype})[:16]
+    out = cut_dir(fingerprint, keep, dtype, cache_dir)
     if (out / "distill-cut.json").is_file():
         return out
     log(f"student.cut: the teacher's layers {keep} ({len(keep)} of {total}) into {out}")
@@ -210,8 +228,12 @@ def local_models(recipe, convert: bool = True, log=print):
     def local(section, field: str):
         if not gguf.is_gguf(section.model):
             return section, None
-        if not convert:
-            return section, gguf.inspect(gguf.locate(section.model, field), field)
+        if not convert:  # the converted directory if there is one already; else the file, to convert
+            path = gguf.locate(section.model, field)
+            info = gguf.inspect(path, field)
+            if done := gguf.converted(path, dtype_of(section), recipe.cache_path):
+                return section.model_copy(update={"model": str(done)}), info
+            return section, info
         path = gguf.convert(section.model, field, dtype_of(section), recipe.cache_path, log)
         return section.model_copy(update={"model": str(path)}), None
 
@@ -231,7 +253,11 @@ def local_models(recipe, convert: bool = True, log=print):
                     (check_model_dir(teacher.model, "teacher.model") / "config.json").read_text()
                 ).get("num_hidden_layers", 0)
             )
-            cut_layers(total, student.cut)
+            keep = cut_layers(total, student.cut)
+            # the cut every stage uses once it has been made (so a dry run of a finished run skips them)
+            if not gguf.is_gguf(teacher.model) and (done := made_cut(Path(teacher.model), keep, dtype_of(student),
+                                                          recipe.cache_path)):  # fmt: skip
+                student = student.model_copy(update={"model": str(done), "cut": None})
     return recipe.model_copy(update={"teacher": teacher, "student": student})
 
 

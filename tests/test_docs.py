@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -136,6 +137,24 @@ def test_recorders_read_what_make_demo_and_make_test_print(tmp_path):
         "\n".join(["eval: student ...", "run: an earlier line", *summary, "", "real\t1m2s"]) + "\n"
     )
     assert f.summary_from_log(log) == [line for line in summary if line]
+    bench = tmp_path / "bench.json"
+    level = {"output_tokens_per_s": 38.314, "requests": 16}
+    bench.write_text(json.dumps({"setups": {
+        "teacher": {"levels": {"4": {"output_tokens_per_s": 93.02}}, "acceptance_rate": None},
+        "teacher+student": {"levels": {"4": level}, "acceptance_rate": 0.13, "mean_acceptance_length": 1.5},
+    }}))  # fmt: skip
+    assert f.serve_figures(bench) == {
+        "teacher": {
+            "output_tokens_per_s": {"4": 93.02},
+            "acceptance_rate": None,
+            "mean_acceptance_length": None,
+        },
+        "teacher+student": {
+            "output_tokens_per_s": {"4": 38.31},
+            "acceptance_rate": 0.13,
+            "mean_acceptance_length": 1.5,
+        },
+    }
 
 
 def test_module_map_lists_every_module_under_distill():

@@ -160,14 +160,23 @@ def test_a_cut_the_teacher_cannot_give_is_one_line_and_nothing_is_written(five_l
 
 def test_prepare_records_the_cut_as_the_students_model(five_layers, cache_dir, tmp_path):
     from distill.config import load_recipe
+    from distill.models import local_models
 
     runs = tmp_path / "runs"
-    out = run_cli("prepare", TINY, *MICRO, f"runs_dir={runs}", "teacher.tiny=null", f"teacher.model={five_layers}",
-                  "student.tiny=null", "student.cut.num_layers=2")  # fmt: skip
+    args = [*MICRO, f"runs_dir={runs}", "teacher.tiny=null", f"teacher.model={five_layers}", "student.tiny=null",
+            f"cache_dir={cache_dir}"]  # fmt: skip
+    # a dry run before the cut is made names the cut, and makes nothing
+    planned = local_models(load_recipe(TINY, [*args, "student.cut.num_layers=3"]), convert=False)
+    assert planned.student.cut.num_layers == 3 and planned.student.model is None
+    out = run_cli("prepare", TINY, *args, "student.cut.num_layers=2")
     assert out.returncode == 0, out.stderr
     recipe = load_recipe(runs / "tiny" / "recipe.yaml")
     assert recipe.student.cut is None and Path(recipe.student.model).parent == cache_dir / "cuts"
     assert json.loads((Path(recipe.student.model) / "distill-cut.json").read_text())["layers"] == [0, 4]
+    # once made, a dry run plans with the cut's directory, as the run itself does (so the stages after it
+    # are not planned as changed)
+    planned = local_models(load_recipe(TINY, [*args, "student.cut.num_layers=2"]), convert=False)
+    assert planned.student.cut is None and planned.student.model == recipe.student.model
 
 
 # --------------------------------------------------------------------------- the real teacher
@@ -223,6 +232,9 @@ def test_the_gguf_teacher_runs_in_vllm_and_transformers_with_the_same_greedy_con
     assert "<|im_start|>" in (teacher / "chat_template.jinja").read_text()
     made = json.loads((teacher / "distill-gguf.json").read_text())
     assert made["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1} and made["spec"] == SMOLLM2
+    # once converted, a dry run shows the directory every stage uses, not the file it came from
+    dry = run_cli("run", *args, f"runs_dir={run_dir.parent / 'dry'}", "--dry-run")
+    assert dry.returncode == 0 and f"vllm.LLM on {teacher}," in dry.stdout and SMOLLM2 not in dry.stdout
     hf = run_cli("generate", *args, "teacher.backend=hf", "--out", run_dir / "teacher-hf")
     assert hf.returncode == 0, hf.stderr
     by_vllm = {c.id: c for c in TeacherStore(run_dir / "teacher").rows()}

@@ -121,3 +121,25 @@ def test_w8a8_runs_in_bf16_on_amx_cpus_and_fp32_elsewhere(tmp_path, monkeypatch)
     assert engine.engine_kwargs(str(plain))["dtype"] == "float32"
     assert engine.engine_kwargs(str(w8a8), dtype="float16")["dtype"] == "float16"
     assert "dtype" not in engine.engine_kwargs(str(w8a8), gpu=True)
+
+
+def test_small_cpu_machines_reserve_no_core_for_vllms_scheduler(monkeypatch):
+    """vLLM CPU binds the model's threads to all cores but one per worker; on a 2-core machine that is
+    half of it, so on at most 4 cores distill asks for none held back, unless the user set it."""
+    from distill.vllm import engine
+
+    name = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+    monkeypatch.setenv(name, "")  # so that the process's own value comes back afterwards
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)
+    for cores, expected in ((2, "0"), (4, "0"), (16, None)):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(engine.os, "cpu_count", lambda cores=cores: cores)
+        engine.engine_kwargs("m")
+        assert engine.os.environ.get(name) == expected, cores
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    engine.engine_kwargs("m", gpu=True)  # a GPU machine's arguments: vLLM's own defaults
+    assert name not in engine.os.environ
+    monkeypatch.setenv(name, "1")
+    engine.engine_kwargs("m")
+    assert engine.os.environ[name] == "1"  # the user's setting wins

@@ -59,4 +59,4 @@ def test_an_empty_prompt_set_is_refused(prepared, micro, tmp_path):
         DistillError, match=r"generate: nothing to do, the prompts in .*prompts.jsonl are empty"
     ):
         work_items(micro("generate.mode=sample"), data)
-    assert len(work_items(micro("generate.mode=score", "generate.num_sequences=5"), data)[0]) == 5
+    assert len(work_items(micro("generate.mode=score", "generate.num_sequences=5"), data).items) == 5

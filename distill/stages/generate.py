@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,18 @@ def for_split(recipe: RecipeConfig, split: str) -> RecipeConfig:
     return recipe.model_copy(update={"generate": g})
 
 
-def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -> tuple[list[Item], dict]:
-    """The ordered work list and a description of its source (for the store identity)."""
+@dataclass
+class Work:
+    """What generate captures: the ordered items, a description of their source (for the store identity)
+    and, in score mode on given responses, each item's first scored position (None: all of them)."""
+
+    items: list[Item]
+    source: dict
+    starts: list[int] | None = None
+
+
+def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -> Work:
+    """The ordered work list of `split`, and where it comes from."""
     cap = recipe.generate.num_sequences
     if data.prompt_set is not None and split in ("train", "heldout"):
         return prompt_set_items(recipe, data, cap if split == "train" else None, split)
@@ -95,12 +106,13 @@ def work_items(recipe: RecipeConfig, data: PreparedData, split: str = "train") -
         }
     if not items:
         raise DistillError(f"generate: nothing to do, the {source['kind']} in {path} are empty")
-    return items, source
+    return Work(items, source)
 
 
-def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, split: str = "train"):
+def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, split: str = "train") -> Work:
     """The work list of a data.prompts set: prompts formatted with the teacher's chat template (sample
-    mode), or prompt + given response, the teacher scoring the response's positions (score mode)."""
+    mode), or prompt + given response, the teacher scoring the response's positions (score mode:
+    the positions before a response are not scored)."""
     from distill.prompts import PromptSet, encode
 
     prompts = PromptSet(data.prompt_set)
@@ -130,9 +142,7 @@ def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, 
     }
     if not items:
         raise DistillError(f"generate: nothing to do, the prompt set {path} is empty")
-    if starts:
-        source["starts"] = starts  # taken out by generate(): the positions before a response are not scored
-    return items, source
+    return Work(items, source, starts or None)
 
 
 def store_identity(
@@ -191,8 +201,8 @@ def generate(
     dtype = str(resolve_dtype(recipe.teacher.dtype, device)).removeprefix("torch.")
     # The model's own vocabulary (ids the teacher can emit), which may exceed the tokenizer's.
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    items, source = work_items(recipe, data, split)
-    starts = source.pop("starts", None)  # score mode on given responses: the first scored position of each
+    work = work_items(recipe, data, split)
+    items, source, starts = work.items, work.source, work.starts
     num_shards = math.ceil(len(items) / g.items_per_shard)
     base = {"train": run.store, "validation": run.validation_store, "heldout": run.heldout_store}[split]
     if out is None:

@@ -3,7 +3,8 @@
 On GPUs vLLM's defaults stand (plus whatever the recipe passes through). On CPU-only machines the vLLM
 CPU build needs a bounded KV cache, a RAM share instead of GPU memory, eager mode (starts in ~30 s
 instead of ~85 s), fp32 (bf16 runs at half speed on AVX2 CPUs without bf16 hardware; a W8A8 model on an
-AMX CPU is the exception, see cpu_dtype) and no chunked prefill (see cpu_defaults).
+AMX CPU is the exception, see cpu_dtype), no chunked prefill (see cpu_defaults) and, on machines of a
+few cores, no core held back for vLLM's scheduler (see engine_kwargs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from distill.config import RecipeConfig
+
+
+SMALL_CPU = 4  # at most this many cores: vLLM CPU reserves none of them for its scheduler
 
 
 def has_cuda() -> bool:
@@ -64,6 +68,11 @@ def engine_kwargs(model: str, gpu: bool | None = None, **overrides: Any) -> dict
     kwargs: dict[str, Any] = {"model": str(model), "seed": 0}
     if not (has_cuda() if gpu is None else gpu):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+        if (os.cpu_count() or 1) <= SMALL_CPU:
+            # NOTE: vLLM CPU keeps one core per worker for its scheduler and binds the model's threads to
+            # the rest: on 2 cores, half the machine. Measured here (SmolLM2-135M, 48 x 64 sampled tokens,
+            # top-32): 164 tok/s with no core reserved against 110-125 with one.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         kwargs.update(cpu_defaults(), dtype=cpu_dtype(model))
     kwargs.update(overrides)
     return kwargs

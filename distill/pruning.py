@@ -1,0 +1,89 @@
+"""Which of a teacher's decoder layers a pruned student keeps, measured on calibration text.
+
+Measures, from the teacher's hidden states (one forward pass over the calibration blocks, fp32):
+- `block_influence[i]`: 1 - the mean cosine similarity between layer i's input and its output, over
+  every calibration token. A layer that barely turns the residual stream is cheap to drop.
+- `window_distance[n][s]`: the mean angular distance (arccos of the cosine, over pi) between the
+  residual stream before layer s and after layer s + n - 1: what dropping the n contiguous layers from s
+  would skip. The smallest one marks the block that does least.
+
+`keep_layers` turns those into the layers a student keeps: the first and the last layer stay (they map
+embeddings in and logits out), and the dropped layers are one contiguous block, the one of least angular
+distance. Dropping one middle block keeps far more of SmolLM2-135M than spacing the kept layers evenly
+(docs/real-teacher.md, measured by bench/cut_layers.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+from distill.errors import DistillError
+
+
+def hidden_states(model, blocks: list[list[int]], batch_size: int = 8):
+    """The residual stream at every layer boundary, (L + 1, N, H) fp32 over the N tokens of `blocks`
+    (each block a list of token ids; padding excluded). Entry i is layer i's input, i + 1 its output."""
+    import torch
+
+    parts = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(blocks), batch_size):
+            seqs = blocks[lo : lo + batch_size]
+            T = max(len(s) for s in seqs)
+            ids = torch.zeros((len(seqs), T), dtype=torch.long)
+            mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+            for b, s in enumerate(seqs):
+                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), True
+            out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+            # NOTE: the last entry may be the final norm's output rather than the last layer's (it depends
+            # on the transformers version); only the last layer's block influence reads it, and windows
+            # never reach it since the last layer is always kept.
+            parts.append(torch.stack([h[mask].float() for h in out.hidden_states]))
+    model.train(was_training)
+    return torch.cat(parts, dim=1)
+
+
+def _cosine(a, b):
+    import torch
+
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8).clamp(-1.0, 1.0)
+
+
+def layer_importance(model, blocks: list[list[int]], drop: list[int] | None = None) -> dict:
+    """Block influence of every layer and, for each count in `drop`, the angular distance of every
+    contiguous window of that many layers. Deterministic for given weights and blocks."""
+    states = hidden_states(model, blocks)
+    total = states.shape[0] - 1
+    influence = [1.0 - _cosine(states[i], states[i + 1]).mean().item() for i in range(total)]
+    windows = {}
+    for n in drop or []:
+        if not 0 < n < total:
+            raise DistillError(f"cannot drop {n} of {total} layers")
+        windows[n] = [
+            (_cosine(states[s], states[s + n]).acos().mean() / math.pi).item() for s in range(total - n + 1)
+        ]
+    return {
+        "layers": total,
+        "tokens": states.shape[1],
+        "block_influence": influence,
+        "window_distance": windows,
+    }
+
+
+def keep_layers(importance: dict, num_layers: int) -> list[int]:
+    """The `num_layers` layers to keep: all but the contiguous block of least angular distance, never
+    the first or the last layer."""
+    total = importance["layers"]
+    if not 2 <= num_layers <= total:
+        raise DistillError(f"cannot keep {num_layers} of {total} layers by importance (2 to {total})")
+    n = total - num_layers
+    if n == 0:
+        return list(range(total))
+    distance = importance["window_distance"].get(n) or importance["window_distance"].get(str(n))
+    if distance is None:
+        raise DistillError(f"no window distances for dropping {n} layers")
+    # windows that keep layer 0 and layer total - 1: starts 1 .. total - 1 - n
+    start = min(range(1, total - n), key=lambda s: distance[s])
+    return [*range(start), *range(start + n, total)]

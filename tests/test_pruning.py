@@ -1,0 +1,80 @@
+"""Layer importance for pruning (distill/pruning.py), on tiny Llamas built here."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill.errors import DistillError
+
+
+def tiny_llama(layers: int = 6, identity: tuple[int, ...] = (), seed: int = 0):
+    """A random Llama (GQA, tied embeddings) whose `identity` layers add nothing to the residual stream
+    (their attention output and MLP down projections are zero)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for i in identity:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+BLOCKS = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10], [60, 3, 33, 7, 47, 11, 50, 12, 13]]
+
+
+def test_hidden_states_hold_every_layer_boundary_over_the_real_tokens_only():
+    from distill.pruning import hidden_states
+
+    states = hidden_states(tiny_llama(layers=4), BLOCKS, batch_size=2)
+    assert tuple(states.shape) == (5, sum(map(len, BLOCKS)), 32)
+
+
+def test_a_layer_that_adds_nothing_has_no_influence_and_its_block_is_the_one_dropped():
+    from distill.pruning import keep_layers, layer_importance
+
+    importance = layer_importance(tiny_llama(identity=(2, 3)), BLOCKS, drop=[1, 2, 3])
+    influence = importance["block_influence"]
+    assert importance["layers"] == 6 and importance["tokens"] == sum(map(len, BLOCKS))
+    assert influence[2] < 1e-6 and influence[3] < 1e-6
+    assert min(influence[i] for i in (0, 1, 4, 5)) > 1e-3
+    assert importance["window_distance"][2][2] < 1e-3  # skipping layers 2-3 skips nothing
+    assert keep_layers(importance, 4) == [0, 1, 4, 5]
+    assert keep_layers(importance, 5) in ([0, 1, 3, 4, 5], [0, 1, 2, 4, 5])
+    assert keep_layers(importance, 6) == list(range(6))
+
+
+def test_the_first_and_the_last_layer_are_kept_even_when_they_matter_least():
+    from distill.pruning import keep_layers, layer_importance
+
+    importance = layer_importance(tiny_llama(identity=(0, 5)), BLOCKS, drop=[1])
+    assert importance["block_influence"][0] < 1e-6 and importance["block_influence"][5] < 1e-6
+    kept = keep_layers(importance, 5)
+    assert kept[0] == 0 and kept[-1] == 5 and len(kept) == 5
+
+
+def test_importance_is_deterministic_for_a_calibration_set():
+    from distill.pruning import layer_importance
+
+    model = tiny_llama(seed=1)
+    first = layer_importance(model, BLOCKS, drop=[2])
+    assert layer_importance(model, BLOCKS, drop=[2]) == first
+    assert layer_importance(model, BLOCKS[:2], drop=[2]) != first  # and it depends on the blocks
+
+
+def test_impossible_cuts_are_one_line():
+    from distill.pruning import keep_layers, layer_importance
+
+    model = tiny_llama(layers=4)
+    with pytest.raises(DistillError, match="cannot drop 4 of 4 layers"):
+        layer_importance(model, BLOCKS, drop=[4])
+    importance = layer_importance(model, BLOCKS, drop=[1])
+    with pytest.raises(DistillError, match=r"cannot keep 1 of 4 layers by importance \(2 to 4\)"):
+        keep_layers(importance, 1)
+    with pytest.raises(DistillError, match="no window distances for dropping 2 layers"):
+        keep_layers(importance, 2)
