@@ -93,11 +93,22 @@ class CutConfig(Section):
     """The student as a subset of the teacher's decoder layers (depth pruning), with the teacher's
     embeddings, final norm and head."""
 
-    num_layers: int | None = Field(
-        None, gt=0, description="Keep this many layers, evenly spaced from the first to the last."
-    )
+    num_layers: int | None = Field(None, gt=0, description="Keep this many layers, chosen as `select` says.")
     layers: list[int] | None = Field(
         None, description="Keep exactly these layers (0-based, increasing) instead of num_layers."
+    )
+    select: Literal["even", "importance"] = Field(
+        "even",
+        description="How num_layers are chosen: `even`, evenly spaced from the first layer to the last; "
+        "`importance`, the teacher's first and last layers kept and the contiguous block between them whose "
+        "input and output hidden states are closest in angle dropped, measured on calibration text "
+        "(distill.pruning; the scores are kept in the student's distill-cut.json).",
+    )
+    calibration: int = Field(
+        32,
+        gt=0,
+        description="select: importance: corpus train documents (up to data.seq_len tokens each) "
+        "the teacher's hidden states are measured on.",
     )
 
     @field_validator("layers")
@@ -112,7 +123,11 @@ class CutConfig(Section):
     @model_validator(mode="after")
     def _one_choice(self) -> CutConfig:
         if (self.num_layers is None) == (self.layers is None):
-            raise ValueError("set exactly one of num_layers (evenly spaced) or layers (a list)")
+            raise ValueError("set exactly one of num_layers (chosen by `select`) or layers (a list)")
+        if self.layers is not None and self.select != "even":
+            raise ValueError(
+                f"select: {self.select} chooses num_layers layers; a layers list is chosen already"
+            )
         return self
 
 

@@ -73,10 +73,15 @@ class Corpus:
         return [json.loads(line)["text"] for line in self.split_path(split).read_text().splitlines()]
 
 
+def corpus_root(cfg: DataConfig, cache_dir: Path) -> Path:
+    """Where the corpus described by `cfg` is (or will be) prepared; writes nothing."""
+    key = hash_json({"format": CORPUS_FORMAT, "source": _source_identity(cfg), **_split_settings(cfg)})[:16]
+    return Path(cache_dir) / "corpus" / key
+
+
 def prepare_corpus(cfg: DataConfig, cache_dir: Path) -> Corpus:
     """Build (or reuse) the corpus described by `cfg` under `cache_dir/corpus/<key>/`."""
-    key = hash_json({"format": CORPUS_FORMAT, "source": _source_identity(cfg), **_split_settings(cfg)})[:16]
-    root = Path(cache_dir) / "corpus" / key
+    root = corpus_root(cfg, cache_dir)
     remove_stale_temps(root.parent)
     if (root / "manifest.json").exists():
         return Corpus(root)

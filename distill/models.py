@@ -136,22 +136,36 @@ def cut_layers(total: int, cut, field: str = "student.cut") -> list[int]:
     return [round(i * (total - 1) / (cut.num_layers - 1)) for i in range(cut.num_layers)]
 
 
-def cut_dir(fingerprint: dict, layers: list[int], dtype: str, cache_dir: Path) -> Path:
+def cut_dir(
+    fingerprint: dict, layers: list[int], dtype: str, cache_dir: Path, chosen: dict | None = None
+) -> Path:
+    """Where the cut is cached: by the teacher's weights, the layers, the dtype and, for layers a
+    selection chose (student.cut.select), how it chose them."""
     from distill.artifacts import hash_json
 
-    return (
-        Path(cache_dir) / "cuts" / hash_json({"teacher": fingerprint, "layers": layers, "dtype": dtype})[:16]
-    )
+    key = {"teacher": fingerprint, "layers": layers, "dtype": dtype}
+    if chosen:
+        key["chosen"] = {"select": chosen["select"], "calibration": chosen["calibration"]}
+    return Path(cache_dir) / "cuts" / hash_json(key)[:16]
 
 
-def made_cut(teacher: Path, layers: list[int], dtype: str, cache_dir: Path) -> Path | None:
+def chosen_cut(cut, layers: list[int]):
+    """The cut as the list of layers a selection (student.cut.select) chose."""
+    return cut.model_copy(update={"layers": layers, "num_layers": None, "select": "even"})
+
+
+def made_cut(
+    teacher: Path, layers: list[int], dtype: str, cache_dir: Path, chosen: dict | None = None
+) -> Path | None:
     """The cut of `layers` already made from the teacher at `teacher`, or None; writes nothing."""
     fingerprint = model_fingerprint(teacher, cache_dir, remember=False)
-    out = fingerprint and cut_dir(fingerprint, layers, dtype, cache_dir)
+    out = fingerprint and cut_dir(fingerprint, layers, dtype, cache_dir, chosen)
     return out if out and (out / "distill-cut.json").is_file() else None
 
 
-def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> Path:
+def cut_student(
+    teacher: Path, cut, dtype: str, cache_dir: Path, log=print, chosen: dict | None = None
+) -> Path:
     """A model directory holding the teacher's embeddings, final norm, head and the decoder layers `cut`
     keeps, renumbered 0..N-1 (read tensor by tensor from the teacher's safetensors files: the teacher is
     never built as a model); cached under `<cache>/cuts/` by the teacher's weights, the layers and dtype."""
@@ -172,9 +186,9 @@ def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> P
         raise DistillError(
             f"student.cut: {teacher} has no num_hidden_layers or no safetensors weights to cut layers from"
         )
-    keep = cut_layers(total, cut)
+    keep = cut_layers(total, chosen_cut(cut, chosen["layers"]) if chosen else cut)
     fingerprint = model_fingerprint(teacher, cache_dir)
-    out = cut_dir(fingerprint, keep, dtype, cache_dir)
+    out = cut_dir(fingerprint, keep, dtype, cache_dir, chosen)
     if (out / "distill-cut.json").is_file():
         return out
     log(f"student.cut: the teacher's layers {keep} ({len(keep)} of {total}) into {out}")
@@ -206,8 +220,9 @@ def cut_student(teacher: Path, cut, dtype: str, cache_dir: Path, log=print) -> P
                 shutil.copy2(extra, tmp / extra.name)
         atomic_write_json(
             tmp / "distill-cut.json",
-            {"teacher": str(teacher), "teacher_layers": total, "layers": keep, "dtype": dtype, **fingerprint},
-        )
+            {"teacher": str(teacher), "teacher_layers": total, "layers": keep, "dtype": dtype, **fingerprint,
+             **({"chosen": chosen} if chosen else {})},
+        )  # fmt: skip
     return out
 
 
@@ -241,7 +256,14 @@ def local_models(recipe, convert: bool = True, log=print):
     student, _ = local(student, "student.model")
     if student.cut is not None:
         if convert:
-            path = cut_student(Path(teacher.model), student.cut, dtype_of(student), recipe.cache_path, log)
+            chosen = None
+            if student.cut.select == "importance":
+                from distill.pruning import importance_choice
+
+                chosen = importance_choice(Path(teacher.model), student.cut, recipe, log)
+            path = cut_student(
+                Path(teacher.model), student.cut, dtype_of(student), recipe.cache_path, log, chosen
+            )
             student = student.model_copy(update={"model": str(path), "cut": None})
         else:  # the layer count from the GGUF header or config.json, without cutting anything
             import json
@@ -253,10 +275,17 @@ def local_models(recipe, convert: bool = True, log=print):
                     (check_model_dir(teacher.model, "teacher.model") / "config.json").read_text()
                 ).get("num_hidden_layers", 0)
             )
-            keep = cut_layers(total, student.cut)
+            keep = cut_layers(total, student.cut)  # checks the count whatever selects the layers
+            chosen, on_disk = None, not gguf.is_gguf(teacher.model)
+            if student.cut.select == "importance":
+                from distill.pruning import check_keep, known_choice
+
+                check_keep(total, student.cut)
+                chosen = known_choice(Path(teacher.model), student.cut, recipe) if on_disk else None
+                keep = chosen["layers"] if chosen else None
             # the cut every stage uses once it has been made (so a dry run of a finished run skips them)
-            if not gguf.is_gguf(teacher.model) and (done := made_cut(Path(teacher.model), keep, dtype_of(student),
-                                                          recipe.cache_path)):  # fmt: skip
+            if keep and on_disk and (done := made_cut(Path(teacher.model), keep, dtype_of(student),
+                                                      recipe.cache_path, chosen)):  # fmt: skip
                 student = student.model_copy(update={"model": str(done), "cut": None})
     return recipe.model_copy(update={"teacher": teacher, "student": student})
 

@@ -16,6 +16,7 @@ distance. Dropping one middle block keeps far more of SmolLM2-135M than spacing 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from distill.errors import DistillError
 
@@ -87,3 +88,112 @@ def keep_layers(importance: dict, num_layers: int) -> list[int]:
     # windows that keep layer 0 and layer total - 1: starts 1 .. total - 1 - n
     start = min(range(1, total - n), key=lambda s: distance[s])
     return [*range(start), *range(start + n, total)]
+
+
+# --------------------------------------------------------------------------- student.cut.select: importance
+
+IMPORTANCE_FORMAT = 1
+
+
+def importance_choice(teacher: Path, cut, recipe, log=print) -> dict:
+    """The layers `cut` (select: importance) keeps of the teacher at `teacher`, and why: the importance
+    measured on `cut.calibration` corpus train documents, cached under `<cache>/importance/` by the
+    teacher's weights and the calibration text. Goes into the cut student's distill-cut.json."""
+    from distill.artifacts import atomic_write_json, read_json
+    from distill.corpus import prepare_corpus
+    from distill.models import check_model_dir, model_fingerprint
+
+    teacher = check_model_dir(teacher, "teacher.model")
+    total = check_count(teacher, cut)
+    corpus = prepare_corpus(recipe.data, recipe.cache_path)
+    calibration = calibration_of(cut, recipe, corpus.text_hash)
+    path = _cache_file(model_fingerprint(teacher, recipe.cache_path), calibration, recipe.cache_path)
+    drop = total - cut.num_layers
+    known = read_json(path) if path.is_file() else None
+    if known is None or (drop and str(drop) not in known["window_distance"]):
+        # measured once per teacher and calibration text; each new size adds its window distances
+        importance = measure_importance(teacher, corpus, calibration, drop, log)
+        importance["window_distance"] = {
+            **(known or {}).get("window_distance", {}),
+            **importance["window_distance"],
+        }
+        atomic_write_json(path, importance)
+        known = importance
+    return {"select": "importance", "layers": keep_layers(known, cut.num_layers),
+            "calibration": calibration, "importance": known}  # fmt: skip
+
+
+def known_choice(teacher: Path, cut, recipe) -> dict | None:
+    """What importance_choice returns, where everything it needs was measured before, else None;
+    writes nothing (dry runs)."""
+    from distill.artifacts import read_json
+    from distill.corpus import Corpus, corpus_root
+    from distill.models import model_fingerprint
+
+    total = check_count(teacher, cut)
+    root = corpus_root(recipe.data, recipe.cache_path)
+    fingerprint = model_fingerprint(teacher, recipe.cache_path, remember=False)
+    if fingerprint is None or not (root / "manifest.json").is_file():
+        return None
+    calibration = calibration_of(cut, recipe, Corpus(root).text_hash)
+    path = _cache_file(fingerprint, calibration, recipe.cache_path)
+    known = read_json(path) if path.is_file() else None
+    drop = total - cut.num_layers
+    if known is None or (drop and str(drop) not in known["window_distance"]):
+        return None
+    return {"select": "importance", "layers": keep_layers(known, cut.num_layers),
+            "calibration": calibration, "importance": known}  # fmt: skip
+
+
+def check_count(teacher: Path, cut) -> int:
+    """The teacher's layer count, once the number `cut` keeps is one importance can choose."""
+    import json
+
+    total = json.loads((teacher / "config.json").read_text()).get("num_hidden_layers")
+    check_keep(total if isinstance(total, int) else 0, cut)
+    return total
+
+
+def check_keep(total: int, cut) -> None:
+    if cut.num_layers > total:
+        raise DistillError(
+            f"student.cut.num_layers: {cut.num_layers} layers asked for, the teacher has {total}"
+        )
+    if cut.num_layers < 2:
+        raise DistillError(
+            "student.cut.num_layers: select: importance keeps the first and the last layer, so 2 or more"
+        )
+
+
+def calibration_of(cut, recipe, corpus_hash: str) -> dict:
+    return {"documents": cut.calibration, "max_tokens": recipe.data.seq_len, "corpus": corpus_hash}
+
+
+def _cache_file(fingerprint: dict, calibration: dict, cache_dir: Path) -> Path:
+    from distill.artifacts import hash_json
+
+    key = {"format": IMPORTANCE_FORMAT, "teacher": fingerprint, **calibration}
+    return Path(cache_dir) / "importance" / f"{hash_json(key)[:16]}.json"
+
+
+def measure_importance(teacher: Path, corpus, calibration: dict, drop: int, log=print) -> dict:
+    import torch
+
+    from distill.heldout import Documents
+    from distill.models import load_causal_lm
+    from distill.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(teacher)
+    docs = Documents.encode(
+        corpus.texts("train"), tokenizer, calibration["max_tokens"], calibration["documents"]
+    )
+    if not docs.ids:
+        raise DistillError(
+            "student.cut.select: importance: the corpus's train split has no text to calibrate on"
+        )
+    log(f"student.cut: measuring the teacher's layer importance on {len(docs.ids)} corpus train documents")
+    # NOTE: fp32 whatever the recipe's dtype: angles between nearly parallel hidden states need the precision.
+    model = load_causal_lm(teacher, "teacher.model", torch.float32)
+    importance = layer_importance(model, docs.ids, drop=[drop] if drop else [])
+    importance["window_distance"] = {str(n): d for n, d in importance["window_distance"].items()}
+    return importance

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from distill.errors import DistillError
 
 
-def tiny_llama(layers: int = 6, identity: tuple[int, ...] = (), seed: int = 0):
+def tiny_llama(layers: int = 6, identity: tuple[int, ...] = (), seed: int = 0, vocab_size: int = 64):
     """A random Llama (GQA, tied embeddings) whose `identity` layers add nothing to the residual stream
     (their attention output and MLP down projections are zero)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
@@ -78,3 +80,78 @@ def test_impossible_cuts_are_one_line():
         keep_layers(importance, 1)
     with pytest.raises(DistillError, match="no window distances for dropping 2 layers"):
         keep_layers(importance, 2)
+
+
+# --------------------------------------------------------------------------- student.cut.select: importance
+
+
+@pytest.fixture(scope="module")
+def hollow_teacher(prepared, tmp_path_factory):
+    """A 6-layer Llama with the corpus's tokenizer whose layers 2 and 3 add nothing, saved as a model
+    directory."""
+    from distill.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    model = tiny_llama(identity=(2, 3), vocab_size=len(tokenizer))
+    out = tmp_path_factory.mktemp("hollow-teacher")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def cut_recipe(teacher, cache_dir, tmp_path, *overrides):
+    from distill.config import load_recipe
+    from tests.conftest import MICRO, TINY
+
+    return load_recipe(TINY, [*MICRO, f"runs_dir={tmp_path / 'runs'}", f"cache_dir={cache_dir}", "teacher.tiny=null",
+                              f"teacher.model={teacher}", "student.tiny=null", *overrides])  # fmt: skip
+
+
+def test_a_cut_chosen_by_importance_drops_the_layers_that_do_nothing(hollow_teacher, cache_dir, tmp_path):
+    """The importance-chosen student is the teacher without its two hollow layers: it computes exactly what
+    the teacher computes; its distill-cut.json says how the layers were chosen; a dry run, which writes
+    nothing, plans with it once it is made."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import local_models
+
+    recipe = cut_recipe(hollow_teacher, cache_dir, tmp_path, "student.cut.num_layers=4",
+                        "student.cut.select=importance", "student.cut.calibration=8")  # fmt: skip
+    before = set((cache_dir / "importance").glob("*")) if (cache_dir / "importance").exists() else set()
+    planned = local_models(recipe, convert=False)
+    assert planned.student.cut.select == "importance" and planned.student.model is None
+    assert (
+        set((cache_dir / "importance").glob("*")) if (cache_dir / "importance").exists() else set()
+    ) == before
+    made = Path(local_models(recipe, log=lambda line: None).student.model)
+    record = json.loads((made / "distill-cut.json").read_text())
+    assert record["layers"] == [0, 1, 4, 5] and record["chosen"]["select"] == "importance"
+    assert record["chosen"]["calibration"]["documents"] == 8
+    assert record["chosen"]["importance"]["block_influence"][2] < 1e-6
+    assert local_models(recipe, convert=False).student.model == str(made)
+
+    ids = torch.tensor([[1, 7, 42, 99, 5, 63, 12, 8]])
+    teacher = AutoModelForCausalLM.from_pretrained(str(hollow_teacher), dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(made), dtype=torch.float32).eval()
+    assert student.config.num_hidden_layers == 4
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_impossible_importance_cuts_are_one_line_and_nothing_is_written(hollow_teacher, cache_dir, tmp_path):
+    from distill.models import local_models
+
+    with pytest.raises(DistillError, match=r"student\.cut.*a layers list is chosen already"):
+        cut_recipe(
+            hollow_teacher, cache_dir, tmp_path, "student.cut.layers=[0,5]", "student.cut.select=importance"
+        )
+    for count, message in ((7, "7 layers asked for, the teacher has 6"), (1, "so 2 or more")):
+        recipe = cut_recipe(hollow_teacher, cache_dir, tmp_path, f"student.cut.num_layers={count}",
+                            "student.cut.select=importance")  # fmt: skip
+        for convert in (False, True):
+            with pytest.raises(DistillError, match=rf"student\.cut\.num_layers: .*{message}"):
+                local_models(recipe, convert=convert)
+    assert not (tmp_path / "runs").exists()
