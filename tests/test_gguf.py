@@ -166,8 +166,8 @@ def test_prepare_records_the_cut_as_the_students_model(five_layers, cache_dir, t
     args = [*MICRO, f"runs_dir={runs}", "teacher.tiny=null", f"teacher.model={five_layers}", "student.tiny=null",
             f"cache_dir={cache_dir}"]  # fmt: skip
     # a dry run before the cut is made names the cut, and makes nothing
-    planned = local_models(load_recipe(TINY, [*args, "student.cut.num_layers=3"]), convert=False)
-    assert planned.student.cut.num_layers == 3 and planned.student.model is None
+    planned = local_models(load_recipe(TINY, [*args, "student.cut.layers=[1,2,3]"]), convert=False)
+    assert planned.student.cut.layers == [1, 2, 3] and planned.student.model is None
     out = run_cli("prepare", TINY, *args, "student.cut.num_layers=2")
     assert out.returncode == 0, out.stderr
     recipe = load_recipe(runs / "tiny" / "recipe.yaml")
