@@ -3,9 +3,10 @@ layers), each set against the teacher on held-out text, in one run.
 
     .venv/bin/python bench/cut_layers.py [--documents 24 --tokens 256]
 
-- Cuts: evenly spaced (what `student.cut.num_layers` gives), chosen by importance (distill.pruning:
-  the contiguous block of least angular distance between its input and output hidden states, on
-  `--calibration` corpus train documents, dropped) and "first a + last b" (one contiguous middle block
+- Cuts: evenly spaced (what `student.cut.num_layers` gives), chosen by importance (distill.pruning,
+  `select: importance`: the contiguous block of least angular distance between its input and output
+  hidden states, on `--calibration` corpus train documents, dropped), chosen by KL (`select: kl`: the
+  block whose removal moves the teacher's next-token distribution least on those documents, dropped) and "first a + last b" (one contiguous middle block
   dropped) at 10, 12, 15 and 20 layers, plus the splits that keep the first layers and the last one or
   two.
 - Each cut holds the teacher's embeddings, final norm, head and kept decoder layers, in order: the
@@ -46,6 +47,7 @@ def cuts(total: int, importance: dict) -> dict[str, list[int]]:
     for n in SIZES:
         out[f"even {n}"] = cut_layers(total, SimpleNamespace(layers=None, num_layers=n))
         out[f"importance {n}"] = keep_layers(importance, n)
+        out[f"kl {n}"] = keep_layers(importance, n, by="kl")
     for first, last in ((5, 5), (4, 6), (3, 7), (3, 9), (4, 8), (2, 10), (7, 8), (5, 10), (10, 10)):
         out[f"first {first} + last {last}"] = [*range(first), *range(total - last, total)]
     for first, last in ((8, 2), (9, 1), (11, 1)):
@@ -119,7 +121,7 @@ def main() -> int:
     from distill.config import load_recipe
     from distill.heldout import Documents, measure, outside_documents, summarize
     from distill.models import local_models
-    from distill.pruning import layer_importance
+    from distill.pruning import layer_importance, window_kl
     from distill.stages.prepare import prepare
 
     # the GGUF converted (cached); a run directory of its own, so that a real run's is never touched
@@ -135,6 +137,7 @@ def main() -> int:
     # the teacher's layer importance on calibration text: corpus train documents, apart from those measured
     calibration = Documents.encode(data.corpus.texts("train"), tokenizer, args.tokens, args.calibration)
     importance = layer_importance(teacher, calibration.ids, drop=[total - n for n in SIZES])
+    importance["window_kl"] = {total - n: window_kl(teacher, calibration.ids, total - n) for n in SIZES}
     rows = {"teacher": {"layers": list(range(total)), **{
         s: summarize(measure(teacher, None, d)) for s, d in docs.items()}}}  # fmt: skip
     started = time.perf_counter()

@@ -436,7 +436,8 @@ def block_cut_layers(page: Page) -> list[str]:
         f"{teacher['outside']['bits_per_byte']:.2f} bits per byte. `importance N` keeps N layers chosen by "
         "`distill.pruning`: the contiguous block whose input and output hidden states are closest in angle, "
         f"on {r['calibration']['documents']} corpus train documents ({num(r['calibration']['tokens'])} tokens), "
-        "is dropped, the first and last layers kept.",
+        "is dropped, the first and last layers kept. `kl N` (`select: kl`) drops instead the block whose "
+        "removal moves the teacher's next-token distribution least on those documents.",
         "",
         "| layers kept | count | test bits/byte | outside bits/byte | KL | top-1 |",
         "|---|---|---|---|---|---|",
@@ -470,8 +471,11 @@ def block_smollm2(page: Page) -> list[str]:
             if rerun
             else ""
         )
-        + (". Per pipeline stage of the full run (its manifest's seconds):" if rerun else
-           ". Per pipeline stage (the manifest's seconds):"),
+        + (
+            ". Per pipeline stage of the full run (its manifest's seconds):"
+            if rerun
+            else ". Per pipeline stage (the manifest's seconds):"
+        ),
         "",
         "| " + " | ".join(name for name, _ in slowest) + " |",
         "|" + "---|" * len(slowest),

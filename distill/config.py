@@ -97,12 +97,13 @@ class CutConfig(Section):
     layers: list[int] | None = Field(
         None, description="Keep exactly these layers (0-based, increasing) instead of num_layers."
     )
-    select: Literal["even", "importance"] = Field(
+    select: Literal["even", "importance", "kl"] = Field(
         "even",
         description="How num_layers are chosen: `even`, evenly spaced from the first layer to the last; "
         "`importance`, the teacher's first and last layers kept and the contiguous block between them whose "
-        "input and output hidden states are closest in angle dropped, measured on calibration text "
-        "(distill.pruning; the scores are kept in the student's distill-cut.json).",
+        "input and output hidden states are closest in angle dropped; `kl`, the block whose removal moves the "
+        "teacher's next-token distribution least (full-vocabulary KL, each candidate measured: slower) "
+        "dropped. Both measured on calibration text (distill.pruning; the scores are kept in the student's distill-cut.json).",
     )
     calibration: int = Field(
         32,

@@ -257,7 +257,7 @@ def local_models(recipe, convert: bool = True, log=print):
     if student.cut is not None:
         if convert:
             chosen = None
-            if student.cut.select == "importance":
+            if student.cut.select != "even":
                 from distill.pruning import importance_choice
 
                 chosen = importance_choice(Path(teacher.model), student.cut, recipe, log)
@@ -277,7 +277,7 @@ def local_models(recipe, convert: bool = True, log=print):
             )
             keep = cut_layers(total, student.cut)  # checks the count whatever selects the layers
             chosen, on_disk = None, not gguf.is_gguf(teacher.model)
-            if student.cut.select == "importance":
+            if student.cut.select != "even":
                 from distill.pruning import check_keep, known_choice
 
                 check_keep(total, student.cut)

@@ -73,20 +73,56 @@ def layer_importance(model, blocks: list[list[int]], drop: list[int] | None = No
     }
 
 
-def keep_layers(importance: dict, num_layers: int) -> list[int]:
-    """The `num_layers` layers to keep: all but the contiguous block of least angular distance, never
-    the first or the last layer."""
+def window_kl(model, blocks: list[list[int]], drop: int) -> list[float | None]:
+    """Per start s: the mean full-vocabulary KL(model || model without its layers s .. s + drop - 1), nats
+    per token over the calibration blocks, for the windows that keep the first and the last layer (None
+    elsewhere): how far dropping each block moves the teacher's next-token distribution, which is what
+    distillation has to win back; measured, where the angles only estimate it."""
+    import torch
+
+    from distill.losses import _kl
+
+    layers, total = model.model.layers, model.config.num_hidden_layers
+    was_training = model.training
+    model.eval()
+
+    def log_probs(ids: list[int]):
+        # NOTE: no KV cache: its layer slots follow the full model's layer indices. fp32 log-softmax.
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)
+
+    kl: list[float | None] = [None] * (total - drop + 1)
+    try:
+        with torch.no_grad():
+            reference = [log_probs(ids) for ids in blocks]  # one at a time: no padding to mask
+            for start in range(1, total - drop):
+                kept = [layer for i, layer in enumerate(layers) if not start <= i < start + drop]
+                model.model.layers, model.config.num_hidden_layers = torch.nn.ModuleList(kept), len(kept)
+                summed = sum(
+                    _kl(p, log_probs(ids)).sum().item() for p, ids in zip(reference, blocks, strict=True)
+                )
+                kl[start] = summed / sum(len(ids) for ids in blocks)
+    finally:
+        model.model.layers, model.config.num_hidden_layers = layers, total
+        model.train(was_training)
+    return kl
+
+
+def keep_layers(importance: dict, num_layers: int, by: str = "angle") -> list[int]:
+    """The `num_layers` layers to keep: all but the contiguous block of least angular distance (`by`
+    angle) or whose removal moves the teacher's distribution least (`by` kl), never the first or the last
+    layer."""
     total = importance["layers"]
     if not 2 <= num_layers <= total:
         raise DistillError(f"cannot keep {num_layers} of {total} layers by importance (2 to {total})")
     n = total - num_layers
     if n == 0:
         return list(range(total))
-    distance = importance["window_distance"].get(n) or importance["window_distance"].get(str(n))
-    if distance is None:
-        raise DistillError(f"no window distances for dropping {n} layers")
+    table = importance.get("window_kl" if by == "kl" else "window_distance", {})
+    scores = table.get(n) or table.get(str(n))
+    if scores is None:
+        raise DistillError(f"no window {'KLs' if by == 'kl' else 'distances'} for dropping {n} layers")
     # windows that keep layer 0 and layer total - 1: starts 1 .. total - 1 - n
-    start = min(range(1, total - n), key=lambda s: distance[s])
+    start = min(range(1, total - n), key=lambda s: scores[s])
     return [*range(start), *range(start + n, total)]
 
 
@@ -96,8 +132,8 @@ IMPORTANCE_FORMAT = 1
 
 
 def importance_choice(teacher: Path, cut, recipe, log=print) -> dict:
-    """The layers `cut` (select: importance) keeps of the teacher at `teacher`, and why: the importance
-    measured on `cut.calibration` corpus train documents, cached under `<cache>/importance/` by the
+    """The layers `cut` (select: importance or kl) keeps of the teacher at `teacher`, and why: what
+    was measured on `cut.calibration` corpus train documents, cached under `<cache>/importance/` by the
     teacher's weights and the calibration text. Goes into the cut student's distill-cut.json."""
     from distill.artifacts import atomic_write_json, read_json
     from distill.corpus import prepare_corpus
@@ -110,17 +146,14 @@ def importance_choice(teacher: Path, cut, recipe, log=print) -> dict:
     path = _cache_file(model_fingerprint(teacher, recipe.cache_path), calibration, recipe.cache_path)
     drop = total - cut.num_layers
     known = read_json(path) if path.is_file() else None
-    if known is None or (drop and str(drop) not in known["window_distance"]):
-        # measured once per teacher and calibration text; each new size adds its window distances
-        importance = measure_importance(teacher, corpus, calibration, drop, log)
-        importance["window_distance"] = {
-            **(known or {}).get("window_distance", {}),
-            **importance["window_distance"],
-        }
-        atomic_write_json(path, importance)
-        known = importance
-    return {"select": "importance", "layers": keep_layers(known, cut.num_layers),
-            "calibration": calibration, "importance": known}  # fmt: skip
+    if not _has(known, cut.select, drop):
+        # measured once per teacher and calibration text; each new size or method adds its windows
+        fresh = measure_importance(teacher, corpus, calibration, drop, cut.select == "kl", log)
+        for table in ("window_distance", "window_kl"):
+            fresh[table] = {**(known or {}).get(table, {}), **fresh.get(table, {})}
+        atomic_write_json(path, fresh)
+        known = fresh
+    return _choice(known, cut, calibration)
 
 
 def known_choice(teacher: Path, cut, recipe) -> dict | None:
@@ -138,11 +171,17 @@ def known_choice(teacher: Path, cut, recipe) -> dict | None:
     calibration = calibration_of(cut, recipe, Corpus(root).text_hash)
     path = _cache_file(fingerprint, calibration, recipe.cache_path)
     known = read_json(path) if path.is_file() else None
-    drop = total - cut.num_layers
-    if known is None or (drop and str(drop) not in known["window_distance"]):
-        return None
-    return {"select": "importance", "layers": keep_layers(known, cut.num_layers),
-            "calibration": calibration, "importance": known}  # fmt: skip
+    return _choice(known, cut, calibration) if _has(known, cut.select, total - cut.num_layers) else None
+
+
+def _has(known: dict | None, select: str, drop: int) -> bool:
+    table = "window_kl" if select == "kl" else "window_distance"
+    return known is not None and (drop == 0 or str(drop) in known.get(table, {}))
+
+
+def _choice(importance: dict, cut, calibration: dict) -> dict:
+    layers = keep_layers(importance, cut.num_layers, by="kl" if cut.select == "kl" else "angle")
+    return {"select": cut.select, "layers": layers, "calibration": calibration, "importance": importance}
 
 
 def check_count(teacher: Path, cut) -> int:
@@ -176,7 +215,7 @@ def _cache_file(fingerprint: dict, calibration: dict, cache_dir: Path) -> Path:
     return Path(cache_dir) / "importance" / f"{hash_json(key)[:16]}.json"
 
 
-def measure_importance(teacher: Path, corpus, calibration: dict, drop: int, log=print) -> dict:
+def measure_importance(teacher: Path, corpus, calibration: dict, drop: int, kl: bool, log=print) -> dict:
     import torch
 
     from distill.heldout import Documents
@@ -196,4 +235,7 @@ def measure_importance(teacher: Path, corpus, calibration: dict, drop: int, log=
     model = load_causal_lm(teacher, "teacher.model", torch.float32)
     importance = layer_importance(model, docs.ids, drop=[drop] if drop else [])
     importance["window_distance"] = {str(n): d for n, d in importance["window_distance"].items()}
+    if kl and drop:
+        log(f"student.cut: measuring the KL to the teacher without each block of {drop} layers")
+        importance["window_kl"] = {str(drop): window_kl(model, docs.ids, drop)}
     return importance

@@ -107,7 +107,10 @@ def cut_recipe(teacher, cache_dir, tmp_path, *overrides):
                               f"teacher.model={teacher}", "student.tiny=null", *overrides])  # fmt: skip
 
 
-def test_a_cut_chosen_by_importance_drops_the_layers_that_do_nothing(hollow_teacher, cache_dir, tmp_path):
+@pytest.mark.parametrize("select", ["importance", "kl"])
+def test_a_cut_chosen_by_importance_drops_the_layers_that_do_nothing(
+    select, hollow_teacher, cache_dir, tmp_path
+):
     """The importance-chosen student is the teacher without its two hollow layers: it computes exactly what
     the teacher computes; its distill-cut.json says how the layers were chosen; a dry run, which writes
     nothing, plans with it once it is made."""
@@ -119,18 +122,21 @@ def test_a_cut_chosen_by_importance_drops_the_layers_that_do_nothing(hollow_teac
     from distill.models import local_models
 
     recipe = cut_recipe(hollow_teacher, cache_dir, tmp_path, "student.cut.num_layers=4",
-                        "student.cut.select=importance", "student.cut.calibration=8")  # fmt: skip
+                        f"student.cut.select={select}", "student.cut.calibration=8")  # fmt: skip
     before = set((cache_dir / "importance").glob("*")) if (cache_dir / "importance").exists() else set()
     planned = local_models(recipe, convert=False)
-    assert planned.student.cut.select == "importance" and planned.student.model is None
+    assert planned.student.cut.select == select and planned.student.model is None
     assert (
         set((cache_dir / "importance").glob("*")) if (cache_dir / "importance").exists() else set()
     ) == before
     made = Path(local_models(recipe, log=lambda line: None).student.model)
     record = json.loads((made / "distill-cut.json").read_text())
-    assert record["layers"] == [0, 1, 4, 5] and record["chosen"]["select"] == "importance"
+    assert record["layers"] == [0, 1, 4, 5] and record["chosen"]["select"] == select
     assert record["chosen"]["calibration"]["documents"] == 8
     assert record["chosen"]["importance"]["block_influence"][2] < 1e-6
+    if select == "kl":  # every block measured; dropping the hollow one moves nothing
+        kl = record["chosen"]["importance"]["window_kl"]["2"]
+        assert min((v, s) for s, v in enumerate(kl) if v is not None)[1] == 2 and abs(kl[2]) < 1e-6
     assert local_models(recipe, convert=False).student.model == str(made)
 
     ids = torch.tensor([[1, 7, 42, 99, 5, 63, 12, 8]])
@@ -155,3 +161,23 @@ def test_impossible_importance_cuts_are_one_line_and_nothing_is_written(hollow_t
             with pytest.raises(DistillError, match=rf"student\.cut\.num_layers: .*{message}"):
                 local_models(recipe, convert=convert)
     assert not (tmp_path / "runs").exists()
+
+
+def test_window_kl_measures_the_model_without_each_block_and_puts_it_back():
+    """Dropping the two layers that add nothing moves nothing (KL 0); every other block moves the
+    distribution; the model is whole again afterwards."""
+    import torch
+
+    from distill.pruning import window_kl
+
+    model = tiny_llama(identity=(2, 3))
+    x = torch.tensor([BLOCKS[0]])
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    kl = window_kl(model, BLOCKS, drop=2)
+    assert len(kl) == 5 and kl[0] is None and kl[-1] is None  # the first and the last layer stay
+    assert abs(kl[2]) < 1e-6
+    assert all(v > 1e-4 for s, v in enumerate(kl) if v is not None and s != 2)
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, before)
