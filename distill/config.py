@@ -90,8 +90,9 @@ class TeacherConfig(Section):
 
 
 class CutConfig(Section):
-    """The student as a subset of the teacher's decoder layers (depth pruning), with the teacher's
-    embeddings, final norm and head."""
+    """The student as a part of the teacher: a subset of its decoder layers (depth pruning) and/or of
+    the channels and heads inside them (width pruning), with the teacher's embeddings, final norm and head
+    cut to match."""
 
     num_layers: int | None = Field(None, gt=0, description="Keep this many layers, chosen as `select` says.")
     layers: list[int] | None = Field(
@@ -108,8 +109,31 @@ class CutConfig(Section):
     calibration: int = Field(
         32,
         gt=0,
-        description="select: importance: corpus train documents (up to data.seq_len tokens each) "
-        "the teacher's hidden states are measured on.",
+        description="Corpus train documents (up to data.seq_len tokens each) the teacher's layer and "
+        "channel importance is measured on (select: importance or kl, and width targets).",
+    )
+    hidden_size: int | None = Field(
+        None,
+        gt=0,
+        description="Width: keep this many residual (embedding) channels, those of largest mean |activation| "
+        "at the teacher's norms; a multiple of the head dimension. Tied embeddings stay tied.",
+    )
+    intermediate_size: int | None = Field(
+        None,
+        gt=0,
+        description="Width: keep this many MLP channels per layer, those of largest mean |activation|.",
+    )
+    num_heads: int | None = Field(
+        None,
+        gt=0,
+        description="Width: keep this many attention (query) heads per layer, the same number in every kept "
+        "KV group (those of largest mean output norm); a multiple of num_kv_heads.",
+    )
+    num_kv_heads: int | None = Field(
+        None,
+        gt=0,
+        description="Width: keep this many KV groups per layer, whole, with their query heads (the groups "
+        "whose heads' outputs are largest). Default: the teacher's.",
     )
 
     @field_validator("layers")
@@ -123,13 +147,32 @@ class CutConfig(Section):
 
     @model_validator(mode="after")
     def _one_choice(self) -> CutConfig:
-        if (self.num_layers is None) == (self.layers is None):
-            raise ValueError("set exactly one of num_layers (chosen by `select`) or layers (a list)")
+        if self.num_layers is not None and self.layers is not None:
+            raise ValueError("set one of num_layers (chosen by `select`) or layers (a list), not both")
+        if self.num_layers is None and self.layers is None and not self.width:
+            raise ValueError(
+                "set num_layers or layers (depth) and/or hidden_size, intermediate_size, num_heads, "
+                "num_kv_heads (width)"
+            )
+        if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}: every "
+                "KV group keeps the same number of query heads"
+            )
         if self.layers is not None and self.select != "even":
             raise ValueError(
                 f"select: {self.select} chooses num_layers layers; a layers list is chosen already"
             )
+        if self.num_layers is None and self.select != "even":
+            raise ValueError(f"select: {self.select} chooses num_layers layers; set num_layers")
         return self
+
+    @property
+    def width(self) -> dict[str, int]:
+        """The width targets that are set (config.json key: value)."""
+        keys = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}  # fmt: skip
+        return {key: getattr(self, name) for name, key in keys.items() if getattr(self, name) is not None}
 
 
 class StudentConfig(Section):

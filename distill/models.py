@@ -6,6 +6,7 @@ from pathlib import Path
 
 from distill.config import TinyModelConfig
 from distill.errors import DistillError
+from distill.pruning import measured
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -122,7 +123,9 @@ LAYER_PREFIX = "model.layers."
 
 def cut_layers(total: int, cut, field: str = "student.cut") -> list[int]:
     """The teacher layers a student keeps: `cut.layers`, or `cut.num_layers` evenly spaced from the first
-    layer to the last (a CutConfig)."""
+    layer to the last, or all of them (a width-only CutConfig)."""
+    if cut.layers is None and cut.num_layers is None:
+        return list(range(total))
     if cut.layers is not None:
         if cut.layers[-1] >= total:
             raise DistillError(
@@ -146,6 +149,8 @@ def cut_dir(
     key = {"teacher": fingerprint, "layers": layers, "dtype": dtype}
     if chosen:
         key["chosen"] = {"select": chosen["select"], "calibration": chosen["calibration"]}
+        if chosen.get("width"):
+            key["chosen"]["width"] = chosen["width"]
     return Path(cache_dir) / "cuts" / hash_json(key)[:16]
 
 
@@ -167,8 +172,10 @@ def cut_student(
     teacher: Path, cut, dtype: str, cache_dir: Path, log=print, chosen: dict | None = None
 ) -> Path:
     """A model directory holding the teacher's embeddings, final norm, head and the decoder layers `cut`
-    keeps, renumbered 0..N-1 (read tensor by tensor from the teacher's safetensors files: the teacher is
-    never built as a model); cached under `<cache>/cuts/` by the teacher's weights, the layers and dtype."""
+    keeps, renumbered 0..N-1, and inside them the channels and heads `chosen["kept"]` keeps (width; see
+    distill.pruning): read tensor by tensor from the teacher's safetensors files (the teacher is never
+    built as a model); cached under `<cache>/cuts/` by the teacher's weights, the layers, dtype and
+    how they were chosen."""
     import json
     import shutil
 
@@ -191,8 +198,15 @@ def cut_student(
     out = cut_dir(fingerprint, keep, dtype, cache_dir, chosen)
     if (out / "distill-cut.json").is_file():
         return out
-    log(f"student.cut: the teacher's layers {keep} ({len(keep)} of {total}) into {out}")
+    plan = chosen.get("kept") if chosen else None
+    widths = "".join(f", {k} {v}" for k, v in (chosen or {}).get("width", {}).items())
+    log(f"student.cut: the teacher's layers {keep} ({len(keep)} of {total}){widths} into {out}")
     renumber = {old: new for new, old in enumerate(keep)}
+    if plan:
+        from distill.pruning import head_dim, prune_tensor, pruned_config
+
+        d = head_dim(config)
+        config = pruned_config(config, plan)
     remove_stale_temps(out.parent)
     with atomic_directory(out) as tmp:
         tensors = {}
@@ -206,7 +220,10 @@ def cut_student(
                         name_out = f"{LAYER_PREFIX}{renumber[int(index)]}.{rest}"
                     else:
                         name_out = name
-                    tensors[name_out] = weights.get_tensor(name).to(getattr(torch, dtype)).contiguous()
+                    tensor = weights.get_tensor(name)
+                    if plan:
+                        tensor = prune_tensor(name_out, tensor, plan, d)
+                    tensors[name_out] = tensor.to(getattr(torch, dtype)).contiguous()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config["num_hidden_layers"] = len(keep)
         config["dtype"] = dtype
@@ -257,7 +274,7 @@ def local_models(recipe, convert: bool = True, log=print):
     if student.cut is not None:
         if convert:
             chosen = None
-            if student.cut.select != "even":
+            if measured(student.cut):
                 from distill.pruning import importance_choice
 
                 chosen = importance_choice(Path(teacher.model), student.cut, recipe, log)
@@ -277,10 +294,13 @@ def local_models(recipe, convert: bool = True, log=print):
             )
             keep = cut_layers(total, student.cut)  # checks the count whatever selects the layers
             chosen, on_disk = None, not gguf.is_gguf(teacher.model)
-            if student.cut.select != "even":
-                from distill.pruning import check_keep, known_choice
+            if measured(student.cut):
+                from distill.pruning import check_cut, check_keep, known_choice
 
-                check_keep(total, student.cut)
+                if student.cut.select != "even":
+                    check_keep(total, student.cut)
+                if on_disk:
+                    check_cut(Path(teacher.model), student.cut)
                 chosen = known_choice(Path(teacher.model), student.cut, recipe) if on_disk else None
                 keep = chosen["layers"] if chosen else None
             # the cut every stage uses once it has been made (so a dry run of a finished run skips them)

@@ -181,3 +181,186 @@ def test_window_kl_measures_the_model_without_each_block_and_puts_it_back():
     assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, before)
+
+
+# --------------------------------------------------------------------------- width
+
+
+def gqa_llama(vocab_size: int = 64, seed: int = 0):
+    """A random 3-layer Llama: 4 query heads in 2 KV groups (head dim 16), width 64, 48 MLP channels, tied."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                         tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gqa_teacher(prepared, tmp_path_factory):
+    """gqa_llama with the corpus's tokenizer, in which nothing flows through KV group 1 (its value rows are
+    zero, so heads 2 and 3 output nothing) nor through MLP channels 0-15 (zero up rows), saved as a model
+    directory."""
+    import torch
+
+    from distill.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    model = gqa_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[16:32].zero_()
+            layer.mlp.up_proj.weight[:16].zero_()
+    out = tmp_path_factory.mktemp("gqa-teacher")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_width_pruned_student_equals_a_hand_built_one(gqa_teacher, cache_dir):
+    """Kept residual channels, MLP channels, KV groups and query heads gathered from every tensor they
+    appear in, the layers renumbered, the head dim kept and the embeddings still tied: the pruned
+    directory computes what a model assembled by hand from the teacher's slices computes."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from distill.config import CutConfig
+    from distill.models import cut_student
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(gqa_teacher), dtype=torch.float32).eval()
+    hidden = [c for c in range(64) if c % 5]  # 51 of 64 ... cut to a multiple of the head dim below
+    hidden = hidden[:48]
+    mlp = {0: list(range(8, 40)), 2: list(range(16, 48))}
+    kv = {0: [1], 2: [0]}
+    heads = {0: [2, 3], 2: [0, 1]}
+    kept = {
+        "hidden": hidden,
+        "mlp": [mlp[0], mlp[2]],
+        "kv_heads": [kv[0], kv[2]],
+        "heads": [heads[0], heads[2]],
+    }
+    cut = CutConfig(layers=[0, 2], hidden_size=48, intermediate_size=32, num_heads=2, num_kv_heads=1)
+    chosen = {
+        "select": "even",
+        "layers": [0, 2],
+        "calibration": {"hand": True},
+        "width": cut.width,
+        "kept": kept,
+    }
+    out = cut_student(gqa_teacher, cut, "float32", cache_dir, log=lambda _: None, chosen=chosen)
+    student = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+
+    config = LlamaConfig(**{**teacher.config.to_dict(), "hidden_size": 48, "intermediate_size": 32,
+                            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1})  # fmt: skip
+    reference = LlamaForCausalLM(config).eval()
+
+    def rows_of(head_list):
+        return [h * 16 + j for h in head_list for j in range(16)]
+
+    t = teacher.model
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.copy_(t.embed_tokens.weight[:, hidden])
+        reference.model.norm.weight.copy_(t.norm.weight[hidden])
+        for new, old in enumerate((0, 2)):
+            a, b = reference.model.layers[new], t.layers[old]
+            a.input_layernorm.weight.copy_(b.input_layernorm.weight[hidden])
+            a.post_attention_layernorm.weight.copy_(b.post_attention_layernorm.weight[hidden])
+            a.self_attn.q_proj.weight.copy_(b.self_attn.q_proj.weight[rows_of(heads[old])][:, hidden])
+            a.self_attn.k_proj.weight.copy_(b.self_attn.k_proj.weight[rows_of(kv[old])][:, hidden])
+            a.self_attn.v_proj.weight.copy_(b.self_attn.v_proj.weight[rows_of(kv[old])][:, hidden])
+            a.self_attn.o_proj.weight.copy_(b.self_attn.o_proj.weight[hidden][:, rows_of(heads[old])])
+            a.mlp.gate_proj.weight.copy_(b.mlp.gate_proj.weight[mlp[old]][:, hidden])
+            a.mlp.up_proj.weight.copy_(b.mlp.up_proj.weight[mlp[old]][:, hidden])
+            a.mlp.down_proj.weight.copy_(b.mlp.down_proj.weight[hidden][:, mlp[old]])
+    assert student.config.head_dim == 16 and student.config.tie_word_embeddings
+    assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 7, 42, 99, 5, 63, 12, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_width_importance_finds_what_carries_nothing_and_pruning_it_changes_nothing(
+    gqa_teacher, cache_dir, tmp_path
+):
+    """Measured on calibration text, KV group 1 (with its query heads 2 and 3) and MLP channels 0-15 carry
+    nothing, so the student without them computes exactly what the teacher computes; distill-cut.json
+    records what was kept and the scores."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import local_models
+
+    recipe = cut_recipe(gqa_teacher, cache_dir, tmp_path, "student.cut.num_kv_heads=1",
+                        "student.cut.intermediate_size=32", "student.cut.calibration=8")  # fmt: skip
+    assert local_models(recipe, convert=False).student.model is None  # a dry run measures nothing
+    made = Path(local_models(recipe, log=lambda line: None).student.model)
+    record = json.loads((made / "distill-cut.json").read_text())
+    kept = record["chosen"]["kept"]
+    assert record["layers"] == [0, 1, 2] and kept["hidden"] is None
+    assert kept["kv_heads"] == [[0]] * 3 and kept["heads"] == [[0, 1]] * 3
+    assert kept["mlp"] == [list(range(16, 48))] * 3
+    scores = record["chosen"]["importance"]["width"]
+    assert all(max(row[2:]) == 0 and min(row[:2]) > 0 for row in scores["heads"])
+    assert all(max(row[:16]) == 0 and min(row[16:]) > 0 for row in scores["mlp"])
+    assert local_models(recipe, convert=False).student.model == str(made)  # planned with, once made
+
+    ids = torch.tensor([[1, 7, 42, 99, 5, 63, 12, 8]])
+    teacher = AutoModelForCausalLM.from_pretrained(str(gqa_teacher), dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(made), dtype=torch.float32).eval()
+    assert (student.config.num_attention_heads, student.config.num_key_value_heads) == (2, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_channels_that_every_norm_silences_are_the_ones_dropped():
+    import torch
+
+    from distill.config import CutConfig
+    from distill.pruning import width_importance, width_plan
+
+    model = gqa_llama()
+    dead = [3, 17, 40, 63]
+    with torch.no_grad():
+        for norm in [model.model.norm] + [n for layer in model.model.layers
+                                          for n in (layer.input_layernorm, layer.post_attention_layernorm)]:  # fmt: skip
+            norm.weight[dead] = 0.0
+    importance = width_importance(model, BLOCKS)
+    assert [importance["hidden"][c] for c in dead] == [0.0] * 4 and min(importance["hidden"]) == 0.0
+    plan = width_plan(importance, model.config.to_dict(), CutConfig(hidden_size=48), [0, 1, 2])
+    assert len(plan["hidden"]) == 48 and not set(dead) & set(plan["hidden"])
+    assert plan["hidden"] == sorted(plan["hidden"]) and plan["mlp"] is None and plan["heads"] is None
+
+
+def test_width_importance_is_deterministic_for_a_calibration_set():
+    from distill.pruning import width_importance
+
+    model = gqa_llama(seed=1)
+    first = width_importance(model, BLOCKS)
+    assert width_importance(model, BLOCKS) == first
+    assert width_importance(model, BLOCKS[:2]) != first
+
+
+def test_impossible_width_targets_are_one_line_and_nothing_is_written(gqa_teacher, cache_dir, tmp_path):
+    from distill.models import local_models
+
+    with pytest.raises(DistillError, match="num_heads 3 is not divisible by num_kv_heads 2"):
+        cut_recipe(gqa_teacher, cache_dir, tmp_path, "student.cut.num_heads=3", "student.cut.num_kv_heads=2")
+    cases = {
+        "student.cut.hidden_size=40": r"student\.cut\.hidden_size: 40 is not a multiple of the head dimension 16",
+        "student.cut.num_heads=3": r"student\.cut\.num_heads: 3 heads are not divisible by the 2 KV groups",
+        "student.cut.intermediate_size=64": r"student\.cut\.intermediate_size: 64 asked for, the teacher has 48",
+        "student.cut.hidden_size=80": r"student\.cut\.hidden_size: 80 asked for, the teacher has 64",
+        "student.cut.num_kv_heads=3": r"student\.cut\.num_kv_heads: 3 asked for, the teacher has 2",
+    }
+    cuts = set((cache_dir / "cuts").glob("*")) if (cache_dir / "cuts").exists() else set()
+    for override, message in cases.items():
+        recipe = cut_recipe(gqa_teacher, cache_dir, tmp_path, override)
+        for convert in (False, True):
+            with pytest.raises(DistillError, match=message):
+                local_models(recipe, convert=convert)
+    assert not (tmp_path / "runs").exists()
+    assert (set((cache_dir / "cuts").glob("*")) if (cache_dir / "cuts").exists() else set()) == cuts
