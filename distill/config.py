@@ -331,6 +331,31 @@ class OnPolicyConfig(Section):
     retries: int = Field(3, gt=0, description="Tries per teacher request before training stops.")
 
 
+class HiddenConfig(Section):
+    """Hidden-state distillation: the student's layer outputs pulled towards the teacher's, beside the
+    logit loss. Needs the teacher model in the training processes (loaded there, frozen)."""
+
+    pairs: list[list[int]] = Field(
+        description="[student layer, teacher layer] pairs (0-based): the output of the student's layer is "
+        "matched to the output of the teacher's.",
+        min_length=1,
+    )
+    loss: Literal["cosine", "mse"] = Field(
+        "cosine",
+        description="cosine: 1 - cosine similarity per position; mse: mean squared difference per channel.",
+    )
+    weight: float = Field(1.0, gt=0, description="Weight of the hidden-state loss beside the logit loss.")
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, pairs: list[list[int]]) -> list[list[int]]:
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"{pairs}: each pair is [student layer, teacher layer]")
+        if any(i < 0 for p in pairs for i in p):
+            raise ValueError(f"{pairs}: layer indices are 0-based, so >= 0")
+        return pairs
+
+
 class TrainConfig(Section):
     loss: Literal["ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = (
         Field("forward_kl", description="Training objective; ce is the SFT baseline on the same sequences.")
@@ -373,6 +398,11 @@ class TrainConfig(Section):
     save_every: int = Field(50, gt=0, description="Checkpoint every N steps (and at the end).")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
     log_every: int = Field(10, gt=0, description="Metrics log interval in steps.")
+    hidden: HiddenConfig | None = Field(
+        None,
+        description="Also distil hidden states (layer pairs, with a learned linear projection where the "
+        "widths differ, dropped from the exported student); offline training only.",
+    )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distribution.")
     on_policy: OnPolicyConfig = Field(
         default_factory=OnPolicyConfig, description="On-policy distillation (train.mode=on_policy)."
@@ -391,6 +421,15 @@ class TrainConfig(Section):
             raise ValueError(
                 "tail: sample needs the teacher's own samples; on-policy sequences are the student's "
                 "(use tail: bucket)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _hidden_states_offline(self):
+        if self.hidden is not None and self.mode == "on_policy":
+            raise ValueError(
+                "hidden: the hidden-state loss trains on the teacher store's sequences (mode: offline); "
+                "on-policy sequences are scored by a teacher server, which returns no hidden states"
             )
         return self
 
@@ -415,6 +454,7 @@ class PretrainConfig(TrainConfig):
     tail: Literal["bucket"] = Field(
         "bucket", description="Unused by pretraining (cross-entropy has no tail)."
     )
+    hidden: None = Field(None, exclude=True, description="Unused by pretraining.")
 
 
 class GateCriterion(Section):

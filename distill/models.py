@@ -243,12 +243,54 @@ def cut_student(
     return out
 
 
+# --------------------------------------------------------------------------- train.hidden's layer pairs
+
+
+def check_hidden_pairs(pairs: list[list[int]], student_layers: int, teacher_layers: int) -> None:
+    """One line for a pair naming a layer the student or the teacher does not have."""
+    for s, t in pairs:
+        if s >= student_layers:
+            raise DistillError(
+                f"train.hidden.pairs: student layer {s} does not exist (the student has {student_layers} "
+                f"layers, 0-{student_layers - 1})"
+            )
+        if t >= teacher_layers:
+            raise DistillError(
+                f"train.hidden.pairs: teacher layer {t} does not exist (the teacher has {teacher_layers} "
+                f"layers, 0-{teacher_layers - 1})"
+            )
+
+
+def check_hidden(recipe) -> None:
+    """check_hidden_pairs with the layer counts the recipe's models have (or will have: an unmade cut, a GGUF
+    file, a tiny model), before anything is written."""
+    if recipe.train.hidden is None:
+        return
+    import json
+
+    from distill import gguf
+
+    def layers_of(section, field: str) -> int:
+        if section.model is None:
+            return section.tiny.num_layers
+        if gguf.is_gguf(section.model):
+            return gguf.inspect(gguf.locate(section.model, field), field).layers
+        config = json.loads((check_model_dir(section.model, field) / "config.json").read_text())
+        return config["num_hidden_layers"]
+
+    teacher = layers_of(recipe.teacher, "teacher.model")
+    cut = recipe.student.cut
+    student = len(cut_layers(teacher, cut)) if cut is not None else layers_of(recipe.student, "student.model")
+    check_hidden_pairs(recipe.train.hidden.pairs, student, teacher)
+
+
 def local_models(recipe, convert: bool = True, log=print):
     """The recipe with teacher.model and student.model as Hugging Face directories every stage loads by
     path: a .gguf file converted once (distill.gguf), student.cut made from the teacher (cut_student).
     With convert False (dry runs) they are only checked, and nothing is written."""
     from distill import gguf
 
+    check_hidden(recipe)
     teacher, student = recipe.teacher, recipe.student
     if not (gguf.is_gguf(teacher.model) or gguf.is_gguf(student.model) or student.cut is not None):
         return recipe

@@ -155,6 +155,45 @@ def test_lora_under_zero3_exports_the_same_adapter_as_one_process(store_runs, tm
     )
 
 
+@pytest.mark.slow
+def test_the_hidden_state_loss_trains_alike_under_ddp_zero2_and_zero3_and_its_projection_is_not_exported(
+    store_runs, tmp_path
+):
+    """train.hidden with a student narrower than the teacher (64 against 128: a learned projection):
+    2 processes of each mode follow the single-process run step by step (the hidden loss included), and
+    every exported student is the plain student: no projection weights, which the checkpoints keep."""
+    from transformers import AutoModelForCausalLM
+
+    base = ("train", "train.max_steps=4", "train.lr=3e-3", "train.warmup_steps=1", "train.log_every=1",
+            "train.save_every=4", "train.eval_every=4", "student.tiny.hidden_size=64",
+            "train.hidden={pairs: [[0, 1]], loss: mse, weight: 0.5}", "--no-progress")  # fmt: skip
+    single = fresh_run(store_runs, tmp_path / "single")
+    out = distill(*base, "train.batch_size=8", runs=single)
+    assert out.returncode == 0, out.stderr[-3000:]
+    student = single / "tiny" / "student"
+    checkpoint = load_file(student / "checkpoints" / "step-000004" / "model.safetensors")
+    assert tuple(checkpoint["projections.0.weight"].shape) == (128, 64)
+    want = read_metrics(student / "metrics.jsonl")
+    assert all(r["loss_hidden"] > 0 for r in want if "loss" in r)
+    wa = load_file(student / "final" / "model.safetensors")
+    assert not any("projection" in k for k in wa)
+    assert AutoModelForCausalLM.from_pretrained(student / "final").config.hidden_size == 64
+    for mode in MODES:
+        runs = fresh_run(store_runs, tmp_path / mode)
+        out = distill(
+            *base, "train.batch_size=4", *MODES[mode], "train.distributed.num_processes=2", runs=runs
+        )
+        assert out.returncode == 0, f"{mode}: " + out.stderr[-3000:]
+        got = read_metrics(runs / "tiny" / "student" / "metrics.jsonl")
+        for a, b in zip(want, got, strict=True):
+            if "loss" in a:
+                assert b["loss_hidden"] == pytest.approx(a["loss_hidden"], rel=1e-4), mode
+                assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), mode
+        wb = load_file(runs / "tiny" / "student" / "final" / "model.safetensors")
+        assert wa.keys() == wb.keys(), mode
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa), mode
+
+
 def test_zero3_recipe_under_a_launch_that_is_not_distributed_is_refused_before_training(store_runs, tmp_path):
     runs = fresh_run(store_runs, tmp_path)
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")

@@ -63,8 +63,11 @@ def student_stores(run: Run) -> tuple[Path | None, Path | None]:
 
 
 def _preflight(run: Run) -> tuple[Path | None, Path | None]:
+    from distill.training import hidden
+
     if run.recipe.student.model:  # fail on a bad path before any training
         check_model_dir(run.recipe.student.model, "student.model")
+    hidden.setup(run.recipe.train, run.teacher if run.has_teacher else None, run.recipe.student.model)
     return student_stores(run)
 
 
@@ -180,6 +183,8 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
         return with_lora(model, recipe.student.lora) if recipe.student.lora else model
 
     texts, dense_teacher = heldout_validation(run)
+    from distill.training import hidden
+
     with teacher_service(run) as url:
         source, held_out = on_policy_source(run, url) if url else (None, None)
         job = TrainJob.from_recipe(
@@ -197,6 +202,7 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
             val_prompts=held_out,
             heldout=texts,
             heldout_teacher=dense_teacher,
+            hidden=hidden.setup(recipe.train, run.teacher if run.has_teacher else None, recipe.student.model),
         )
         result = loop.train(job)
     if is_main_process():
@@ -288,7 +294,7 @@ def train_teacher(recipe: RecipeConfig) -> str:
     return "pretrain" if recipe.train.mode == "on_policy" else "ready"
 
 
-BASELINE_OVERRIDES = ["train.loss=ce", "train.output=baseline", "train.mode=offline"]
+BASELINE_OVERRIDES = ["train.loss=ce", "train.output=baseline", "train.mode=offline", "train.hidden=null"]
 
 
 def pipeline_stages(recipe: RecipeConfig) -> list:
@@ -302,7 +308,9 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
     layout = RunDir(recipe.run_dir)
     baseline = recipe.model_copy(
         update={
-            "train": recipe.train.model_copy(update={"loss": "ce", "output": "baseline", "mode": "offline"})
+            "train": recipe.train.model_copy(
+                update={"loss": "ce", "output": "baseline", "mode": "offline", "hidden": None}
+            )
         }
     )
 

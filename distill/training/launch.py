@@ -18,6 +18,7 @@ import os
 import shlex
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,18 @@ def is_zero3(accelerator) -> bool:
         accelerator.distributed_type == DistributedType.DEEPSPEED
         and accelerator.state.deepspeed_plugin.zero_stage == 3
     )
+
+
+@contextmanager
+def outside_zero3():
+    """Within it, transformers loads plain models, not ones ZeRO-3's zero.Init partitions across the
+    processes (a frozen model loaded beside a ZeRO-3 student, such as train.hidden's teacher, must run on
+    its own). Accelerate's context for this keeps transformers' ZeRO-3 config alive, so it does not."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

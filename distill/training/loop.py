@@ -53,6 +53,7 @@ class TrainJob:
     val_prompts: list[list[int]] | None = None  # held-out prompts for val_acceptance (on-policy runs)
     heldout: dict[str, list[str]] = field(default_factory=dict)  # name -> texts: held-out bits per byte
     heldout_teacher: Path | None = None  # a teacher small enough to load: dense KL and top-1 on them
+    hidden: Any = None  # a hidden.HiddenSetup when train.hidden is set
     model_settings: dict[str, Any] = field(default_factory=dict)  # what build_model builds (for resume)
     device: str = "cpu"
     mixed_precision: str = "no"
@@ -169,14 +170,19 @@ def next_token_labels(input_ids, loss_mask):
     return labels
 
 
-def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float, sampled: bool = False):
+def micro_batch_loss(
+    model, batch: dict[str, Any], cfg: TrainConfig, scale: float, sampled: bool = False, teacher=None
+):
     """(loss to backward, summed parts for logging, target tokens) of one micro-batch.
 
     The summed loss is multiplied by `scale` before backward (see the loop for what it undoes).
     KD losses need teacher top-k in the batch; `ce` trains on the same positions with hard labels.
     `sampled`: the student sampled these sequences (on-policy); they also give the expected acceptance.
+    `teacher`: a hidden.HiddenTeacher (train.hidden), whose layer outputs the student's are pulled to.
     """
     ids = batch["input_ids"]
+    if teacher is not None:
+        return _with_hidden_loss(model, batch, cfg, scale, teacher)
     logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     if sampled:
         from distill.training.onpolicy import acceptance_sum, sampled_reverse_kl
@@ -189,6 +195,21 @@ def micro_batch_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: floa
         to_backward, parts, n = _loss_on(logits, batch, cfg, scale)
         return to_backward, {**parts, **extra}, n
     return _loss_on(logits, batch, cfg, scale)
+
+
+def _with_hidden_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float, teacher):
+    """The logit loss plus train.hidden's, on the positions the logit loss trains (those with a target)."""
+    from distill.training.hidden import hidden_loss
+
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    out, student_states = model(input_ids=ids, attention_mask=mask, hidden=True)
+    to_backward, parts, n = _loss_on(out.logits, batch, cfg, scale)
+    positions = batch["loss_mask"].clone()
+    positions[:, -1] = False  # the last position predicts nothing
+    summed = hidden_loss(student_states, teacher.states(ids, mask), positions, cfg.hidden.loss)
+    weight = cfg.hidden.weight
+    parts = {**parts, "hidden": summed.item(), "objective": parts["objective"] + weight * summed.item()}
+    return to_backward + summed * (weight * scale), parts, n
 
 
 def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
@@ -299,6 +320,13 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = job.build_model()
     model.config.use_cache = False
+    teacher = None
+    if cfg.hidden is not None:  # the student and its projections train as one module
+        from distill.training.hidden import HiddenTeacher, projected
+
+        model = projected(model, cfg.hidden, job.hidden)
+        dtype = torch.bfloat16 if job.mixed_precision == "bf16" else torch.float32
+        teacher = HiddenTeacher.load(job.hidden, cfg.hidden.pairs, accelerator, dtype)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
@@ -339,7 +367,9 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
             if cfg.mode == "on_policy" and cfg.on_policy.sampler == "vllm":
                 _refresh_sampler(job, accelerator, model, step, out_dir, accelerator.process_index)
             micro, sampled = _micro_batches(job, cfg, data, accelerator, model, step)
-            window, window_tokens = _accumulate(accelerator, model, cfg, micro, sampled, step, out_dir)
+            window, window_tokens = _accumulate(
+                accelerator, model, cfg, micro, sampled, step, out_dir, teacher
+            )
             # (DeepSpeed clipped and stepped inside the last backward; these two then only report / no-op.)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -474,7 +504,7 @@ def _micro_batches(job: TrainJob, cfg: TrainConfig, data: _Data, accelerator, mo
     return micro, sampled
 
 
-def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int, out_dir: Path):
+def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int, out_dir: Path, teacher=None):
     """Forward and backward over the step's micro-batches; (their loss parts, the target tokens of the
     whole window on all processes). A non-finite loss stops before it reaches the weights."""
     # NOTE: every summed loss is divided by the target-token count of the whole window on all
@@ -489,7 +519,7 @@ def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int,
     for batch, is_sampled in zip(micro, sampled, strict=True):
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.accumulate(model):
-            to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled)
+            to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled, teacher)
             # checked on every process before backward, so a NaN never reaches the weights
             (bad,) = _all_reduce_sum(accelerator, [0.0 if math.isfinite(parts["objective"]) else 1.0])
             if bad:
@@ -519,7 +549,7 @@ def _train_row(accelerator, job: TrainJob, window: _Window, state: dict, lr: flo
     elapsed = time.perf_counter() - clock.started
     row: dict[str, Any] = dict(
         loss=sums["objective"] / tokens,
-        **{f"loss_{key}": sums[key] / tokens for key in ("kd", "ce") if key in sums},
+        **{f"loss_{key}": sums[key] / tokens for key in ("kd", "ce", "hidden") if key in sums},
         lr=lr,
         grad_norm=float(grad_norm) if grad_norm is not None else None,
         tokens=state["tokens"],
@@ -555,18 +585,19 @@ def _validate(job: TrainJob, data: _Data, accelerator, model, step: int, state: 
 
 def _export_final(job: TrainJob, accelerator, model, out_dir: Path) -> Path:
     """`out_dir/final` in HF format, written by the main process once every process is done."""
+    from distill.training.hidden import student_of, student_state_dict
     from distill.training.launch import is_zero3
 
     accelerator.wait_for_everyone()
     if is_zero3(accelerator):
         # ZeRO-3 partitions the weights: gather them on the main process into a fresh, plain copy.
-        state_dict = accelerator.get_state_dict(model)
+        state_dict = student_state_dict(accelerator.get_state_dict(model))  # train.hidden's maps dropped
         if accelerator.is_main_process:
             with accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False):
                 export = job.build_model()
             export.load_state_dict(state_dict)
     else:
-        export = accelerator.unwrap_model(model)
+        export = student_of(accelerator.unwrap_model(model))  # train.hidden's maps dropped
     if accelerator.is_main_process:
         _export(export, out_dir, job.tokenizer_dir)
     accelerator.wait_for_everyone()
