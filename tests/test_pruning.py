@@ -364,3 +364,53 @@ def test_impossible_width_targets_are_one_line_and_nothing_is_written(gqa_teache
                 local_models(recipe, convert=convert)
     assert not (tmp_path / "runs").exists()
     assert (set((cache_dir / "cuts").glob("*")) if (cache_dir / "cuts").exists() else set()) == cuts
+
+
+# --------------------------------------------------------------------------- prune, then distill
+
+
+@pytest.mark.slow
+def test_a_two_layer_teacher_pruned_to_one_narrower_layer_is_distilled_and_served_by_distill_run(
+    micro, cache_dir, tmp_path
+):
+    """`distill run` from the micro teacher (2 layers, width 128, 2 heads in 2 KV groups) to a student of
+    its last layer pruned to width 64, one KV group, 128 MLP channels: generate, train a few KD steps with
+    the hidden-state loss through a learned projection, eval, and vLLM serving the pruned student alone."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import MICRO, TEACHER, TINY, teacher_of
+
+    teacher = teacher_of(micro(*TEACHER))
+    runs = tmp_path / "runs"
+    args = [str(TINY), *MICRO, f"runs_dir={runs}", f"cache_dir={cache_dir}", "teacher.tiny=null",
+            f"teacher.model={teacher}", "student.tiny=null", "student.cut.num_layers=1",
+            "student.cut.hidden_size=64", "student.cut.num_heads=1", "student.cut.num_kv_heads=1",
+            "student.cut.intermediate_size=128", "student.cut.calibration=8",
+            "train.hidden={pairs: [[0, 1]], loss: cosine, weight: 0.5}",
+            "teacher.backend=hf", "generate.mode=score", "generate.num_sequences=32", "generate.top_k=16",
+            "generate.validation_sequences=8", "train.max_steps=6", "train.batch_size=8", "train.lr=3e-3",
+            "train.warmup_steps=1", "train.eval_every=6", "train.save_every=6", "eval.backend=hf",
+            "eval.limit=16", "eval.tasks=[distill_ppl]", "eval.gate.criteria=[]", "eval.gate.min_acceptance_rate=null",
+            "serve.bench.setups=[student]", "serve.bench.requests=4", "serve.bench.concurrency=[2]",
+            "serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16", "serve.max_model_len=256",
+            "pipeline.quantize=false", "pipeline.promote=false", "pipeline.sft_baseline=false"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "distill", "run", *args, "--no-progress"],
+                         capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = runs / "tiny"
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    for stage in ("generate", "train", "eval", "bench"):
+        assert manifest[stage]["status"] == "done", stage
+    config = json.loads((run_dir / "student" / "final" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (1, 64, 128)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (1, 1, 64)
+    assert not any("projection" in k for k in load_file(run_dir / "student" / "final" / "model.safetensors"))
+    metrics = [json.loads(line) for line in (run_dir / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_hidden"] > 0 for r in metrics if "loss" in r)
+    served = json.loads((run_dir / "serve" / "bench.json").read_text())["setups"]["student"]
+    level = served["levels"]["2"]  # vLLM loaded the pruned directory and generated with it
+    assert level["errors"] == 0 and level["output_tokens"] == 4 * 8 and served["healthy_after"]
