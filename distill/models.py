@@ -261,27 +261,33 @@ def check_hidden_pairs(pairs: list[list[int]], student_layers: int, teacher_laye
             )
 
 
-def check_hidden(recipe) -> None:
+def check_hidden(recipe, dry: bool = False) -> None:
     """check_hidden_pairs with the layer counts the recipe's models have (or will have: an unmade cut, a GGUF
-    file, a tiny model), before anything is written."""
+    file, a tiny model), before anything is written; a dry run skips models that are not here."""
     if recipe.train.hidden is None:
         return
     import json
 
     from distill import gguf
 
-    def layers_of(section, field: str) -> int:
+    def layers_of(section, field: str) -> int | None:
         if section.model is None:
             return section.tiny.num_layers
         if gguf.is_gguf(section.model):
             return gguf.inspect(gguf.locate(section.model, field), field).layers
+        if dry and not Path(section.model).exists():
+            return None
         config = json.loads((check_model_dir(section.model, field) / "config.json").read_text())
         return config["num_hidden_layers"]
 
     teacher = layers_of(recipe.teacher, "teacher.model")
     cut = recipe.student.cut
-    student = len(cut_layers(teacher, cut)) if cut is not None else layers_of(recipe.student, "student.model")
-    check_hidden_pairs(recipe.train.hidden.pairs, student, teacher)
+    if cut is not None:
+        student = None if teacher is None else len(cut_layers(teacher, cut))
+    else:
+        student = layers_of(recipe.student, "student.model")
+    if teacher is not None and student is not None:
+        check_hidden_pairs(recipe.train.hidden.pairs, student, teacher)
 
 
 def local_models(recipe, convert: bool = True, log=print):
@@ -290,7 +296,7 @@ def local_models(recipe, convert: bool = True, log=print):
     With convert False (dry runs) they are only checked, and nothing is written."""
     from distill import gguf
 
-    check_hidden(recipe)
+    check_hidden(recipe, dry=not convert)
     teacher, student = recipe.teacher, recipe.student
     if not (gguf.is_gguf(teacher.model) or gguf.is_gguf(student.model) or student.cut is not None):
         return recipe
@@ -324,6 +330,8 @@ def local_models(recipe, convert: bool = True, log=print):
                 Path(teacher.model), student.cut, dtype_of(student), recipe.cache_path, log, chosen
             )
             student = student.model_copy(update={"model": str(path), "cut": None})
+        elif not (teacher_info or Path(teacher.model).exists()):
+            pass  # a GPU recipe planned where its teacher is not (the cut is checked where it is made)
         else:  # the layer count from the GGUF header or config.json, without cutting anything
             import json
 

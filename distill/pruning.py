@@ -1,4 +1,5 @@
-"""Which of a teacher's decoder layers a pruned student keeps, measured on calibration text.
+"""What a pruned student keeps of its teacher, its decoder layers and the channels and heads inside them,
+measured on calibration text.
 
 Measures, from the teacher's hidden states (one forward pass over the calibration blocks, fp32):
 - `block_influence[i]`: 1 - the mean cosine similarity between layer i's input and its output, over
@@ -45,11 +46,12 @@ def hidden_states(model, blocks: list[list[int]], batch_size: int = 8):
             mask = torch.zeros((len(seqs), T), dtype=torch.bool)
             for b, s in enumerate(seqs):
                 ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), True
+            ids, mask = ids.to(model.device), mask.to(model.device)
             out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
             # NOTE: the last entry may be the final norm's output rather than the last layer's (it depends
             # on the transformers version); only the last layer's block influence reads it, and windows
             # never reach it since the last layer is always kept.
-            parts.append(torch.stack([h[mask].float() for h in out.hidden_states]))
+            parts.append(torch.stack([h[mask].float().cpu() for h in out.hidden_states]))
     model.train(was_training)
     return torch.cat(parts, dim=1)
 
@@ -96,7 +98,8 @@ def window_kl(model, blocks: list[list[int]], drop: int) -> list[float | None]:
 
     def log_probs(ids: list[int]):
         # NOTE: no KV cache: its layer slots follow the full model's layer indices. fp32 log-softmax.
-        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)
+        x = torch.tensor([ids], device=model.device)
+        return model(input_ids=x, use_cache=False).logits[0].float().log_softmax(-1)
 
     kl: list[float | None] = [None] * (total - drop + 1)
     try:
@@ -161,7 +164,7 @@ def width_importance(model, blocks: list[list[int]]) -> dict:
         def hook(_module, args, output=None):
             x = (args[0] if output is None else output)[0].detach().double()  # (T, width), batch of one
             value = x.view(x.shape[0], heads, d).norm(dim=-1) if per_head else x.abs()
-            (table if row is None else table[row]).add_(value.sum(0))
+            (table if row is None else table[row]).add_(value.sum(0).cpu())
 
         return hook
 
@@ -177,7 +180,7 @@ def width_importance(model, blocks: list[list[int]]) -> dict:
     try:
         with torch.no_grad():
             for ids in blocks:
-                model(input_ids=torch.tensor([ids]), use_cache=False)
+                model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -350,7 +353,7 @@ def importance_choice(teacher: Path, cut, recipe, log=print) -> dict:
     distill-cut.json."""
     from distill.artifacts import atomic_write_json, read_json
     from distill.corpus import prepare_corpus
-    from distill.models import check_model_dir, model_fingerprint
+    from distill.models import check_model_dir, model_fingerprint, resolve_device
 
     teacher = check_model_dir(teacher, "teacher.model")
     config = check_cut(teacher, cut)  # before anything is measured or written
@@ -361,7 +364,9 @@ def importance_choice(teacher: Path, cut, recipe, log=print) -> dict:
     known = read_json(path) if path.is_file() else None
     if not _has(known, cut, drop):
         # measured once per teacher and calibration text; each new size or method adds what it needs
-        fresh = measure_importance(teacher, corpus, calibration, cut, drop, known, log)
+        fresh = measure_importance(
+            teacher, corpus, calibration, cut, drop, known, log, resolve_device(recipe.device)
+        )
         atomic_write_json(path, fresh)
         known = fresh
     return _choice(known, cut, calibration, config)
@@ -456,7 +461,14 @@ def _cache_file(fingerprint: dict, calibration: dict, cache_dir: Path) -> Path:
 
 
 def measure_importance(
-    teacher: Path, corpus, calibration: dict, cut, drop: int, known: dict | None, log=print
+    teacher: Path,
+    corpus,
+    calibration: dict,
+    cut,
+    drop: int,
+    known: dict | None,
+    log=print,
+    device: str = "cpu",
 ) -> dict:
     """`known` (the cached measurements, or None) with what `cut` needs added."""
     import torch
@@ -472,8 +484,10 @@ def measure_importance(
     if not docs.ids:
         raise DistillError("student.cut: the corpus's train split has no text to calibrate importance on")
     out = {"window_distance": {}, "window_kl": {}, **(known or {})}
-    # NOTE: fp32 whatever the recipe's dtype: angles between nearly parallel hidden states need the precision.
-    model = load_causal_lm(teacher, "teacher.model", torch.float32)
+    # NOTE: fp32 whatever the recipe's dtype: angles between nearly parallel hidden states need the
+    # precision. On the recipe's device (a GPU measures Llama 3 8B in minutes; the scores do not depend on it
+    # beyond rounding).
+    model = load_causal_lm(teacher, "teacher.model", torch.float32).to(device)
     if cut.select != "even" and drop and str(drop) not in out["window_distance"]:
         log(
             f"student.cut: measuring the teacher's layer importance on {len(docs.ids)} corpus train documents"
