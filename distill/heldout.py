@@ -186,6 +186,17 @@ def spread(items: list, limit: int | None) -> list:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
+def padded(seqs: list[list[int]], device="cpu"):
+    """(ids, attention mask), both (B, T) long on `device`: the sequences right-padded with zeros."""
+    import torch
+
+    ids = torch.zeros((len(seqs), max(len(s) for s in seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)
+
+
 def measure(
     model, teacher, docs: Documents, batch_size: int = 8, device: str = "cpu"
 ) -> dict[str, list[float]]:
@@ -201,12 +212,7 @@ def measure(
     with torch.no_grad():
         for lo in range(0, len(docs.ids), batch_size):
             seqs = docs.ids[lo : lo + batch_size]
-            T = max(len(s) for s in seqs)
-            ids = torch.zeros((len(seqs), T), dtype=torch.long)
-            mask = torch.zeros((len(seqs), T), dtype=torch.long)
-            for b, s in enumerate(seqs):
-                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = padded(seqs, device)
             # NOTE: fp32 log-softmax over the whole vocabulary on both sides, whatever the model dtype.
             log_q = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
             log_p = None

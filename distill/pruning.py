@@ -35,19 +35,16 @@ def hidden_states(model, blocks: list[list[int]], batch_size: int = 8):
     (each block a list of token ids; padding excluded). Entry i is layer i's input, i + 1 its output."""
     import torch
 
+    from distill.heldout import padded
+
     parts = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for lo in range(0, len(blocks), batch_size):
-            seqs = blocks[lo : lo + batch_size]
-            T = max(len(s) for s in seqs)
-            ids = torch.zeros((len(seqs), T), dtype=torch.long)
-            mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-            for b, s in enumerate(seqs):
-                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), True
-            ids, mask = ids.to(model.device), mask.to(model.device)
-            out = model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+            ids, mask = padded(blocks[lo : lo + batch_size], model.device)
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            mask = mask.bool()
             # NOTE: the last entry may be the final norm's output rather than the last layer's (it depends
             # on the transformers version); only the last layer's block influence reads it, and windows
             # never reach it since the last layer is always kept.
