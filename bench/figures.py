@@ -10,11 +10,12 @@ A generated block is the text between a line `<!-- generated: NAME -->` and the 
 `<!-- end generated -->` in README.md or a page under docs/; NAME is a key of BLOCKS below, whose
 function writes the block from the result files. Every block must appear somewhere and no unknown one
 may, so a figure cannot be dropped or hand-edited unnoticed (tests/test_docs.py runs --check).
-docs/kd-vs-sft.md is written whole, by bench/kd_vs_sft.py's own render().
+docs/kd-vs-sft.md and docs/prune-recovery.md are written whole, by bench/kd_vs_sft.py's and
+bench/prune_recovery.py's own render().
 
 Where the figures come from:
-- bench/results/{kd_loss,kd_vs_sft,onpolicy,onpolicy_vs_offline,teacher_capture,train_processes,
-  train_step}.json: the bench/ scripts of the same names write them;
+- bench/results/{kd_loss,kd_vs_sft,onpolicy,onpolicy_vs_offline,prune_recovery,teacher_capture,
+  train_processes,train_step}.json: the bench/ scripts of the same names write them;
 - bench/results/demo.json: the summary `make demo` prints and its wall times (`record demo`);
 - bench/results/tests.json: the fresh-clone `make test` (`record tests`);
 - bench/results/serve_bench.json: `distill bench serve` and the eval stage's expected acceptance of a
@@ -43,7 +44,11 @@ from figure_blocks import BLOCKS, RESULTS, ROOT, Page, result  # bench/ is on sy
 START = re.compile(r"^<!-- generated: ([\w-]+) -->$")
 END = "<!-- end generated -->"
 BLOCK_START = re.compile(r"([-+*>]|#+|\d+[.)])(\s|$)")
-KD_VS_SFT_PAGE = ROOT / "docs" / "kd-vs-sft.md"
+# pages written whole by a bench script's render(): page -> script (and its results file)
+WHOLE_PAGES = {
+    ROOT / "docs" / "kd-vs-sft.md": "kd_vs_sft",
+    ROOT / "docs" / "prune-recovery.md": "prune_recovery",
+}
 
 
 # --------------------------------------------------------------------------- write and check
@@ -98,19 +103,21 @@ def fill(path: Path, used: set[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def kd_vs_sft_page() -> str:
-    spec = importlib.util.spec_from_file_location("kd_vs_sft", ROOT / "bench" / "kd_vs_sft.py")
+def whole_page(script: str) -> str:
+    """A page written whole by bench/<script>.py's own render(), from bench/results/<script>.json."""
+    spec = importlib.util.spec_from_file_location(script, ROOT / "bench" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.render(result("kd_vs_sft"))
+    return module.render(result(script))
 
 
 def generate() -> dict[Path, str]:
     """Every file that holds generated text, as it should read."""
     used: set[str] = set()
-    texts = {path: fill(path, used) for path in pages() if path != KD_VS_SFT_PAGE}
-    texts[KD_VS_SFT_PAGE] = kd_vs_sft_page()
+    texts = {path: fill(path, used) for path in pages() if path not in WHOLE_PAGES}
+    for path, script in WHOLE_PAGES.items():
+        texts[path] = whole_page(script)
     missing = set(BLOCKS) - used
     if missing:
         raise SystemExit(

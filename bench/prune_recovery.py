@@ -129,8 +129,9 @@ def train_all(cuts_trainings: list[tuple[str, str]], seeds: list[int], run_dir: 
     return seconds
 
 
-def judge(students: dict[str, Path], run_dir: Path, documents: int, done: dict) -> dict:
-    """Per student: per-document figures by source and the expected acceptance; `done` kept as it is."""
+def judge(students: dict[str, Path], run_dir: Path, documents: int, done: dict, save=None) -> dict:
+    """Per student: per-document figures by source and the expected acceptance; `done` kept as it is;
+    `save(figures)` after each student (a killed bench resumes from there)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -168,6 +169,8 @@ def judge(students: dict[str, Path], run_dir: Path, documents: int, done: dict) 
         row["expected_acceptance"] = predict(draft_tokens(path, continuations), continuations, k, 0.0)
         row["parameters"] = sum(p.numel() for p in model.parameters())
         out[name] = row
+        if save:
+            save(out)
         print(f"judged {name} ({time.perf_counter() - started:.0f} s)", flush=True)
     return out
 
@@ -359,8 +362,13 @@ def main() -> None:
     judged_path = run_dir / "bench-prune-recovery-judged.json"  # per-document figures, to re-summarise from
     done = json.loads(judged_path.read_text()) if judged_path.exists() else {}
     done = {k: v for k, v in done.items() if f"bench-{k}" not in seconds}  # retrained: judged anew
-    judged = judge(students, run_dir, args.documents, done)
-    judged_path.write_text(json.dumps(judged))
+    judged = judge(
+        students,
+        run_dir,
+        args.documents,
+        done,
+        save=lambda figures: judged_path.write_text(json.dumps(figures)),
+    )
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     measured = {k: v for k, v in previous.get("measured", {}).items() if f"bench-{k}" not in seconds}
     speed = dict(previous.get("speed", {}))
