@@ -409,6 +409,8 @@ def test_a_two_layer_teacher_pruned_to_one_narrower_layer_is_distilled_and_serve
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (1, 64, 128)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (1, 1, 64)
     assert not any("projection" in k for k in load_file(run_dir / "student" / "final" / "model.safetensors"))
+    kept = json.loads((run_dir / "student" / "final" / "distill-cut.json").read_text())["chosen"]["kept"]
+    assert len(kept["hidden"]) == 64 and kept["kv_heads"] in ([[0]], [[1]]) and len(kept["mlp"][0]) == 128
     metrics = [json.loads(line) for line in (run_dir / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_hidden"] > 0 for r in metrics if "loss" in r)
     served = json.loads((run_dir / "serve" / "bench.json").read_text())["setups"]["student"]

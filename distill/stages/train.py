@@ -206,6 +206,7 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
         )
         result = loop.train(job)
     if is_main_process():
+        _keep_cut_record(recipe.student.model, result.final_dir)
         run.manifest.record(
             "train" if recipe.train.output == "student" else f"train-{recipe.train.output}",
             "done",
@@ -223,6 +224,14 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
             time.perf_counter() - started,
         )
     return result
+
+
+def _keep_cut_record(initial: str | None, final_dir: Path) -> None:
+    """A student cut from its teacher keeps the record of what was kept (distill-cut.json) beside its
+    trained weights."""
+    record = Path(initial) / "distill-cut.json" if initial else None
+    if record is not None and record.is_file() and (final_dir / "config.json").is_file():
+        shutil.copy2(record, final_dir / record.name)
 
 
 def is_main_process() -> bool:
