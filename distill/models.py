@@ -345,13 +345,12 @@ def local_models(recipe, convert: bool = True, log=print):
             keep = cut_layers(total, student.cut)  # checks the count whatever selects the layers
             chosen, on_disk = None, not gguf.is_gguf(teacher.model)
             if measured(student.cut):
-                from distill.pruning import check_cut, check_keep, known_choice
+                from distill.pruning import check_keep, known_choice
 
-                if student.cut.select != "even":
+                if on_disk:  # checks the cut against the teacher's config.json first
+                    chosen = known_choice(Path(teacher.model), student.cut, recipe)
+                elif student.cut.select != "even":  # a GGUF header gives the layer count alone
                     check_keep(total, student.cut)
-                if on_disk:
-                    check_cut(Path(teacher.model), student.cut)
-                chosen = known_choice(Path(teacher.model), student.cut, recipe) if on_disk else None
                 keep = chosen["layers"] if chosen else None
             # the cut every stage uses once it has been made (so a dry run of a finished run skips them)
             if keep and on_disk and (done := made_cut(Path(teacher.model), keep, dtype_of(student),
