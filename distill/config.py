@@ -188,6 +188,15 @@ class StudentConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training dtype; auto = bfloat16 on GPUs, float32 on CPUs."
     )
+    tokenizer: str | None = Field(
+        None,
+        description="The student's own tokenizer when it is not the teacher's: a tokenizer (or model) "
+        "directory, or `corpus` for a byte-level BPE trained on the corpus at student.vocab_size. Needs "
+        "train.cross_tokenizer. Default: student.model's tokenizer, else the run's.",
+    )
+    vocab_size: int | None = Field(
+        None, ge=256, description="Vocabulary of student.tokenizer=corpus (default: data.vocab_size)."
+    )
     lora: LoraConfig | None = Field(None, description="Train PEFT LoRA adapters instead of all weights.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
 
@@ -199,6 +208,14 @@ class StudentConfig(Section):
                 "set exactly one of student.model (a model directory or .gguf file), student.tiny or "
                 f"student.cut (got {' and '.join(given) or 'none'})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _own_tokenizer(self) -> StudentConfig:
+        if self.tokenizer is not None and self.cut is not None:
+            raise ValueError("tokenizer: a student cut from its teacher keeps the teacher's tokenizer")
+        if self.vocab_size is not None and self.tokenizer != "corpus":
+            raise ValueError("vocab_size: only for tokenizer: corpus (a tokenizer trained on the corpus)")
         return self
 
 
@@ -356,6 +373,20 @@ class HiddenConfig(Section):
         return pairs
 
 
+class CrossTokenizerConfig(Section):
+    """Distillation between a teacher and a student with different tokenizers (docs/cross-tokenizer.md):
+    the student re-tokenizes the teacher's text, and the two are compared on byte-aligned spans."""
+
+    method: Literal["byte", "uld"] = Field(
+        "byte",
+        description="byte: on spans where each side has one token, train.loss's divergence over the tokens "
+        "both vocabularies share (one bin for the rest) plus ULD on what lies outside them; on merged spans, "
+        "the probability of the span's bytes by the chain rule plus ULD. uld: Universal Logit Distillation "
+        "(sorted distributions, no shared vocabulary needed) at the first position of every span.",
+    )
+    uld_weight: float = Field(1.0, ge=0, description="Weight of the ULD terms of method byte.")
+
+
 class TrainConfig(Section):
     loss: Literal["ce", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = (
         Field("forward_kl", description="Training objective; ce is the SFT baseline on the same sequences.")
@@ -403,6 +434,11 @@ class TrainConfig(Section):
         description="Also distil hidden states (layer pairs, with a learned linear projection where the "
         "widths differ, dropped from the exported student); offline training only.",
     )
+    cross_tokenizer: CrossTokenizerConfig | None = Field(
+        None,
+        description="Train across tokenizers when the student's differs from the store's teacher's "
+        "(offline, temperature 1); with identical tokenizers the same-tokenizer loss runs unchanged.",
+    )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distribution.")
     on_policy: OnPolicyConfig = Field(
         default_factory=OnPolicyConfig, description="On-policy distillation (train.mode=on_policy)."
@@ -434,6 +470,18 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _cross_tokenizer_offline(self):
+        if self.cross_tokenizer is None:
+            return self
+        if self.mode == "on_policy" or self.hidden is not None or self.temperature != 1.0:
+            raise ValueError(
+                "cross_tokenizer: trains offline on the teacher store's text at temperature 1, without "
+                f"train.hidden (got mode {self.mode}, temperature {self.temperature}, hidden "
+                f"{'set' if self.hidden is not None else 'null'})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sampling_needs_whole_weights(self):
         d = self.distributed
         if self.mode == "on_policy" and d.backend == "deepspeed" and d.zero_stage == 3:
@@ -455,6 +503,7 @@ class PretrainConfig(TrainConfig):
         "bucket", description="Unused by pretraining (cross-entropy has no tail)."
     )
     hidden: None = Field(None, exclude=True, description="Unused by pretraining.")
+    cross_tokenizer: None = Field(None, exclude=True, description="Unused by pretraining.")
 
 
 class GateCriterion(Section):

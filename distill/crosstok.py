@@ -33,7 +33,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,52 +219,66 @@ class Retokenizer:
         self.prefix = [bos] if bos is not None and probe and probe[0] == bos else []
 
     def __call__(self, teacher_ids: list[int], start: int) -> Retokenized:
-        """`start`: the first teacher position with a distribution (over token start + 1)."""
+        """`start`: the first teacher position with a distribution (over token start + 1).
+
+        Bytes that are not whole UTF-8 characters get no student token: a sequence cut from a document
+        may begin inside a character (its first bytes are skipped) or end inside one (its last are), and
+        anything after an invalid byte in the middle is dropped. A sequence longer than the student's
+        context loses prompt tokens from the left first (the student then reads a shorter prompt), then
+        completion tokens from the right. Spans whose student context lost bytes are not used."""
         lengths = [len(self.teacher_bytes[t]) for t in teacher_ids]
         text = b"".join(self.teacher_bytes[t] for t in teacher_ids)
         targets = len(teacher_ids) - 1 - start
-        valid = _valid_utf8_prefix(text)
-        ids = self.student(text[:valid].decode("utf-8"), add_special_tokens=False)["input_ids"]
+        lead = 0
+        while lead < min(3, len(text)) and text[lead] & 0xC0 == 0x80:  # UTF-8 continuation bytes
+            lead += 1
+        end = lead + _valid_utf8_prefix(text[lead:])
+        ids = self.student(text[lead:end].decode("utf-8"), add_special_tokens=False)["input_ids"]
         s_lengths = [len(self.student_bytes[i]) for i in ids]
         spelled = b"".join(self.student_bytes[i] for i in ids)
-        if spelled != text[:valid] and spelled == b" " + text[:valid] and s_lengths and s_lengths[0] >= 1:
+        if spelled != text[lead:end] and spelled == b" " + text[lead:end] and s_lengths and s_lengths[0] >= 1:
             s_lengths[0] -= 1  # SentencePiece's dummy prefix: a space that is not in the text
-        elif spelled != text[:valid]:
-            return Retokenized(self.prefix + ids, [], len(self.prefix), targets, targets)  # nothing aligned
-        if self.prefix and ids[:1] != self.prefix:  # the student's BOS, unless the text begins with it
-            ids, s_lengths = self.prefix + ids, [0] + s_lengths
-        ids, s_lengths = ids[: self.max_length], s_lengths[: self.max_length]
-        spans = [(a, b, c, d) for a, b, c, d in align(lengths, s_lengths) if a - 1 >= start and c >= 1]
+        elif spelled != text[lead:end]:  # a normalizing tokenizer: nothing can be aligned
+            ids = (self.prefix + ids)[: self.max_length]
+            return Retokenized(ids, [], len(self.prefix), targets, targets)
+        # the student's tokens placed on the teacher's bytes: its BOS (no bytes; unless the text begins
+        # with it), then the skipped leading bytes as a placeholder that is no token, then its tokens
+        head = self.prefix if self.prefix and ids[:1] != self.prefix else []
+        skipped = 1 if lead else 0
+        placed = [0] * len(head) + [lead] * skipped + s_lengths
+        spans = [sp for sp in align(lengths, placed) if sp[0] - 1 >= start]
+        completion = int(np.searchsorted(np.cumsum(placed), sum(lengths[: start + 1]), "right"))
+        body = len(head) + skipped  # placed index of the student's first token
+        cut = 0  # prompt tokens dropped from the left, keeping the one that predicts the completion
+        if len(head) + len(ids) > self.max_length:
+            cut = min(len(head) + len(ids) - self.max_length, max(completion - 1 - body, 0))
+        dropped = skipped + cut  # placed entries after the head that the student does not read
+        ids = (head + ids[cut:])[: self.max_length]
+        first = len(head) + dropped if dropped else 0  # the first placed position with its whole context
+        spans = [
+            (a, b, c - dropped, d - dropped)
+            for a, b, c, d in spans
+            if c - 1 >= first and d - dropped <= len(ids)
+        ]
         covered = sum(b - a for a, b, _, _ in spans)
-        completion_bytes = sum(lengths[: start + 1])
-        s_ends = np.cumsum(s_lengths) if s_lengths else np.zeros(0, dtype=np.int64)
-        completion_start = int(np.searchsorted(s_ends, completion_bytes, "right"))
-        return Retokenized(ids, spans, completion_start, targets - covered, targets)
+        return Retokenized(ids, spans, max(completion - dropped, len(head)), targets - covered, targets)
 
 
 # --------------------------------------------------------------------------- batches
 
 
-@dataclass
-class CrossBatch:
-    """A padded batch of student tokens with the aligned spans of its rows, as tensors (N spans)."""
+def collate_cross(captures, retokenizer: Retokenizer, pad_id: int) -> dict[str, Any]:
+    """Store rows (`distill.store.Capture`) -> the student's padded batch, with the N aligned spans of its
+    rows as tensors:
 
-    input_ids: Any  # (B, T)
-    attention_mask: Any  # (B, T)
-    loss_mask: Any  # (B, T): position t predicts a completion token (the CE term's targets)
-    span_rows: Any  # (N,) flat index b * T + (c - 1): the student position that predicts the span
-    topk_ids: Any  # (N, K) the teacher's top-k at the span's first position, as student ids (-1: not shared)
-    topk_logprobs: Any  # (N, K)
-    one_to_one: Any  # (N,) bool
-    chain_rows: Any  # (N, L) flat student positions c - 1 .. d - 2 (0 where padded)
-    chain_ids: Any  # (N, L) the student tokens c .. d - 1 they predict
-    chain_mask: Any  # (N, L)
-    teacher_chain: Any  # (N,) the teacher's log-probability of the span's bytes (its tokens, chain rule)
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-def collate_cross(captures, retokenizer: Retokenizer, pad_id: int) -> CrossBatch:
-    """Store rows (`distill.store.Capture`) -> the student's `CrossBatch`."""
+        input_ids, attention_mask (B, T); loss_mask (B, T): position t predicts a completion token (the
+        CE targets); span_rows (N,): the flat index b * T + (c - 1) of the student position that predicts
+        the span; span_topk_ids, span_topk_logprobs (N, K): the teacher's top-k at the span's first
+        position, as student ids (-1: no student token spells it); span_one_to_one (N,); chain_rows,
+        chain_ids, chain_mask (N, L): the student positions c - 1 .. d - 2 and the tokens c .. d - 1 they
+        predict; teacher_chain (N,): the teacher's log-probability of the span's bytes (its tokens,
+        chain rule); count_spans, count_one_to_one, count_targets, count_unaligned: 0-dim.
+    """
     import torch
 
     seqs = [retokenizer(list(c.input_ids), c.start) for c in captures]
@@ -294,26 +308,23 @@ def collate_cross(captures, retokenizer: Retokenizer, pad_id: int) -> CrossBatch
         chain_rows[i, : len(ids)] = torch.tensor(positions)
         chain_ids[i, : len(ids)] = torch.tensor(ids)
     lengths = torch.tensor([len(ids) for _, ids in chains], dtype=torch.long)
-    counts = {
-        "spans": N,
-        "one_to_one": int(sum(one)),
-        "targets": sum(s.targets for s in seqs),
-        "unaligned": sum(s.unaligned for s in seqs),
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "span_rows": torch.tensor(rows, dtype=torch.long),
+        "span_topk_ids": torch.from_numpy(np.stack(topk_ids)) if N else torch.full((0, K), -1),
+        "span_topk_logprobs": torch.from_numpy(np.stack(topk_logprobs)) if N else torch.zeros((0, K)),
+        "span_one_to_one": torch.tensor(one, dtype=torch.bool),
+        "chain_rows": chain_rows,
+        "chain_ids": chain_ids,
+        "chain_mask": torch.arange(L)[None, :] < lengths[:, None],
+        "teacher_chain": torch.tensor(teacher_chain, dtype=torch.float32),
+        "count_spans": torch.tensor(N),
+        "count_one_to_one": torch.tensor(int(sum(one))),
+        "count_targets": torch.tensor(sum(s.targets for s in seqs)),
+        "count_unaligned": torch.tensor(sum(s.unaligned for s in seqs)),
     }
-    return CrossBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        loss_mask=loss_mask,
-        span_rows=torch.tensor(rows, dtype=torch.long),
-        topk_ids=torch.from_numpy(np.stack(topk_ids)) if N else torch.full((0, K), -1, dtype=torch.long),
-        topk_logprobs=torch.from_numpy(np.stack(topk_logprobs)) if N else torch.zeros((0, K)),
-        one_to_one=torch.tensor(one, dtype=torch.bool),
-        chain_rows=chain_rows,
-        chain_ids=chain_ids,
-        chain_mask=torch.arange(L)[None, :] < lengths[:, None],
-        teacher_chain=torch.tensor(teacher_chain, dtype=torch.float32),
-        counts=counts,
-    )
 
 
 # --------------------------------------------------------------------------- losses
@@ -389,7 +400,7 @@ def _two_outcome_kl(log_p, log_q):
     return p * (log_p - log_q) + other
 
 
-def span_losses(logits, batch: CrossBatch, method: str, divergence_name: str = "forward_kl",
+def span_losses(logits, batch: dict[str, Any], method: str, divergence_name: str = "forward_kl",
                 uld_weight: float = 1.0, beta: float = 0.5, alpha: float = 0.1):  # fmt: skip
     """Per-span losses (N,) of the student's logits (B, T, V) against the teacher's spans (module doc)."""
     import torch
@@ -401,16 +412,17 @@ def span_losses(logits, batch: CrossBatch, method: str, divergence_name: str = "
     flat = logits.reshape(-1, logits.size(-1))
     if flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
-    log_q = flat.index_select(0, batch.span_rows).log_softmax(-1)
-    lps = batch.topk_logprobs.to(log_q.dtype)
+    log_q = flat.index_select(0, batch["span_rows"]).log_softmax(-1)
+    lps = batch["span_topk_logprobs"].to(log_q.dtype)
     if method == "uld":
         return uld(log_q, lps)
-    bins_p, bins_q, live = _shared_bins(log_q, batch.topk_ids, lps)
+    bins_p, bins_q, live = _shared_bins(log_q, batch["span_topk_ids"], lps)
     exact = divergence(bins_p, bins_q, divergence_name, beta, alpha) + uld_weight * uld(log_q, lps, ~live)
     # chain rule: log q(span) = sum of the student's log-probs of the span's tokens
-    token_lp = flat.index_select(0, batch.chain_rows.reshape(-1)).log_softmax(-1)
-    token_lp = token_lp.gather(-1, batch.chain_ids.reshape(-1, 1)).view(batch.chain_ids.shape)
-    student_chain = torch.where(batch.chain_mask, token_lp, torch.zeros_like(token_lp)).sum(-1)
-    teacher_chain = batch.teacher_chain.to(log_q.dtype).clamp(max=0)
+    chain_ids = batch["chain_ids"]
+    token_lp = flat.index_select(0, batch["chain_rows"].reshape(-1)).log_softmax(-1)
+    token_lp = token_lp.gather(-1, chain_ids.reshape(-1, 1)).view(chain_ids.shape)
+    student_chain = torch.where(batch["chain_mask"], token_lp, torch.zeros_like(token_lp)).sum(-1)
+    teacher_chain = batch["teacher_chain"].to(log_q.dtype).clamp(max=0)
     merged = _two_outcome_kl(teacher_chain, student_chain) + uld_weight * uld(log_q, lps)
-    return torch.where(batch.one_to_one, exact, merged)
+    return torch.where(batch["span_one_to_one"], exact, merged)

@@ -104,6 +104,23 @@ def test_cross_field_rule(tmp_path):
     assert "teacher.tiny: hidden_size 256 is not divisible by num_heads 3" in msg
 
 
+def test_cross_tokenizer_combinations_that_cannot_work_are_refused(tmp_path):
+    cross = ["train.cross_tokenizer.method=uld"]
+    msg = _error(tmp_path, BASE, [*cross, "train.mode=on_policy"])
+    assert "train: cross_tokenizer: trains offline on the teacher store's text at temperature 1" in msg
+    assert "got mode on_policy" in msg
+    assert "temperature 2.0" in _error(tmp_path, BASE, [*cross, "train.temperature=2"])
+    assert "train.cross_tokenizer.method: expected 'byte' or 'uld'" in _error(
+        tmp_path, BASE, ["train.cross_tokenizer.method=gold"]
+    )
+    cut = "name: t\nteacher: {model: /m}\nstudent: {cut: {num_layers: 1}, tokenizer: corpus}\n"
+    assert "student: tokenizer: a student cut from its teacher keeps the teacher's tokenizer" in _error(
+        tmp_path, cut
+    )
+    msg = _error(tmp_path, BASE, ["student.vocab_size=2048"])
+    assert "student: vocab_size: only for tokenizer: corpus" in msg
+
+
 def test_on_policy_combinations_that_cannot_sample_are_refused(tmp_path):
     on_policy = ["train.mode=on_policy"]
     msg = _error(

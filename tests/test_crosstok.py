@@ -141,6 +141,24 @@ def test_retokenized_multibyte_characters_split_by_the_teacher_align_with_the_wh
     assert out.unaligned == 0 and out.targets == 6
 
 
+
+def test_bytes_that_are_not_whole_characters_get_no_student_token_and_are_counted():
+    teacher, student = single_bytes(), byte_level(400)
+    r = crosstok.Retokenizer(teacher, student, max_length=512)
+    s_bytes = crosstok.token_bytes(student)
+    ids = teacher("crème brûlée", add_special_tokens=False)["input_ids"]  # a token per byte
+    # a sequence cut inside è: its last byte (a8) is skipped, so "me" has no intact context
+    late = r(ids[3:], start=0)
+    assert [s_bytes[i] for i in late.student_ids] == [BOS.encode(), b"me", " brûlée".encode()]
+    assert late.spans == [(3, 12, 2, 3)]  # " brûlée", predicted by "me"
+    assert (late.targets, late.unaligned) == (11, 2)  # "m" and "e"
+    # a sequence that ends inside é: its first byte (c3) is dropped
+    early = r(ids[:-2], start=0)
+    assert b"".join(s_bytes[i] for i in early.student_ids[1:]) == "crème brûl".encode()
+    assert (early.targets, early.unaligned) == (12, 1)
+    assert early.spans[-1][1] == len(ids) - 3  # the last span ends before c3
+
+
 def _same_tokenizer_batch(tok, k=4):
     captures = []
     for i, text in enumerate(TEXTS[:3]):
@@ -155,9 +173,9 @@ def test_with_identical_tokenizers_the_byte_aligned_loss_is_the_same_tokenizer_l
     r = crosstok.Retokenizer(tok, tok, max_length=512)
     cross = crosstok.collate_cross(captures, r, pad_id=2)
     plain = collate(captures, k=4, pad_id=2)
-    assert torch.equal(cross.input_ids, plain["input_ids"])
-    assert bool(cross.one_to_one.all()) and cross.counts["unaligned"] == 0
-    assert cross.counts["spans"] == int(plain["loss_mask"].sum()) == cross.counts["targets"]
+    assert torch.equal(cross["input_ids"], plain["input_ids"])
+    assert bool(cross["span_one_to_one"].all()) and int(cross["count_unaligned"]) == 0
+    assert int(cross["count_spans"]) == int(plain["loss_mask"].sum()) == int(cross["count_targets"])
     logits = torch.randn(*plain["input_ids"].shape, len(tok), dtype=torch.float64, requires_grad=True)
     teacher = SparseTeacher(plain["topk_ids"], plain["topk_logprobs"].double())
     expected = kd_loss(logits, teacher, plain["loss_mask"], plain["input_ids"], tail="bucket").kd
@@ -202,9 +220,16 @@ def test_tokenizers_with_no_shared_token_train_with_uld_and_count_what_cannot_be
     assert out.spans == [(7, 11, 2, 3), (11, 14, 3, 4), (14, 18, 4, 5)]
     assert out.targets == 16
     assert out.unaligned == 5  # token 6 (in " cat") and " mat"'s four
+    # a late start: the prompt is cut from the left to fit, keeping " on", which predicts " the"
+    late = crosstok.Retokenizer(teacher, student, max_length=3)(ids, start=13)
+    assert late.student_ids == [3, 4, 5]  # " on the mat"
+    assert late.spans == [(14, 18, 1, 2), (18, 22, 2, 3)]
+    assert (late.targets, late.unaligned) == (8, 0)
     cross = crosstok.collate_cross([capture(ids, 5, len(teacher), k=4)], r, pad_id=0)
-    assert cross.counts == {"spans": 3, "one_to_one": 0, "targets": 16, "unaligned": 5}
+    counts = {k: int(v) for k, v in cross.items() if k.startswith("count_")}
+    assert counts == {"count_spans": 3, "count_one_to_one": 0, "count_targets": 16, "count_unaligned": 5}
     logits = torch.zeros(1, len(out.student_ids), len(student), requires_grad=True)
+    assert cross["input_ids"].tolist() == [out.student_ids]
     optimizer = torch.optim.Adam([logits], lr=0.1)
     losses = []
     for _ in range(30):

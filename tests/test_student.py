@@ -145,8 +145,46 @@ def test_a_store_from_another_tokenizer_is_refused(micro):
         [random_capture(np.random.default_rng(0), "a", vocab=4096, k=4)],
         identity=identity,
     )
-    with pytest.raises(DistillError, match="was made with another tokenizer than the student's"):
+    with pytest.raises(DistillError, match="was made with another tokenizer than the student's") as refused:
         train_run(recipe, progress=False)
+    assert "set train.cross_tokenizer.method=byte (or uld)" in str(refused.value)
+    # across tokenizers, the store's own tokenizer is needed to read its text: named where it was looked for
+    crossing = micro("train.loss=forward_kl", "train.cross_tokenizer.method=byte")
+    with pytest.raises(
+        DistillError, match=r"the tokenizer it was made with \(sha256 000000000000\) is not at"
+    ):
+        train_run(crossing, progress=False)
+    assert not (crossing.run_dir / "student").exists()
+
+
+OWN_TOKENIZER = ["student.tokenizer=corpus", "student.vocab_size=1024"]  # the teacher's has 4,096 tokens
+
+
+@pytest.mark.slow
+def test_a_student_with_its_own_tokenizer_learns_across_tokenizers_and_is_refused_as_a_draft(
+    store_runs, tmp_path
+):
+    from distill.tokenizer import load_tokenizer
+
+    shutil.copytree(store_runs / "tiny" / "teacher", tmp_path / "tiny" / "teacher")
+    steps = [*TRAIN, "train.max_steps=16", "train.eval_every=16", "train.ce_weight=0", "--no-progress"]
+    for method in ("byte", "uld"):
+        out = distill("train", *OWN_TOKENIZER, f"train.cross_tokenizer.method={method}", *steps, "--overwrite",
+                      runs=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = [r for r in read_metrics(tmp_path / "tiny" / "student" / "metrics.jsonl") if "loss" in r]
+        assert len(rows) == 16
+        first, last = sum(r["loss_kd"] for r in rows[:4]) / 4, sum(r["loss_kd"] for r in rows[-4:]) / 4
+        assert last < first * 0.9, (method, first, last)
+        for r in rows:  # what could not be aligned is counted: here, only a block's first partial character
+            assert r["spans"] > 0 and 0 <= r["unaligned"] <= 0.05 * r["spans"]
+            assert r["tokens"] % 1 == 0 and 0.2 < r["one_to_one_share"] < 1
+        assert "val_bpb" in rows[-1] and "val_kl" not in rows[-1]  # token-level KL is not measured across
+    final = tmp_path / "tiny" / "student" / "final"
+    assert len(load_tokenizer(final)) == 1024  # the student is exported with its own tokenizer
+    out = distill("serve", "--draft", *OWN_TOKENIZER, runs=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "cannot be the teacher's speculative-decoding draft" in out.stderr
 
 
 # A teacher trained long enough to know something (held-out perplexity ~290 against 4,096 uniform) and

@@ -212,7 +212,7 @@ def generate(
             f"generate.top_k={g.top_k} exceeds the teacher's vocabulary ({vocab} tokens, {model / 'config.json'})"
         )
     identity = store_identity(recipe, model, data, source, vocab, dtype)
-    made_from = {"teacher": str(model), "source": source["file"]}
+    made_from = {"teacher": str(model), "source": source["file"], "tokenizer": str(data.tokenizer_dir)}
     manifest = open_or_create(out, identity, num_shards, list(shard) if shard else None, overwrite, made_from)
     key = identity_key(identity)
     mine = [i for i in range(num_shards) if shard is None or i % shard[1] == shard[0]]

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from distill.artifacts import hash_json
@@ -43,6 +44,53 @@ def heldout_validation(run: Run) -> tuple[dict[str, list[str]], Path | None]:
     return texts, (teacher if 0 < weights <= DENSE_VALIDATION_TEACHER_BYTES else None)
 
 
+@dataclass(frozen=True)
+class StudentData:
+    """What the student reads with its own tokenizer: the tokenizer, its corpus tokens, and the teacher's
+    tokenizer when the two differ (cross-tokenizer distillation; None otherwise)."""
+
+    tokenizer_dir: Path
+    tokens_dir: Path
+    teacher_tokenizer_dir: Path | None = None
+
+
+def student_data(run: Run, store_dir: Path | None) -> StudentData:
+    """The student's tokenizer and corpus tokens (trained and tokenized once, cached by content), and
+    whether it learns across tokenizers from the store at `store_dir`."""
+    from distill.tokenizer import tokenize_corpus
+
+    recipe, data = run.recipe, run.data
+    tokenizer_dir = student_tokenizer_dir(run)
+    if tokenizer_dir == data.tokenizer_dir:
+        tokens_dir = data.tokens_dir
+    else:
+        tokens_dir = tokenize_corpus(data.corpus, tokenizer_dir, recipe.cache_path)
+    if store_dir is None or recipe.train.cross_tokenizer is None:
+        return StudentData(tokenizer_dir, tokens_dir)
+    made_with = TeacherStore(store_dir).manifest["identity"].get("tokenizer_hash")
+    if made_with == tokenizer_hash(tokenizer_dir):
+        print("train.cross_tokenizer: the student's tokenizer is the teacher's; the same-tokenizer loss runs")
+        return StudentData(tokenizer_dir, tokens_dir)
+    return StudentData(tokenizer_dir, tokens_dir, teacher_tokenizer_of(run, store_dir))
+
+
+def teacher_tokenizer_of(run: Run, store_dir: Path) -> Path:
+    """The tokenizer the store at `store_dir` was made with: where `distill generate` found it (the
+    store's `made_from`), or the run's, whichever holds the one the store names by content hash."""
+    manifest = TeacherStore(store_dir).manifest
+    made_with = manifest["identity"].get("tokenizer_hash")
+    recorded = manifest.get("made_from", {}).get("tokenizer")
+    tried = list(dict.fromkeys([*([Path(recorded)] if recorded else []), Path(run.data.tokenizer_dir)]))
+    for candidate in tried:
+        if (candidate / "tokenizer.json").is_file() and tokenizer_hash(candidate) == made_with:
+            return candidate
+    raise DistillError(
+        f"teacher store {store_dir}: the tokenizer it was made with (sha256 {str(made_with)[:12]}) is not at "
+        f"{' nor at '.join(str(t) for t in tried)}; cross-tokenizer distillation reads the teacher's text "
+        "through it (regenerate the store, or point data.tokenizer at the teacher's tokenizer)"
+    )
+
+
 def student_stores(run: Run) -> tuple[Path | None, Path | None]:
     """(training store, held-out store), each checked against the student, or None where not used.
 
@@ -56,19 +104,21 @@ def student_stores(run: Run) -> tuple[Path | None, Path | None]:
     if use_store:
         check_store_matches_student(run, store_dir)
     val_dir = run.validation_store
-    use_val = (val_dir / "manifest.json").exists()
+    # NOTE: the validation store's KL is token by token: not measured across tokenizers
+    use_val = (val_dir / "manifest.json").exists() and not crosses_tokenizers(run, val_dir)
     if use_val:
         check_store_matches_student(run, val_dir)
     return (store_dir if use_store else None), (val_dir if use_val else None)
 
 
-def _preflight(run: Run) -> tuple[Path | None, Path | None]:
+def _preflight(run: Run) -> tuple[Path | None, Path | None, StudentData]:
     from distill.training import hidden
 
     if run.recipe.student.model:  # fail on a bad path before any training
         check_model_dir(run.recipe.student.model, "student.model")
     hidden.setup(run.recipe.train, run.teacher if run.has_teacher else None, run.recipe.student.model)
-    return student_stores(run)
+    store, val_store = student_stores(run)
+    return store, val_store, student_data(run, store)
 
 
 @contextmanager
@@ -164,7 +214,7 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
     process; a launched process of a distributed run comes here too."""
     started = time.perf_counter()
     recipe, data = run.recipe, run.data
-    store, val_store = _preflight(run)
+    store, val_store, student = _preflight(run)
     out_dir = run.output(recipe.train.output)
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -178,11 +228,13 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
             )
         else:
             model = build_tiny_llama(
-                recipe.student.tiny, load_tokenizer(data.tokenizer_dir), seed=recipe.train.seed
+                recipe.student.tiny, load_tokenizer(student.tokenizer_dir), seed=recipe.train.seed
             )
         return with_lora(model, recipe.student.lora) if recipe.student.lora else model
 
     texts, dense_teacher = heldout_validation(run)
+    if student.teacher_tokenizer_dir is not None:
+        dense_teacher = None  # its KL and top-1 are token by token: not across tokenizers
     from distill.training import hidden
 
     with teacher_service(run) as url:
@@ -203,6 +255,9 @@ def train(run: Run, resume: bool = False, overwrite: bool = False, progress: boo
             heldout=texts,
             heldout_teacher=dense_teacher,
             hidden=hidden.setup(recipe.train, run.teacher if run.has_teacher else None, recipe.student.model),
+            tokenizer_dir=student.tokenizer_dir,
+            tokens_dir=student.tokens_dir,
+            teacher_tokenizer_dir=student.teacher_tokenizer_dir,
         )
         result = loop.train(job)
     if is_main_process():
@@ -247,28 +302,49 @@ def student_vocab_size(run: Run) -> tuple[int, str]:
     if recipe.student.model:
         path = check_model_dir(recipe.student.model, "student.model")
         return json.loads((path / "config.json").read_text())["vocab_size"], "student.model"
-    return len(load_tokenizer(run.data.tokenizer_dir)), "the student's tokenizer"
+    return len(load_tokenizer(student_tokenizer_dir(run))), "the student's tokenizer"
 
 
 def check_store_matches_student(run: Run, path: Path | None = None) -> TeacherStore:
     """Refuse, before any training, a teacher store the student cannot learn from."""
     store = TeacherStore(path or run.store)
     store.require_complete()
+    if crosses_tokenizers(run, store.root):
+        if run.recipe.train.cross_tokenizer is None:
+            raise DistillError(
+                f"teacher store {store.root} was made with another tokenizer than the student's "
+                f"({student_tokenizer_dir(run)}): the same ids would mean different tokens; set "
+                "train.cross_tokenizer.method=byte (or uld) to distil across tokenizers, regenerate the "
+                "store, or give the student the teacher's tokenizer"
+            )
+        return store  # the student reads the store's text, not its ids
     vocab, what = student_vocab_size(run)
     store.check_vocab(vocab, what)
-    made_with = store.manifest["identity"].get("tokenizer_hash")
-    tokenizer_dir = student_tokenizer_dir(run)
-    if made_with and tokenizer_hash(tokenizer_dir) != made_with:
-        raise DistillError(
-            f"teacher store {store.root} was made with another tokenizer than the student's ({tokenizer_dir}): "
-            "the same ids would mean different tokens; regenerate the store or give the student the teacher's tokenizer"
-        )
     return store
 
 
-def student_tokenizer_dir(run: Run):
-    """The student's own tokenizer when its directory has one, else the run's (data.tokenizer or the teacher's)."""
-    model = run.recipe.student.model
+def crosses_tokenizers(run: Run, store_dir: Path) -> bool:
+    """The store at `store_dir` was made with another tokenizer than the student's."""
+    made_with = TeacherStore(store_dir).manifest["identity"].get("tokenizer_hash")
+    return bool(made_with) and tokenizer_hash(student_tokenizer_dir(run)) != made_with
+
+
+def student_tokenizer_dir(run: Run) -> Path:
+    """The student's tokenizer: student.tokenizer (a directory, or `corpus`: trained on the corpus once,
+    cached), else student.model's own when its directory has one, else the run's (data.tokenizer or the
+    teacher's)."""
+    from distill.tokenizer import train_tokenizer
+
+    student = run.recipe.student
+    if student.tokenizer == "corpus":
+        vocab = student.vocab_size or run.recipe.data.vocab_size
+        return train_tokenizer(run.data.corpus, vocab, run.recipe.cache_path)
+    if student.tokenizer:
+        path = Path(student.tokenizer).expanduser()
+        if not (path / "tokenizer.json").is_file():
+            raise DistillError(f"student.tokenizer: no tokenizer.json in {path}")
+        return path
+    model = student.model
     if model and (Path(model) / "tokenizer.json").exists():
         return Path(model)
     return run.data.tokenizer_dir

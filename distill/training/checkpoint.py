@@ -26,12 +26,14 @@ def settings_hash(job: TrainJob) -> str:
     train = job.cfg.model_dump(mode="json", exclude=set(BOOKKEEPING))
     for key in ("teacher_url", "retries"):  # where the teacher answers is not a training setting
         train.get("on_policy", {}).pop(key, None)
+    teacher_tokenizer = job.teacher_tokenizer_dir
     return hash_json(
         {
             "train": train,
             "seq_len": job.seq_len,
             "tokens": str(Path(job.tokens_dir).resolve()),
             "tokenizer": str(Path(job.tokenizer_dir).resolve()),
+            "teacher_tokenizer": str(Path(teacher_tokenizer).resolve()) if teacher_tokenizer else None,
             "store": _store_fingerprint(job.store),
             "model": job.model_settings,
             "device": job.device,

@@ -57,6 +57,26 @@ class StoreItems:
         return collate([self.rows[i] for i in indices], self.k, self.pad_id)
 
 
+class CrossStoreItems(StoreItems):
+    """A teacher store read by a student with another tokenizer: each row's text re-tokenized and
+    aligned with the teacher's tokens (distill.crosstok), batch by batch."""
+
+    def __init__(self, path: Path, teacher_tokenizer: Path, student_tokenizer: Path, context: int, pad_id: int,
+                 cache: Path | None = None):  # fmt: skip
+        from distill.crosstok import Retokenizer
+        from distill.tokenizer import load_tokenizer
+
+        super().__init__(path, pad_id)
+        self.retokenizer = Retokenizer(
+            load_tokenizer(teacher_tokenizer), load_tokenizer(student_tokenizer), context, cache_dir=cache
+        )
+
+    def batch(self, indices) -> dict[str, Any]:
+        from distill.crosstok import collate_cross
+
+        return collate_cross([self.rows[i] for i in indices], self.retokenizer, self.pad_id)
+
+
 class BlockOrder:
     """Global position p -> block index: a fresh seeded permutation per epoch."""
 

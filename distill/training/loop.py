@@ -30,7 +30,7 @@ from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
 from distill.tracking import MetricsLog, NullTracker, make_tracker
 from distill.training.checkpoint import check_checkpoints, list_checkpoints, save_checkpoint, settings_hash
-from distill.training.data import BlockOrder, StoreItems, TokenBlocks
+from distill.training.data import BlockOrder, CrossStoreItems, StoreItems, TokenBlocks
 from distill.training.onpolicy import draws_on_policy
 from distill.training.validation import HeldOutText, evaluate_acceptance, evaluate_kl, evaluate_loss
 
@@ -54,6 +54,8 @@ class TrainJob:
     heldout: dict[str, list[str]] = field(default_factory=dict)  # name -> texts: held-out bits per byte
     heldout_teacher: Path | None = None  # a teacher small enough to load: dense KL and top-1 on them
     hidden: Any = None  # a hidden.HiddenSetup when train.hidden is set
+    teacher_tokenizer_dir: Path | None = None  # the store's tokenizer when it is not the student's
+    cache_dir: Path | None = None  # the recipe's cache (vocab maps between tokenizers)
     model_settings: dict[str, Any] = field(default_factory=dict)  # what build_model builds (for resume)
     device: str = "cpu"
     mixed_precision: str = "no"
@@ -65,17 +67,19 @@ class TrainJob:
     def from_recipe(
         cls, recipe, role: str, cfg: TrainConfig, data, out_dir: Path, build_model, **kwargs
     ) -> TrainJob:
-        """The job for `role` ("teacher", "student") of a recipe, on its prepared data and device."""
+        """The job for `role` ("teacher", "student") of a recipe, on its prepared data and device (the
+        student's own tokenizer and tokens where kwargs give them)."""
         from distill.models import resolve_device
 
         device = resolve_device(recipe.device)
+        kwargs.setdefault("tokenizer_dir", data.tokenizer_dir)
+        kwargs.setdefault("tokens_dir", data.tokens_dir)
+        kwargs.setdefault("cache_dir", recipe.cache_path)
         return cls(
             name=f"{recipe.name}-{role}",
             out_dir=out_dir,
             cfg=cfg,
             tracking=recipe.tracking,
-            tokenizer_dir=data.tokenizer_dir,
-            tokens_dir=data.tokens_dir,
             seq_len=recipe.data.seq_len,
             build_model=build_model,
             device=device,
@@ -111,6 +115,8 @@ def resolve_tail(cfg: TrainConfig, train_items, store: Path | None) -> str:
 
     NOTE: with CE mixed in, the draws' CE already carries the tail and the bucket pins its mass: bucket
     + CE measured better than sample + CE on every held-out figure (docs/kd-vs-sft.md)."""
+    if isinstance(train_items, CrossStoreItems):
+        return "bucket"  # across tokenizers, what the shared head leaves out is one bin (crosstok)
     draws = isinstance(train_items, StoreItems) and train_items.teacher_draws
     if cfg.tail == "auto":
         fits = cfg.loss == "forward_kl" and cfg.temperature == 1.0 and cfg.mode == "offline" and draws
@@ -214,6 +220,8 @@ def _with_hidden_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: flo
 
 def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
     ids = batch["input_ids"]
+    if "span_rows" in batch:
+        return _cross_loss_on(logits, batch, cfg, scale)
     if cfg.loss == "ce":
         ce_sum, n = cross_entropy(logits, next_token_labels(ids, batch["loss_mask"]))
         return ce_sum * scale, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
@@ -238,6 +246,35 @@ def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
     )
     kd, ce = parts.kd.item(), parts.ce.item()
     return parts.total, {"kd": kd, "ce": ce, "objective": kd + cfg.ce_weight * ce}, parts.tokens
+
+
+def _cross_loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
+    """Across tokenizers: the span losses (distill.crosstok) plus CE on the student's own tokens of the
+    teacher's text, or that CE alone for loss ce (the SFT baseline on the re-tokenized text)."""
+    from distill.crosstok import span_losses
+
+    counts = {key: float(batch[f"count_{key}"]) for key in ("spans", "one_to_one", "targets", "unaligned")}
+    ce_sum, ce_tokens = cross_entropy(logits, next_token_labels(batch["input_ids"], batch["loss_mask"]))
+    if cfg.loss == "ce":
+        return ce_sum * scale, {"ce": ce_sum.item(), "objective": ce_sum.item(), **counts}, ce_tokens
+    method = cfg.cross_tokenizer.method
+    kd_sum = span_losses(
+        logits, batch, method, cfg.loss, cfg.cross_tokenizer.uld_weight, cfg.beta, cfg.alpha
+    ).sum()
+    # NOTE: the window divides by spans; CE is summed over the student's tokens, so it is first put per
+    # span's worth of tokens: loss = KD per span + ce_weight x CE per student token.
+    ce_sum = ce_sum * (counts["spans"] / max(ce_tokens, 1))
+    total = (kd_sum + cfg.ce_weight * ce_sum) * scale if cfg.ce_weight else kd_sum * scale
+    kd, ce = kd_sum.item(), ce_sum.item()
+    return total, {"kd": kd, "ce": ce, "objective": kd + cfg.ce_weight * ce, **counts}, int(counts["spans"])
+
+
+def target_count(batch: dict[str, Any], cfg: TrainConfig) -> int:
+    """The targets a micro-batch's summed loss is divided by: its positions with a target, or across
+    tokenizers its aligned spans (KD) or the student's completion tokens (CE)."""
+    if "span_rows" in batch and cfg.loss != "ce":
+        return int(batch["count_spans"])
+    return int(batch["loss_mask"][:, :-1].sum())
 
 
 def _refresh_sampler(job: TrainJob, accelerator, model, step: int, out_dir: Path, rank: int) -> None:
@@ -320,6 +357,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = job.build_model()
     model.config.use_cache = False
+    context = int(getattr(model.config, "max_position_embeddings", job.seq_len))
     teacher = None
     if cfg.hidden is not None:  # the student and its projections train as one module
         from distill.training.hidden import HiddenTeacher, projected
@@ -333,7 +371,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped by us once per optimizer step; accelerate only saves and restores it.
     accelerator.register_for_checkpointing(scheduler)
-    data = _Data.of(job, accelerator)
+    data = _Data.of(job, accelerator, context)
     cfg = cfg.model_copy(update={"tail": resolve_tail(cfg, data.train, job.store)})
     state = _start_state(accelerator, settings_hash(job), resume_from)
     # Only the main process tracks and logs; every process trains.
@@ -432,9 +470,15 @@ class _Data:
     eval_batch: int
 
     @classmethod
-    def of(cls, job: TrainJob, accelerator) -> _Data:
+    def of(cls, job: TrainJob, accelerator, context: int) -> _Data:
+        """`context`: the model's positions (a re-tokenized store row is cut to fit)."""
         cfg = job.cfg
-        if job.store is not None:
+        if job.store is not None and job.teacher_tokenizer_dir is not None:
+            pad = _pad_id(job.tokenizer_dir)
+            items = CrossStoreItems(
+                job.store, job.teacher_tokenizer_dir, job.tokenizer_dir, context, pad, job.cache_dir
+            )
+        elif job.store is not None:
             items = StoreItems(job.store, pad_id=_pad_id(job.tokenizer_dir))
         elif cfg.mode == "on_policy" and cfg.on_policy.lmbda >= 1.0:
             items = None  # every micro-batch is sampled by the student
@@ -511,9 +555,7 @@ def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int,
     # processes, so batch 8 x accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 4
     # give the same gradient. Accelerate (or DeepSpeed) divides by grad_accum and DDP/ZeRO average
     # over processes; the scale undoes both.
-    (window_tokens,) = _all_reduce_sum(
-        accelerator, [float(sum(int(b["loss_mask"][:, :-1].sum()) for b in micro))]
-    )
+    (window_tokens,) = _all_reduce_sum(accelerator, [float(sum(target_count(b, cfg) for b in micro))])
     scale = cfg.grad_accum * accelerator.num_processes / max(window_tokens, 1.0)
     window = _Window()
     for batch, is_sampled in zip(micro, sampled, strict=True):
@@ -555,6 +597,13 @@ def _train_row(accelerator, job: TrainJob, window: _Window, state: dict, lr: flo
         tokens=state["tokens"],
         tokens_per_s=(state["tokens"] - clock.tokens) / max(elapsed, 1e-9),
     )
+    if "targets" in sums:  # across tokenizers: what could not be aligned, counted and left out
+        row.update(
+            unaligned=int(sums["unaligned"]),
+            unaligned_share=sums["unaligned"] / max(sums["targets"], 1.0),
+            spans=int(sums["spans"]),
+            one_to_one_share=sums["one_to_one"] / max(sums["spans"], 1.0),
+        )
     if job.cfg.mode == "on_policy":
         row.update(sampled_batches=state["sampled_batches"], store_batches=state["store_batches"])
         if job.on_policy.sampler is not None:  # the step whose weights the engine samples with

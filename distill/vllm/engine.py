@@ -117,6 +117,7 @@ def serving_engine_args(
     if cfg.max_model_len:
         args["max_model_len"] = cfg.max_model_len
     if mode == "draft":
+        check_draft_vocabulary(student, teacher)
         args["speculative_config"] = {
             "method": "draft_model",
             "model": str(student),
@@ -126,6 +127,31 @@ def serving_engine_args(
     args["trust_remote_code"] = bool(trust)  # never on unless the recipe says so
     args.update(cfg.engine)
     return args
+
+
+def check_draft_vocabulary(student: Path | None, teacher: Path | str | None) -> None:
+    """Refuse a draft whose vocabulary is not the teacher's (a cross-tokenizer student): vLLM's speculative
+    decoding passes token ids between the two models. Paths that are not here (a GPU host's) are not checked."""
+    from distill.errors import DistillError
+
+    files = [Path(m) / "tokenizer.json" for m in (student, teacher) if m is not None]
+    if len(files) == 2 and all(f.is_file() for f in files) and _vocabulary(files[0]) != _vocabulary(files[1]):
+        raise DistillError(
+            f"the student at {student} has another tokenizer than the teacher's ({teacher}): it cannot be the "
+            "teacher's speculative-decoding draft, because vLLM needs the draft and the target to share one "
+            "vocabulary (the draft proposes token ids the target verifies); serve the student alone"
+        )
+
+
+def _vocabulary(tokenizer_json: Path):
+    """A tokenizer.json's token -> id map, added tokens included (the file's layout aside)."""
+    import json
+
+    spec = json.loads(tokenizer_json.read_text())
+    vocab = spec.get("model", {}).get("vocab", {})
+    pieces = dict(vocab) if isinstance(vocab, dict) else {str(v[0]): i for i, v in enumerate(vocab)}
+    pieces.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+    return pieces
 
 
 def shutdown_engine(llm) -> None:
