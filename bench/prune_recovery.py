@@ -60,9 +60,10 @@ TRAININGS = {  # name: (description, train overrides); `hidden` pairs are filled
     "kd_hidden": ("KD + hidden-state cosine", KD),
 }
 VARIANTS = ["depth/untrained", "depth/sft", "depth/kd", "depth/kd_hidden", "even/untrained", "even/kd",
-            "width/untrained", "width/kd"]  # fmt: skip
+            "width/untrained", "width/sft", "width/kd"]  # fmt: skip
 COMPARISONS = [  # (a, b, what it answers)
     ("depth/kd", "depth/sft", "KD against SFT"),
+    ("width/kd", "width/sft", "KD against SFT, width cut"),
     ("depth/kd_hidden", "depth/kd", "the hidden-state loss added to KD"),
     ("width/kd", "depth/kd", "width against depth pruning (equal parameters)"),
     ("even/kd", "depth/kd", "evenly spaced against KL-chosen layers"),

@@ -141,7 +141,6 @@ def test_retokenized_multibyte_characters_split_by_the_teacher_align_with_the_wh
     assert out.unaligned == 0 and out.targets == 6
 
 
-
 def test_bytes_that_are_not_whole_characters_get_no_student_token_and_are_counted():
     teacher, student = single_bytes(), byte_level(400)
     r = crosstok.Retokenizer(teacher, student, max_length=512)
