@@ -372,7 +372,8 @@ def uld(log_q, teacher_logprobs, rank_mask=None):
 
 def _shared_bins(log_q, ids, teacher_logprobs):
     """Both sides over the shared head (the teacher's top-k ids that map to a student id, each once) plus
-    one bin for everything else: (N, K + 1) log-probs, -inf at ranks that are not shared."""
+    one bin for everything else: (N, K + 1) log-probs, -inf at ranks that are not shared; also which
+    ranks are shared (N, K), and the student's log-probs with the shared head masked out (N, V)."""
     import torch
 
     from distill.losses import _log1mexp
@@ -386,7 +387,7 @@ def _shared_bins(log_q, ids, teacher_logprobs):
     rest_q = outside.logsumexp(-1)
     bins_p = torch.cat([head_p, rest_p[:, None]], -1).log_softmax(-1)
     bins_q = torch.cat([head_q, rest_q[:, None]], -1)
-    return bins_p, bins_q, live
+    return bins_p, bins_q, live, outside
 
 
 def _two_outcome_kl(log_p, log_q):
@@ -416,12 +417,13 @@ def span_losses(logits, batch: dict[str, Any], method: str, divergence_name: str
     lps = batch["span_topk_logprobs"].to(log_q.dtype)
     if method == "uld":
         return uld(log_q, lps)
-    bins_p, bins_q, live = _shared_bins(log_q, batch["span_topk_ids"], lps)
-    exact = divergence(bins_p, bins_q, divergence_name, beta, alpha) + uld_weight * uld(log_q, lps, ~live)
-    # chain rule: log q(span) = sum of the student's log-probs of the span's tokens
-    chain_ids = batch["chain_ids"]
-    token_lp = flat.index_select(0, batch["chain_rows"].reshape(-1)).log_softmax(-1)
-    token_lp = token_lp.gather(-1, chain_ids.reshape(-1, 1)).view(chain_ids.shape)
+    bins_p, bins_q, live, outside = _shared_bins(log_q, batch["span_topk_ids"], lps)
+    # ULD between the teacher's unshared top-k entries and the student's mass outside the shared head
+    exact = divergence(bins_p, bins_q, divergence_name, beta, alpha) + uld_weight * uld(outside, lps, ~live)
+    # chain rule: log q(span) = sum of the student's log-probs of the span's tokens (each from its logit
+    # and its row's logsumexp: no (N, L, V) copy)
+    rows, chain_ids = batch["chain_rows"], batch["chain_ids"]
+    token_lp = flat[rows, chain_ids] - flat.logsumexp(-1)[rows]
     student_chain = torch.where(batch["chain_mask"], token_lp, torch.zeros_like(token_lp)).sum(-1)
     teacher_chain = batch["teacher_chain"].to(log_q.dtype).clamp(max=0)
     merged = _two_outcome_kl(teacher_chain, student_chain) + uld_weight * uld(log_q, lps)

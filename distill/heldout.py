@@ -238,6 +238,41 @@ def measure(
     return out
 
 
+def byte_agreement(model, tokenizer, pairs: list[tuple[str, str]], max_tokens: int, device: str = "cpu"):
+    """Agreement with a teacher's greedy text in bytes, whatever the two tokenizers: per (prompt,
+    continuation) pair, the model reads the prompt and the teacher's continuation in its own tokens,
+    and at each continuation token its argmax either is that token (its bytes count as reproduced) or
+    not. Returns per pair `agreed` and `bytes` (the continuation's bytes within `max_tokens`); the
+    share is sum(agreed) / sum(bytes). A teacher measured on its own greedy text gets 1.
+
+    The prompt is cut from the left when the pair does not fit in `max_tokens`."""
+    import torch
+
+    from distill.crosstok import token_bytes
+
+    sizes = [len(b) for b in token_bytes(tokenizer, "model")]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out: dict[str, list[float]] = {"agreed": [], "bytes": []}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for prompt, continuation in pairs:
+            head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            tail = tokenizer(continuation, add_special_tokens=False)["input_ids"][: max_tokens - len(bos) - 1]
+            head = head[max(0, len(head) - (max_tokens - len(bos) - len(tail))) :]
+            ids = torch.tensor([bos + head + tail], device=device)
+            first = len(bos) + len(head)  # the position of the continuation's first token
+            if first < 1 or not tail:
+                raise ValueError(
+                    f"byte agreement needs a prompt and a continuation (got {prompt!r}, {continuation!r})"
+                )
+            guess = model(input_ids=ids).logits[0, first - 1 : -1].argmax(-1).tolist()
+            out["agreed"].append(float(sum(sizes[t] for g, t in zip(guess, tail, strict=True) if g == t)))
+            out["bytes"].append(float(sum(sizes[t] for t in tail)))
+    model.train(was_training)
+    return out
+
+
 def summarize(per_doc: dict[str, list[float]]) -> dict[str, float]:
     """Aggregate figures: bits_per_byte over all bytes, kl and top1 as means over documents (the unit of
     the paired comparisons)."""

@@ -245,6 +245,31 @@ def test_tokenizers_with_no_shared_token_train_with_uld_and_count_what_cannot_be
     assert torch.isfinite(logits.grad).all()
 
 
+def test_between_two_vocabularies_that_share_some_tokens_both_methods_train():
+    teacher, student = byte_level(400), byte_level(300)
+    r = crosstok.Retokenizer(teacher, student, max_length=512)
+    captures = [
+        capture(teacher(text)["input_ids"], 2, len(teacher), k=8, seed=i) for i, text in enumerate(TEXTS[:3])
+    ]
+    batch = crosstok.collate_cross(captures, r, pad_id=2)
+    one = batch["span_one_to_one"]
+    assert 0 < int(one.sum()) < len(one)  # both kinds of span
+    shared = (batch["span_topk_ids"] >= 0) & one[:, None]
+    assert 0 < int(shared.sum()) < int(one.sum()) * 8  # some of the teacher's top-k is shared, some is not
+    for method in ("byte", "uld"):
+        logits = torch.zeros(*batch["input_ids"].shape, len(student), requires_grad=True)
+        optimizer = torch.optim.Adam([logits], lr=0.05)
+        losses = []
+        for _ in range(20):
+            loss = crosstok.span_losses(logits, batch, method).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            assert torch.isfinite(logits.grad).all()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.9 * losses[0], (method, losses[0], losses[-1])
+
+
 def test_a_merged_span_compares_the_probability_of_its_bytes_by_the_chain_rule():
     # log p(span) = log 0.5 on both sides: the two-outcome KL is 0 and grows as the student moves away
     lp = torch.log(torch.tensor([0.5, 0.5, 0.2, 0.9], dtype=torch.float64))
@@ -253,3 +278,39 @@ def test_a_merged_span_compares_the_probability_of_its_bytes_by_the_chain_rule()
     p, q = 0.5, 0.2
     expected = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
     assert crosstok._two_outcome_kl(lp[:1], lp[2:3]).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_byte_agreement_counts_the_bytes_of_the_continuation_tokens_the_model_predicts():
+    from types import SimpleNamespace
+
+    from distill.heldout import byte_agreement
+
+    tok = byte_level(400)
+    prompt, continuation = "The café sells", " crème brûlée and naïve tea, and more."
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    tail = tok(continuation, add_special_tokens=False)["input_ids"]
+    sizes = [len(b) for b in crosstok.token_bytes(tok)]
+    right = {0, 2}  # the model predicts the continuation's tokens 0 and 2, and gets the others wrong
+
+    class Fixed(torch.nn.Module):
+        """Reads [BOS, prompt (its last `keep` tokens), continuation] and predicts as `right` says."""
+
+        def __init__(self, keep):
+            super().__init__()
+            self.keep = keep
+
+        def forward(self, input_ids):
+            ids = input_ids[0].tolist()
+            assert ids == [tok.bos_token_id, *head[len(head) - self.keep :], *tail]
+            logits = torch.zeros(1, len(ids), len(tok))
+            first = 1 + self.keep
+            for i, t in enumerate(tail):
+                logits[0, first - 1 + i, t if i in right else (t + 1) % len(tok)] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    out = byte_agreement(Fixed(len(head)), tok, [(prompt, continuation)], max_tokens=64)
+    assert out["bytes"] == [float(len(continuation.encode()))]
+    assert out["agreed"] == [float(sum(sizes[tail[i]] for i in right))]
+    # too long for the context: the prompt is cut from the left, the continuation kept whole
+    cut = byte_agreement(Fixed(2), tok, [(prompt, continuation)], max_tokens=1 + 2 + len(tail))
+    assert cut == out

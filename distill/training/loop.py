@@ -599,6 +599,7 @@ def _train_row(accelerator, job: TrainJob, window: _Window, state: dict, lr: flo
     )
     if "targets" in sums:  # across tokenizers: what could not be aligned, counted and left out
         row.update(
+            targets=int(sums["targets"]),
             unaligned=int(sums["unaligned"]),
             unaligned_share=sums["unaligned"] / max(sums["targets"], 1.0),
             spans=int(sums["spans"]),
