@@ -456,14 +456,15 @@ def pipeline_stages(r: dict) -> list[str]:
     return [n for n in names if n != "nothing"]
 
 
-def block_smollm2(page: Page) -> list[str]:
-    r = result("smollm2")
-    stages = {name: r["stage_seconds"].get(name, 0) for name in pipeline_stages(r)}
+def block_smollm2(page: Page, name: str = "smollm2") -> list[str]:
+    r = result(name)
+    stages = {stage: r["stage_seconds"].get(stage, 0) for stage in pipeline_stages(r)}
     slowest = sorted(stages.items(), key=lambda kv: -kv[1])
     rerun = r.get("rerun")
     return [
+        *([r["note"], ""] if r.get("note") else []),
         f"`distill run {r['recipe']}` on the 2-core CPU machine, fp32, the GGUF already converted "
-        f"(`bench/results/smollm2.json`, whose `source` names the run): **{minutes(r['wall_seconds'])}** wall "
+        f"(`bench/results/{name}.json`, whose `source` names the run): **{minutes(r['wall_seconds'])}** wall "
         "time"
         + (
             f", every stage run. {rerun['why']} ({minutes(rerun['wall_seconds'])}); the summary below is that "
@@ -916,6 +917,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "kd-loss": block_kd_loss,
     "smollm2": block_smollm2,
     "smollm2-reading": block_smollm2_reading,
+    "smollm2-prune": lambda page: block_smollm2(page, "smollm2_prune"),
     "cut-layers": block_cut_layers,
     "real-teacher": block_real_teacher,
     "kd-loss-smollm2": block_kd_loss_smollm2,

@@ -158,6 +158,8 @@ def summary_from_log(log: Path) -> list[str]:
     if not starts:
         raise SystemExit(f"{log}: no `run: ` line, so no summary of `distill run` in it")
     tail = lines[starts[-1] :]
+    ends = [i for i, line in enumerate(tail) if line.startswith("promoted: ")]  # the summary's last line
+    tail = tail[: ends[0] + 1] if ends else tail  # (a shell's `time` and interpreter warnings may follow)
     return [line for line in tail if line.strip() and not line.startswith(("make", "real", "user", "sys"))]
 
 
@@ -271,16 +273,16 @@ def record_serve(args: argparse.Namespace) -> None:
 
 
 def record_smollm2(args: argparse.Namespace) -> None:
-    """bench/results/smollm2.json: the summary a `distill run recipes/smollm2-135m.yaml` printed, its stages'
-    seconds and its wall time."""
-    run_dir = Path(args.run_dir)
+    """bench/results/smollm2.json (or --name's): the summary a `distill run` of a SmolLM2 recipe printed, its
+    stages' seconds and its wall time."""
+    run_dir, name = Path(args.run_dir), args.name
     lines = summary_from_log(Path(args.log))
     manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     out = {
         "source": f"recorded {time.strftime('%Y-%m-%d')} by bench/figures.py record smollm2 from {run_dir} and "
         f"the printed summary in {args.log}",
-        "recipe": "recipes/smollm2-135m.yaml",
+        "recipe": f"recipes/{recipe['name']}.yaml",
         "wall_seconds": round(args.wall_seconds),
         "stage_seconds": {s: round(v["seconds"]) for s, v in manifest.items() if v.get("seconds")},
         "summary": lines,
@@ -289,10 +291,12 @@ def record_smollm2(args: argparse.Namespace) -> None:
         "gate": {k: recipe["eval"]["gate"][k] for k in ("criteria", "min_acceptance_rate")},
         "max_steps": recipe["train"]["max_steps"],
     }
+    if args.note:
+        out["note"] = args.note
     if args.rerun_seconds is not None:  # the log is of a later run that redid only some stages
         # NOTE: the manifest now times that run's stages (skips and cache hits included): the per-stage
         # seconds stay those of the full run recorded before, whose wall time --wall-seconds repeats.
-        full = result("smollm2")
+        full = result(name)
         if full["wall_seconds"] != round(args.wall_seconds):
             raise SystemExit(
                 f"--wall-seconds {args.wall_seconds:.0f}: the recorded full run took {full['wall_seconds']}"
@@ -302,7 +306,7 @@ def record_smollm2(args: argparse.Namespace) -> None:
         out["full_run_source"] = full.get("full_run_source", full["source"])
         out["source"] += "; per-stage seconds and wall time from the full run (full_run_source)"
         out["rerun"] = {"why": args.rerun_why, "stages": ran, "wall_seconds": round(args.rerun_seconds)}
-    write_result("smollm2", out)
+    write_result(name, out)
 
 
 def serve_figures(bench_file: Path) -> dict:
@@ -353,6 +357,9 @@ def main() -> int:
     serve.add_argument("--command", help="the `distill bench serve` command that ran")
     smollm2 = record.add_parser("smollm2", help="bench/results/smollm2.json from a finished real-teacher run")
     smollm2.add_argument("run_dir")
+    smollm2.add_argument(
+        "--name", default="smollm2", help="the result file's name (smollm2_prune: the prune recipe)"
+    )
     smollm2.add_argument("--log", required=True, help="the output of `distill run recipes/smollm2-135m.yaml`")
     smollm2.add_argument(
         "--wall-seconds", type=float, required=True, help="the wall time of a run of every stage"
@@ -360,6 +367,7 @@ def main() -> int:
     smollm2.add_argument("--rerun-seconds", type=float,
                          help="--log is of a later run that redid some stages (a recipe change): its wall time")  # fmt: skip
     smollm2.add_argument("--rerun-why", default="", help="what changed before that later run")
+    smollm2.add_argument("--note", default="", help="shown above the figures (how the run was made)")
     args = parser.parse_args()
     if args.action == "record":
         recorders = {

@@ -217,11 +217,12 @@ def summarize(judged: dict, seeds: list[int], measured: dict, speed: dict) -> di
     sources = [s for s in SOURCES if s in judged["teacher"]]
     teacher = {f"{s}_bits_per_byte": aggregate(judged["teacher"][s], "bits_per_byte") for s in sources}
     rows = {}
-    for v in VARIANTS:
-        names = [student_name(v, seed) for seed in seeds]
-        if not all(n in judged for n in names):
+    for v in VARIANTS:  # each over the seeds it was trained with (an untrained cut: one for all)
+        have = [seed for seed in seeds if student_name(v, seed) in judged]
+        names = [student_name(v, seed) for seed in have]
+        if not names:
             continue
-        row = {"parameters": judged[names[0]]["parameters"], "per_seed": {}}
+        row = {"parameters": judged[names[0]]["parameters"], "seeds": have, "per_seed": {}}
         for s in sources:
             for m in METRICS:
                 values = [aggregate(judged[n][s], m) for n in names]
@@ -245,10 +246,11 @@ def summarize(judged: dict, seeds: list[int], measured: dict, speed: dict) -> di
     for a, b, what in COMPARISONS:
         if a not in rows or b not in rows:
             continue
-        entry = {"a": a, "b": b, "what": what}
+        both = [seed for seed in seeds if all(student_name(v, seed) in judged for v in (a, b))]
+        entry = {"a": a, "b": b, "what": what, "seeds": both}  # paired over the seeds both were trained with
         for s in sources:
             for m in METRICS:
-                runs = [[judged[student_name(v, seed)][s] for seed in seeds] for v in (a, b)]
+                runs = [[judged[student_name(v, seed)][s] for seed in both] for v in (a, b)]
                 entry[f"{s}_{m}"] = paired(runs[0], runs[1], m, rng)
         comparisons.append(entry)
     return {"teacher": teacher, "variants": rows, "comparisons": comparisons}
@@ -266,7 +268,9 @@ def render(result: dict) -> str:
         f"Teacher SmolLM2-135M-Instruct ({result['teacher_parameters'] / 1e6:.1f} M parameters); every student "
         f"{s['variants']['depth/untrained']['parameters'] / 1e6:.1f} M, trained {result['steps']} steps of "
         f"batch {result['batch_size']} on the same teacher samples (recipes/smollm2-135m.yaml), seeds "
-        f"{', '.join(map(str, result['seeds']))}. Held-out: {result['documents']['test']} corpus test documents, "
+        f"{', '.join(map(str, result['seeds']))} (each comparison over the seeds both of its students were "
+        f"trained with; the seeds of each are listed below). Held-out: {result['documents']['test']} corpus test "
+        "documents, "
         f"{result['documents']['outside']} `outside` documents (not in the corpus) and the teacher's answers to "
         f"{result['documents'].get('instructions', 0)} held-out instruction prompts. bpb and KL: lower is "
         "better; `recovered`: the share of the gap between the untrained cut and the teacher that training "
@@ -281,9 +285,9 @@ def render(result: dict) -> str:
         )
         + f"; vLLM alone {result['speed'].get('teacher', {}).get('tokens_per_s', float('nan')):.0f} tokens/s.",
         "",
-        "| student | test bpb | outside bpb | KL test | KL outside | top-1 test | top-1 instr. | recovered bpb test / outside | "
-        "recovered KL test | expected acc. | measured acc. | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| student | seeds | test bpb | outside bpb | KL test | KL outside | top-1 test | top-1 instr. | recovered bpb "
+        "test / outside | recovered KL test | expected acc. | measured acc. | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, fmt=".3f"):
@@ -298,13 +302,15 @@ def render(result: dict) -> str:
         recovered = "" if training == "untrained" else (
             f"{r['test_bpb_recovered']:.0%} / {r['outside_bpb_recovered']:.0%}")  # fmt: skip
         lines.append(
-            f"| {name} | {f(r['test_bits_per_byte'])} | {f(r['outside_bits_per_byte'])} | {f(r['test_kl'])} | "
+            f"| {name} | {'' if training == 'untrained' else ', '.join(map(str, r.get('seeds', result['seeds'])))} | "
+            f"{f(r['test_bits_per_byte'])} | {f(r['outside_bits_per_byte'])} | {f(r['test_kl'])} | "
             f"{f(r['outside_kl'])} | {f(r['test_top1'])} | {f(r.get('instructions_top1'))} | {recovered} | "
             f"{'' if training == 'untrained' else format(r['test_kl_recovered'], '.0%')} | "
             f"{f(r['expected_acceptance'])} | {f(r['measured_acceptance'])} | {f(r['tokens_per_s'], '.0f')} |"
         )
     lines += ["", "Paired differences (a - b, mean over seeds, 95% bootstrap interval over seeds and documents):", "",
-              "| a against b | test bpb | outside bpb | KL test | KL outside | top-1 instr. |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| a against b | seeds | test bpb | outside bpb | KL test | KL outside | top-1 instr. |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def d(c, key):
         if key not in c:
@@ -314,7 +320,8 @@ def render(result: dict) -> str:
 
     for c in s["comparisons"]:
         lines.append(
-            f"| {c['what']} (`{c['a']}` − `{c['b']}`) | {d(c, 'test_bits_per_byte')} | {d(c, 'outside_bits_per_byte')} | "
+            f"| {c['what']} (`{c['a']}` − `{c['b']}`) | {', '.join(map(str, c.get('seeds', result['seeds'])))} | "
+            f"{d(c, 'test_bits_per_byte')} | {d(c, 'outside_bits_per_byte')} | "
             f"{d(c, 'test_kl')} | {d(c, 'outside_kl')} | {d(c, 'instructions_top1')} |"
         )
     lines += ["", "Per seed (test bpb / outside bpb / test KL):", ""]
@@ -323,8 +330,9 @@ def render(result: dict) -> str:
         if r is None or v.endswith("untrained"):
             continue
         p = r["per_seed"]
-        cells = [f"{a:.3f} / {b:.3f} / {c:.3f}" for a, b, c in
-                 zip(p["test_bits_per_byte"], p["outside_bits_per_byte"], p["test_kl"], strict=True)]  # fmt: skip
+        cells = [f"seed {seed}: {a:.3f} / {b:.3f} / {c:.3f}" for seed, a, b, c in
+                 zip(r.get("seeds", result["seeds"]), p["test_bits_per_byte"], p["outside_bits_per_byte"],
+                     p["test_kl"], strict=True)]  # fmt: skip
         lines.append(f"- `{v}`: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
 
@@ -335,6 +343,12 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--measured-seed", type=int, default=0)
+    parser.add_argument(
+        "--train",
+        nargs="+",
+        metavar="VARIANT",
+        help="train only these variants' missing seeds (default: all)",
+    )
     parser.add_argument("--documents", type=int, default=48, help="test and outside documents each")
     parser.add_argument("--no-vllm", action="store_true", help="skip measured acceptance and tokens/s")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_recovery.json"))
@@ -355,11 +369,14 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run(run_dir)
     trained = [tuple(v.split("/")) for v in VARIANTS if not v.endswith("untrained")]
-    seconds = train_all(trained, args.seeds, run_dir)
-    students = {c: cut_dir(c) for c in CUTS}
-    students.update(
-        {f"{c}-{t}-s{s}": run_dir / f"bench-{c}-{t}-s{s}" / "final" for c, t in trained for s in args.seeds}
+    seconds = train_all(
+        [(c, t) for c, t in trained if f"{c}/{t}" in (args.train or VARIANTS)], args.seeds, run_dir
     )
+    students = {c: cut_dir(c) for c in CUTS}
+    finals = {
+        f"{c}-{t}-s{s}": run_dir / f"bench-{c}-{t}-s{s}" / "final" for c, t in trained for s in args.seeds
+    }
+    students.update({name: path for name, path in finals.items() if (path / "config.json").exists()})
     judged_path = run_dir / "bench-prune-recovery-judged.json"  # per-document figures, to re-summarise from
     done = json.loads(judged_path.read_text()) if judged_path.exists() else {}
     done = {k: v for k, v in done.items() if f"bench-{k}" not in seconds}  # retrained: judged anew
