@@ -67,8 +67,7 @@ def student_data(run: Run, store_dir: Path | None) -> StudentData:
         tokens_dir = tokenize_corpus(data.corpus, tokenizer_dir, recipe.cache_path)
     if store_dir is None or recipe.train.cross_tokenizer is None:
         return StudentData(tokenizer_dir, tokens_dir)
-    made_with = TeacherStore(store_dir).manifest["identity"].get("tokenizer_hash")
-    if made_with == tokenizer_hash(tokenizer_dir):
+    if not crosses_tokenizers(run, store_dir):
         print("train.cross_tokenizer: the student's tokenizer is the teacher's; the same-tokenizer loss runs")
         return StudentData(tokenizer_dir, tokens_dir)
     return StudentData(tokenizer_dir, tokens_dir, teacher_tokenizer_of(run, store_dir))
