@@ -20,8 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distill.errors import DistillError
 
-# Training fields that never change the weights (a resume, the cache key and the inputs hash ignore them)
-BOOKKEEPING = frozenset({"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "output"})
+# Training fields that never change the weights (a resume, the cache key and the inputs hash ignore them);
+# fused_loss changes only the order of floating-point sums (tested equal to the unfused loss)
+BOOKKEEPING = frozenset(
+    {"eval_every", "eval_batches", "save_every", "keep_last", "log_every", "output", "fused_loss"}
+)
 
 
 class Section(BaseModel):
@@ -439,6 +442,13 @@ class TrainConfig(Section):
         description="Train across tokenizers when the student's differs from the store's teacher's "
         "(offline, temperature 1); with identical tokenizers the same-tokenizer loss runs unchanged.",
     )
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The fused output layer + loss: the logits computed from the last hidden states a chunk "
+        "of positions at a time and recomputed in backward, so the (B, T, V) logits never exist. auto: "
+        "wherever it is exact (checked on the student before training; not across tokenizers, nor on "
+        "on-policy samples, whose losses read the full logits); on: required; off: the full logits.",
+    )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Distribution.")
     on_policy: OnPolicyConfig = Field(
         default_factory=OnPolicyConfig, description="On-policy distillation (train.mode=on_policy)."
@@ -478,6 +488,15 @@ class TrainConfig(Section):
                 "cross_tokenizer: trains offline on the teacher store's text at temperature 1, without "
                 f"train.hidden (got mode {self.mode}, temperature {self.temperature}, hidden "
                 f"{'set' if self.hidden is not None else 'null'})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fused_on_needs_store_logits(self):
+        if self.fused_loss == "on" and (self.mode == "on_policy" or self.cross_tokenizer is not None):
+            raise ValueError(
+                "fused_loss: on needs offline training on one tokenizer (on-policy samples and "
+                "cross-tokenizer spans read the full logits); use auto, which fuses wherever it can"
             )
         return self
 

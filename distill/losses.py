@@ -244,6 +244,8 @@ def _chunk_losses(logits, labels, targets, cfg: dict):
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    if cfg["tail"] == "none":  # no teacher: CE alone
+        return torch.zeros((), dtype=ce.dtype, device=ce.device), ce
     if cfg["tail"] == "sample":
         ids, lps, draw_ids, draw_lps = targets
         div = sampled_tail_kl(logits, ids, lps.to(logits.dtype), draw_ids, draw_lps.to(logits.dtype))
@@ -304,6 +306,47 @@ class _ChunkedLoss:
         return cls.fn
 
 
+def _prepare(teacher, loss_mask, input_ids, divergence_name, temperature, beta, alpha, tail, chunk_tokens):
+    """What both forms of the loss start from: the flat rows with a target, their hard labels (flat), the
+    teacher's targets as flat rows, and the chunks' settings. A teacher None is CE alone."""
+    import torch
+
+    if divergence_name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence_name!r}; expected one of {DIVERGENCES}")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r}; expected one of {TAILS}")
+    sampled = tail == "sample" and isinstance(teacher, SparseTeacher)
+    if sampled and (divergence_name != "forward_kl" or temperature != 1.0 or teacher.sample_ids is None):
+        raise ValueError(
+            "tail='sample' estimates forward_kl at temperature 1 from the teacher's draws "
+            f"(got {divergence_name} at T={temperature}, draws {'absent' if teacher.sample_ids is None else 'given'})"
+        )
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    mask = loss_mask.clone()
+    mask[:, -1] = False  # the last position has no next token
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    if isinstance(teacher, SparseTeacher):
+        k = teacher.topk_ids.size(-1)
+        targets = (teacher.topk_ids.reshape(-1, k), teacher.topk_logprobs.reshape(-1, k))
+        if sampled:
+            draws = teacher.sample_ids.size(-1)
+            targets += (teacher.sample_ids.reshape(-1, draws), teacher.sample_logprobs.reshape(-1, draws))
+    elif teacher is not None:
+        targets = (teacher.logits.reshape(-1, teacher.logits.size(-1)),)
+    else:
+        targets = ()
+    cfg = {
+        "name": divergence_name,
+        "temperature": temperature,
+        "beta": beta,
+        "alpha": alpha,
+        "tail": tail if isinstance(teacher, SparseTeacher) else "dense" if teacher is not None else "none",
+        "chunk_tokens": chunk_tokens,
+    }
+    return rows, labels.reshape(-1), targets, cfg
+
+
 def kd_loss(
     student_logits,
     teacher: SparseTeacher | DenseTeacher,
@@ -336,42 +379,146 @@ def kd_loss(
     Returns:
         LossParts with `total` (backward through it), `kd` and `ce` (sums, for logging), `tokens`.
     """
-    import torch
-
-    if divergence_name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence_name!r}; expected one of {DIVERGENCES}")
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail {tail!r}; expected one of {TAILS}")
-    sampled = tail == "sample" and isinstance(teacher, SparseTeacher)
-    if sampled and (divergence_name != "forward_kl" or temperature != 1.0 or teacher.sample_ids is None):
-        raise ValueError(
-            "tail='sample' estimates forward_kl at temperature 1 from the teacher's draws "
-            f"(got {divergence_name} at T={temperature}, draws {'absent' if teacher.sample_ids is None else 'given'})"
-        )
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    mask = loss_mask.clone()
-    mask[:, -1] = False  # the last position has no next token
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    if isinstance(teacher, SparseTeacher):
-        k = teacher.topk_ids.size(-1)
-        targets = (teacher.topk_ids.reshape(-1, k), teacher.topk_logprobs.reshape(-1, k))
-        if sampled:
-            draws = teacher.sample_ids.size(-1)
-            targets += (teacher.sample_ids.reshape(-1, draws), teacher.sample_logprobs.reshape(-1, draws))
-    else:
-        targets = (teacher.logits.reshape(-1, teacher.logits.size(-1)),)
-    cfg = {
-        "name": divergence_name,
-        "temperature": temperature,
-        "beta": beta,
-        "alpha": alpha,
-        "tail": tail if isinstance(teacher, SparseTeacher) else "dense",
-        "chunk_tokens": chunk_tokens,
-    }
+    rows, labels, targets, cfg = _prepare(
+        teacher, loss_mask, input_ids, divergence_name, temperature, beta, alpha, tail, chunk_tokens
+    )
     total, kd, ce = _ChunkedLoss.get().apply(
-        student_logits, rows, labels.reshape(-1), (kd_weight, ce_weight), cfg, *targets
+        student_logits, rows, labels, (kd_weight, ce_weight), cfg, *targets
     )
     # NOTE: the parts are outputs of the same Function as `total`, whose backward ignores them: detached
     # here, so parts.kd.backward() fails loudly instead of silently giving a zero gradient.
     return LossParts(total, kd.detach(), ce.detach(), int(rows.numel()))
+
+
+FUSED_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the fused loss: 32 MiB in fp32, whatever V is
+
+
+class _FusedLinearLoss:
+    """The fused loss for a plain linear output layer whose weight is whole (one process, DDP, ZeRO-1/2):
+    forward computes each chunk's logits, its loss and the gradients of the hidden states and the weight
+    (into one buffer each), so backward only passes them on. Three matmuls, as the unfused loss does."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class Fn(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, flat, weight, bias, rows, labels, weights, cfg, *targets):
+                    grads = ctx.needs_input_grad
+                    grad_h = torch.zeros_like(flat) if grads[0] else None
+                    # NOTE: the weight's gradient sums over chunks: in fp32 for a bf16 / fp16 weight
+                    acc = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+                    grad_w = torch.zeros_like(weight, dtype=acc) if grads[1] else None
+                    grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and grads[2] else None
+                    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                    kd_sum = ce_sum = torch.zeros((), dtype=wide, device=flat.device)
+                    for lo in range(0, rows.numel(), cfg["rows"]):
+                        idx = rows[lo : lo + cfg["rows"]]
+                        h = flat.index_select(0, idx)
+                        logits = torch.nn.functional.linear(h, weight, bias).detach().requires_grad_()
+                        with torch.enable_grad():
+                            kd, ce = _chunk_losses(logits, labels[idx], [t[idx] for t in targets], cfg)
+                            (g,) = torch.autograd.grad(weights[0] * kd + weights[1] * ce, logits)
+                        g = g.to(weight.dtype)
+                        if grad_h is not None:
+                            grad_h.index_copy_(0, idx, (g @ weight).to(grad_h.dtype))
+                        if grad_w is not None:
+                            grad_w.addmm_(g.t().to(acc), h.to(acc))
+                        if grad_b is not None:
+                            grad_b += g.sum(0).to(acc)
+                        kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
+                    ctx.grads = (
+                        grad_h,
+                        None if grad_w is None else grad_w.to(weight.dtype),
+                        None if grad_b is None else grad_b.to(bias.dtype),
+                    )
+                    return weights[0] * kd_sum + weights[1] * ce_sum, kd_sum, ce_sum
+
+                @staticmethod
+                def backward(ctx, grad_total, _grad_kd, _grad_ce):
+                    scale = None if grad_total.item() == 1.0 else grad_total  # 1: the buffers as they are
+                    out = tuple(g if g is None or scale is None else g * scale.to(g.dtype) for g in ctx.grads)
+                    ctx.grads = None
+                    return (*out, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
+
+            cls.fn = Fn
+        return cls.fn
+
+
+def fused_kd_loss(
+    hidden,
+    output_layer,
+    teacher: SparseTeacher | DenseTeacher | None,
+    loss_mask,
+    input_ids,
+    divergence_name: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    tail: str = "bucket",
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_elements: int = FUSED_CHUNK_ELEMENTS,
+    recompute: bool | None = None,
+) -> LossParts:
+    """`kd_loss` from the student's last hidden states and its output layer, without its (B, T, V) logits.
+
+    The positions with a target are taken in chunks of about `chunk_elements` logits; only one chunk's
+    logits and their gradient exist at any time, and no (B, T, V) tensor ever does. Two ways:
+    - a plain linear layer whose weight is whole: each chunk's logits, loss and gradients are computed
+      in forward (`_FusedLinearLoss`), the gradients of the hidden states and the weight accumulated in
+      one buffer each;
+    - otherwise (`recompute`: a weight sharded by DeepSpeed ZeRO-3, which gathers it for each call of the
+      layer, or an adapted layer such as LoRA's): the layer is called on each chunk and the chunk's
+      logits are recomputed in backward (activation checkpointing, one chunk at a time).
+
+    Args:
+        hidden: (B, T, H), the input the model's output layer receives.
+        output_layer: the module that maps (n, H) to the (n, V) logits.
+        teacher: as in `kd_loss`; None trains CE alone (set `ce_weight`).
+        recompute: force the second way (True) or the first (False); None chooses.
+        Others as in `kd_loss`.
+    """
+    import torch
+
+    rows, labels, targets, cfg = _prepare(
+        teacher, loss_mask, input_ids, divergence_name, temperature, beta, alpha, tail, 0
+    )
+    flat = hidden.reshape(-1, hidden.size(-1))
+    weight = getattr(output_layer, "weight", None)
+    vocab = (getattr(weight, "ds_shape", None) or getattr(weight, "shape", (4096,)))[0]
+    cfg["rows"] = max(1, chunk_elements // int(vocab))
+    plain = type(output_layer) is torch.nn.Linear and not hasattr(weight, "ds_id")
+    if recompute is False and not plain:
+        raise ValueError("the fused loss without recomputation needs a plain nn.Linear with its whole weight")
+    if torch.is_grad_enabled() and not (recompute or (recompute is None and not plain)):
+        total, kd, ce = _FusedLinearLoss.get().apply(
+            flat, weight, output_layer.bias, rows, labels, (kd_weight, ce_weight), cfg, *targets
+        )
+        return LossParts(total, kd.detach(), ce.detach(), int(rows.numel()))
+    return _recomputed(flat, output_layer, rows, labels, targets, cfg, kd_weight, ce_weight)
+
+
+def _recomputed(flat, output_layer, rows, labels, targets, cfg, kd_weight, ce_weight) -> LossParts:
+    """The fused loss by calling the output layer on each chunk, with activation checkpointing."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, chunk_labels, *chunk_targets):
+        kd, ce = _chunk_losses(output_layer(h), chunk_labels, list(chunk_targets), cfg)
+        return kd_weight * kd + ce_weight * ce, kd.detach(), ce.detach()
+
+    grad = torch.is_grad_enabled()
+    wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    total = flat[:0].sum().to(wide)  # zero, on the graph even when no position has a target
+    kd_sum = ce_sum = torch.zeros((), dtype=wide, device=flat.device)
+    for lo in range(0, rows.numel(), cfg["rows"]):
+        idx = rows[lo : lo + cfg["rows"]]
+        args = (flat.index_select(0, idx), labels[idx], *(t[idx] for t in targets))
+        out = checkpoint(piece, *args, use_reentrant=False) if grad else piece(*args)
+        total, kd_sum, ce_sum = total + out[0], kd_sum + out[1], ce_sum + out[2]
+    return LossParts(total, kd_sum, ce_sum, int(rows.numel()))

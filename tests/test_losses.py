@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from distill.losses import DIVERGENCES, DenseTeacher, SparseTeacher, cross_entropy, divergence, kd_loss
+from distill.losses import (
+    DIVERGENCES,
+    DenseTeacher,
+    SparseTeacher,
+    cross_entropy,
+    divergence,
+    fused_kd_loss,
+    kd_loss,
+)
 
 B, T, V = 2, 7, 50
 
@@ -359,3 +367,78 @@ def test_continuation_draws_line_up_with_the_next_token(batch):
     assert torch.equal(t.sample_ids[:, :-1, 0], ids[:, 1:]) and torch.equal(
         t.sample_logprobs[..., 0], token_lps
     )
+
+
+FUSED_CASES = [
+    *[("dense", name, 1.5) for name in DIVERGENCES],
+    *[("bucket", name, 1.5) for name in DIVERGENCES],
+    ("renormalize", "jsd", 0.7),
+    ("sample", "forward_kl", 1.0),
+    ("none", "forward_kl", 1.0),
+]
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["in-forward", "recomputed"])
+@pytest.mark.parametrize("kind, name, temperature", FUSED_CASES)
+def test_fused_output_layer_and_loss_equal_the_unfused_loss_in_value_and_gradient(
+    batch, kind, name, temperature, recompute
+):
+    """fused_kd_loss(hidden, lm_head) is kd_loss(lm_head(hidden)): same total, parts and gradients for the
+    hidden states and the layer's weight and bias, with every teacher form, CE mixed in and temperature,
+    both ways (gradients in forward; the layer called on each chunk and recomputed in backward)."""
+    _, teacher, ids, mask = batch
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(B, T, 6, generator=g, dtype=torch.float64)
+    layer = torch.nn.Linear(6, V, dtype=torch.float64)
+    lps, top = teacher.log_softmax(-1).topk(8, -1)
+    target = {
+        "dense": DenseTeacher(teacher),
+        "bucket": SparseTeacher(top, lps),
+        "renormalize": SparseTeacher(top, lps),
+        "sample": SparseTeacher.from_continuation(top, lps, ids, teacher.log_softmax(-1)[..., 0]),
+        "none": None,
+    }[kind]
+    tail = kind if kind in ("renormalize", "sample") else "bucket"
+    kd_weight = 0.0 if kind == "none" else 0.8
+    results, rows = [], []
+    for fused in (False, True):
+        h = hidden.clone().requires_grad_()
+        layer.zero_grad()
+        args = (target, mask, ids, name, temperature)
+        kwargs = dict(tail=tail, kd_weight=kd_weight, ce_weight=0.3)
+        if fused:
+            hook = layer.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+            parts = fused_kd_loss(h, layer, *args, **kwargs, chunk_elements=3 * V, recompute=recompute)
+            parts.total.backward()
+            hook.remove()
+            if recompute:  # the layer is called a chunk (3 rows) at a time, in forward and in backward
+                assert rows and max(rows) == 3
+            else:  # its weight is used directly, a chunk at a time: the layer is never called
+                assert rows == []
+        else:
+            target_for_unfused = target if target is not None else DenseTeacher(teacher)
+            parts = kd_loss(layer(h), target_for_unfused, mask, ids, name, temperature, **kwargs)
+            parts.total.backward()
+        results.append((parts, h.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    (a, *grads_a), (b, *grads_b) = results
+    assert b.tokens == a.tokens
+    assert b.total.item() == pytest.approx(a.total.item(), rel=1e-10)
+    assert b.ce.item() == pytest.approx(a.ce.item(), rel=1e-10)
+    if kind != "none":
+        assert b.kd.item() == pytest.approx(a.kd.item(), rel=1e-10)
+    for x, y in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+    assert torch.all(grads_b[0][1, :3] == 0) and torch.all(grads_b[0][:, -1] == 0)  # no target: no gradient
+
+
+def test_fused_loss_without_gradients_computes_each_chunk_once(batch):
+    _, teacher, ids, mask = batch
+    hidden = torch.randn(B, T, 6, dtype=torch.float64)
+    layer = torch.nn.Linear(6, V, dtype=torch.float64)
+    calls = []
+    layer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        parts = fused_kd_loss(hidden, layer, DenseTeacher(teacher), mask, ids, chunk_elements=4 * V)
+        want = kd_loss(layer(hidden), DenseTeacher(teacher), mask, ids)
+    assert sum(calls[:-1]) == parts.tokens and max(calls[:-1]) == 4
+    assert parts.kd.item() == pytest.approx(want.kd.item(), rel=1e-10)

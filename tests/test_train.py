@@ -142,7 +142,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(prepared, tmp_path,
     with pytest.raises(
         DistillError, match=r"loss is nan at step \d+; stopped. Last good checkpoint: .*step-000003"
     ):
-        train(job(prepared, tmp_path))
+        train(job(prepared, tmp_path, fused_loss="off"))  # the loss `poisoned` replaces: the full logits'
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003"]
 
 
@@ -314,3 +314,66 @@ def test_validation_reports_held_out_bits_per_byte_and_the_full_vocabulary_kl(pr
     model = AutoModelForCausalLM.from_pretrained(result.final_dir)
     docs = Documents.encode(j.heldout["val"], tok, j.seq_len, j.cfg.eval_batches * j.cfg.batch_size)
     assert summarize(measure(model, None, docs))["bits_per_byte"] == pytest.approx(row["val_bpb"], rel=1e-4)
+
+
+def test_fused_output_layer_and_loss_trains_the_same_student_as_the_full_logits(
+    prepared, tmp_path, monkeypatch
+):
+    """train.fused_loss auto (the default) computes the logits a chunk at a time in the loop itself, and the
+    student is the one the full logits train: same losses and weights, for CE and for KD with CE mixed in."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from .test_store import make_store, random_capture
+
+    rng = np.random.default_rng(2)
+    captures = [random_capture(rng, f"r{i}", length=24 + i, start=2 + i, vocab=4096, k=8) for i in range(8)]
+    identity = {"mode": "sample", "k": 8, "vocab_size": 4096, "encoding": {"id_bits": 12}}
+    store = make_store(tmp_path / "store", captures, identity=identity).root
+    fused_calls = []
+    real = train_mod.fused_kd_loss
+    monkeypatch.setattr(train_mod, "fused_kd_loss", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    for loss in ("ce", "jsd"):
+        for mode in ("off", "auto"):
+            kd = job(
+                prepared, tmp_path / f"{loss}-{mode}", max_steps=4, loss=loss, ce_weight=0.5, fused_loss=mode
+            )
+            kd.store = store if loss != "ce" else None
+            before = len(fused_calls)
+            train(kd)
+            assert (len(fused_calls) > before) == (mode == "auto")
+        off, fused = tmp_path / f"{loss}-off", tmp_path / f"{loss}-auto"
+        assert losses(fused) == pytest.approx(losses(off), rel=1e-5)
+        a, b = (load_file(d / "final" / "model.safetensors") for d in (off, fused))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fused_loss_is_refused_or_left_off_where_the_logits_are_not_the_output_layers(prepared, tmp_path):
+    """A student whose forward scales the logits after its output layer (as Cohere's logit_scale does):
+    `on` is refused in one line, `auto` says it trains on the full logits, and does."""
+    from distill.training.head import fused_output_layer
+
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    student = build_tiny_llama(MODEL, tok, seed=5)
+    plain = fused_output_layer(student, "auto")
+    assert plain is not None and plain.module is student.get_output_embeddings()
+    plain.remove()
+
+    capped = build_tiny_llama(MODEL, tok, seed=5)
+    forward = capped.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = 0.5 * out.logits
+        return out
+
+    capped.forward = scaled
+    with pytest.raises(DistillError, match="train.fused_loss: on, but .* not exact here: its logits are not"):
+        fused_output_layer(capped, "on")
+    said = []
+    assert fused_output_layer(capped, "auto", log=said.append) is None
+    assert said == [
+        "fused output layer + loss off: its logits are not the output layer's output (soft-capping or scaling "
+        "after it); training on the full logits"
+    ]
+    assert not capped.get_output_embeddings()._forward_pre_hooks  # nothing left on the model

@@ -27,7 +27,7 @@ from distill.artifacts import (
 )
 from distill.config import TrackingConfig, TrainConfig
 from distill.errors import DistillError
-from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, kd_loss
+from distill.losses import IGNORE_INDEX, SparseTeacher, cross_entropy, fused_kd_loss, kd_loss
 from distill.tracking import MetricsLog, NullTracker, make_tracker
 from distill.training.checkpoint import check_checkpoints, list_checkpoints, save_checkpoint, settings_hash
 from distill.training.data import BlockOrder, CrossStoreItems, StoreItems, TokenBlocks
@@ -177,18 +177,26 @@ def next_token_labels(input_ids, loss_mask):
 
 
 def micro_batch_loss(
-    model, batch: dict[str, Any], cfg: TrainConfig, scale: float, sampled: bool = False, teacher=None
-):
+    model, batch: dict[str, Any], cfg: TrainConfig, scale: float, sampled: bool = False, teacher=None,
+    layer=None,
+):  # fmt: skip
     """(loss to backward, summed parts for logging, target tokens) of one micro-batch.
 
     The summed loss is multiplied by `scale` before backward (see the loop for what it undoes).
     KD losses need teacher top-k in the batch; `ce` trains on the same positions with hard labels.
     `sampled`: the student sampled these sequences (on-policy); they also give the expected acceptance.
     `teacher`: a hidden.HiddenTeacher (train.hidden), whose layer outputs the student's are pulled to.
+    `layer`: the student's head.OutputLayer (train.fused_loss), used on store batches of one tokenizer:
+    the loss then computes the logits a chunk at a time from the last hidden states.
     """
     ids = batch["input_ids"]
+    if sampled or "span_rows" in batch:
+        layer = None  # these losses read the full logits
     if teacher is not None:
-        return _with_hidden_loss(model, batch, cfg, scale, teacher)
+        return _with_hidden_loss(model, batch, cfg, scale, teacher, layer)
+    if layer is not None:
+        _, hidden = layer.run(model, input_ids=ids, attention_mask=batch.get("attention_mask"))
+        return _loss_on((hidden, layer.module), batch, cfg, scale)
     logits = model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits  # (B, T, V)
     if sampled:
         from distill.training.onpolicy import acceptance_sum, sampled_reverse_kl
@@ -203,13 +211,17 @@ def micro_batch_loss(
     return _loss_on(logits, batch, cfg, scale)
 
 
-def _with_hidden_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float, teacher):
+def _with_hidden_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: float, teacher, layer=None):
     """The logit loss plus train.hidden's, on the positions the logit loss trains (those with a target)."""
     from distill.training.hidden import hidden_loss
 
     ids, mask = batch["input_ids"], batch.get("attention_mask")
-    out, student_states = model(input_ids=ids, attention_mask=mask, hidden=True)
-    to_backward, parts, n = _loss_on(out.logits, batch, cfg, scale)
+    if layer is not None:
+        (_, student_states), last = layer.run(model, input_ids=ids, attention_mask=mask, hidden=True)
+        to_backward, parts, n = _loss_on((last, layer.module), batch, cfg, scale)
+    else:
+        out, student_states = model(input_ids=ids, attention_mask=mask, hidden=True)
+        to_backward, parts, n = _loss_on(out.logits, batch, cfg, scale)
     positions = batch["loss_mask"].clone()
     positions[:, -1] = False  # the last position predicts nothing
     summed = hidden_loss(student_states, teacher.states(ids, mask), positions, cfg.hidden.loss)
@@ -219,9 +231,15 @@ def _with_hidden_loss(model, batch: dict[str, Any], cfg: TrainConfig, scale: flo
 
 
 def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
+    """The logit loss of a micro-batch; `logits` (B, T, V), or (hidden states, output layer) for the fused
+    output layer + loss (distill.losses.fused_kd_loss)."""
     ids = batch["input_ids"]
     if "span_rows" in batch:
         return _cross_loss_on(logits, batch, cfg, scale)
+    fused = isinstance(logits, tuple)
+    if cfg.loss == "ce" and fused:
+        parts = fused_kd_loss(*logits, None, batch["loss_mask"], ids, kd_weight=0.0, ce_weight=scale)
+        return parts.total, {"ce": parts.ce.item(), "objective": parts.ce.item()}, parts.tokens
     if cfg.loss == "ce":
         ce_sum, n = cross_entropy(logits, next_token_labels(ids, batch["loss_mask"]))
         return ce_sum * scale, {"ce": ce_sum.item(), "objective": ce_sum.item()}, n
@@ -230,8 +248,8 @@ def _loss_on(logits, batch: dict[str, Any], cfg: TrainConfig, scale: float):
         teacher = SparseTeacher.from_continuation(
             batch["topk_ids"], batch["topk_logprobs"], ids, batch["token_logprobs"]
         )
-    parts = kd_loss(
-        logits,
+    parts = (fused_kd_loss if fused else kd_loss)(
+        *(logits if fused else (logits,)),
         teacher,
         batch["loss_mask"],
         ids,
@@ -343,6 +361,8 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
     import torch
     from tqdm.auto import tqdm
 
+    from distill.training.head import fused_output_layer
+    from distill.training.hidden import student_of
     from distill.training.launch import configure_deepspeed
 
     cfg, out_dir = job.cfg, Path(job.out_dir)
@@ -365,10 +385,17 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
         model = projected(model, cfg.hidden, job.hidden)
         dtype = torch.bfloat16 if job.mixed_precision == "bf16" else torch.float32
         teacher = HiddenTeacher.load(job.hidden, cfg.hidden.pairs, accelerator, dtype)
+    layer = fused_output_layer(student_of(model), cfg.fused_loss, log=accelerator.print)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if layer is not None and layer.sharded_and_frozen():
+        if cfg.fused_loss == "on":
+            raise DistillError("train.fused_loss: on, but ZeRO-3 shards the frozen output layer; use auto")
+        accelerator.print("fused output layer + loss off: ZeRO-3 shards the frozen output layer (LoRA)")
+        layer.remove()
+        layer = None
     # The scheduler is stepped by us once per optimizer step; accelerate only saves and restores it.
     accelerator.register_for_checkpointing(scheduler)
     data = _Data.of(job, accelerator, context)
@@ -406,7 +433,7 @@ def _train(job: TrainJob, accelerator) -> TrainResult:
                 _refresh_sampler(job, accelerator, model, step, out_dir, accelerator.process_index)
             micro, sampled = _micro_batches(job, cfg, data, accelerator, model, step)
             window, window_tokens = _accumulate(
-                accelerator, model, cfg, micro, sampled, step, out_dir, teacher
+                accelerator, model, cfg, micro, sampled, step, out_dir, teacher, layer
             )
             # (DeepSpeed clipped and stepped inside the last backward; these two then only report / no-op.)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -548,7 +575,9 @@ def _micro_batches(job: TrainJob, cfg: TrainConfig, data: _Data, accelerator, mo
     return micro, sampled
 
 
-def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int, out_dir: Path, teacher=None):
+def _accumulate(
+    accelerator, model, cfg: TrainConfig, micro, sampled, step: int, out_dir: Path, teacher=None, layer=None
+):
     """Forward and backward over the step's micro-batches; (their loss parts, the target tokens of the
     whole window on all processes). A non-finite loss stops before it reaches the weights."""
     # NOTE: every summed loss is divided by the target-token count of the whole window on all
@@ -561,7 +590,7 @@ def _accumulate(accelerator, model, cfg: TrainConfig, micro, sampled, step: int,
     for batch, is_sampled in zip(micro, sampled, strict=True):
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.accumulate(model):
-            to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled, teacher)
+            to_backward, parts, n = micro_batch_loss(model, batch, cfg, scale, is_sampled, teacher, layer)
             # checked on every process before backward, so a NaN never reaches the weights
             (bad,) = _all_reduce_sum(accelerator, [0.0 if math.isfinite(parts["objective"]) else 1.0])
             if bad:
