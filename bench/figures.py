@@ -10,12 +10,12 @@ A generated block is the text between a line `<!-- generated: NAME -->` and the 
 `<!-- end generated -->` in README.md or a page under docs/; NAME is a key of BLOCKS below, whose
 function writes the block from the result files. Every block must appear somewhere and no unknown one
 may, so a figure cannot be dropped or hand-edited unnoticed (tests/test_docs.py runs --check).
-docs/kd-vs-sft.md and docs/prune-recovery.md are written whole, by bench/kd_vs_sft.py's and
-bench/prune_recovery.py's own render().
+docs/kd-vs-sft.md, docs/prune-recovery.md and docs/cross-tokenizer-study.md are written whole, by
+bench/kd_vs_sft.py's, bench/prune_recovery.py's and bench/cross_tokenizer.py's own render().
 
 Where the figures come from:
-- bench/results/{kd_loss,kd_vs_sft,onpolicy,onpolicy_vs_offline,prune_recovery,teacher_capture,
-  train_processes,train_step}.json: the bench/ scripts of the same names write them;
+- bench/results/{cross_tokenizer,kd_loss,kd_vs_sft,onpolicy,onpolicy_vs_offline,prune_recovery,
+  teacher_capture,train_processes,train_step}.json: the bench/ scripts of the same names write them;
 - bench/results/demo.json: the summary `make demo` prints and its wall times (`record demo`);
 - bench/results/tests.json: the fresh-clone `make test` (`record tests`);
 - bench/results/serve_bench.json: `distill bench serve` and the eval stage's expected acceptance of a
@@ -48,6 +48,7 @@ BLOCK_START = re.compile(r"([-+*>]|#+|\d+[.)])(\s|$)")
 WHOLE_PAGES = {
     ROOT / "docs" / "kd-vs-sft.md": "kd_vs_sft",
     ROOT / "docs" / "prune-recovery.md": "prune_recovery",
+    ROOT / "docs" / "cross-tokenizer-study.md": "cross_tokenizer",
 }
 
 
