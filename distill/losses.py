@@ -495,7 +495,8 @@ def fused_kd_loss(
     plain = type(output_layer) is torch.nn.Linear and not hasattr(weight, "ds_id")
     if recompute is False and not plain:
         raise ValueError("the fused loss without recomputation needs a plain nn.Linear with its whole weight")
-    if torch.is_grad_enabled() and not (recompute or (recompute is None and not plain)):
+    in_forward = plain if recompute is None else not recompute
+    if in_forward and torch.is_grad_enabled():  # without gradients, the layer is simply called per chunk
         total, kd, ce = _FusedLinearLoss.get().apply(
             flat, weight, output_layer.bias, rows, labels, (kd_weight, ce_weight), cfg, *targets
         )
