@@ -175,9 +175,18 @@ def draft_acceptance(recipe, models, tokens_dir: Path, log=print) -> dict[str, d
     not the teacher, not quantized forms) as the teacher's draft, at the serving benchmark's settings
     and on its prompts (from the corpus's test split in `tokens_dir`)."""
     from distill.heldout import serving_prompts
+    from distill.vllm.engine import draft_problem
 
-    drafts = [m for m in models if m.role in ("student", "baseline")]
     teacher = next((m for m in models if m.role == "teacher"), None)
+    drafts = []
+    for m in models:
+        problem = (
+            draft_problem(m.path, teacher.path) if teacher and m.role in ("student", "baseline") else None
+        )
+        if problem:  # a student with its own tokenizer proposes ids the teacher does not read
+            log(f"eval: {m.name}: no expected acceptance: {problem}")
+        elif m.role in ("student", "baseline"):
+            drafts.append(m)
     if not drafts or teacher is None:
         return {}
     bench, k = recipe.serve.bench, recipe.serve.num_speculative_tokens

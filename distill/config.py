@@ -590,6 +590,14 @@ class EvalConfig(Section):
         256, gt=0, description="Documents per teacher_match source (the first N, in a fixed order)."
     )
     teacher_match_tokens: int = Field(256, gt=1, description="Tokens per document in teacher_match.")
+    byte_agreement: bool | None = Field(
+        None,
+        description="Also measure, per teacher_match source, the share of the teacher's text bytes each model "
+        "predicts (teacher-forced, in its own tokens; test and outside: the teacher's greedy continuation "
+        "of each document's first teacher_match_tokens/2 tokens, instructions: its answers), as tasks "
+        "distill_bytes_<source> (metric byte_agreement): top-1 agreement in tokenizer-independent units. "
+        "Default: on when a model's tokenizer is not the teacher's or a gate criterion names it.",
+    )
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples.")
     initial: bool = Field(
         False,

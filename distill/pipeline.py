@@ -226,6 +226,7 @@ HELD_OUT_COLUMNS = (
     ("distill_match_test", "kl"),
     ("distill_match_outside", "kl"),
     ("distill_match_outside", "top1_agreement"),
+    ("distill_bytes_outside", "byte_agreement"),
 )
 
 

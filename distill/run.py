@@ -167,6 +167,27 @@ class Run(RunDir):
         return self._teacher
 
     @property
+    def student_tokenizer(self) -> Path:
+        """The student's tokenizer: student.tokenizer (a directory, or `corpus`: trained on the corpus
+        once, cached), else student.model's own when its directory has one, else the run's (data.tokenizer
+        or the teacher's)."""
+        from distill.tokenizer import train_tokenizer
+
+        student = self.recipe.student
+        if student.tokenizer == "corpus":
+            vocab = student.vocab_size or self.recipe.data.vocab_size
+            return train_tokenizer(self.data.corpus, vocab, self.recipe.cache_path)
+        if student.tokenizer:
+            path = Path(student.tokenizer).expanduser()
+            if not (path / "tokenizer.json").is_file():
+                raise DistillError(f"student.tokenizer: no tokenizer.json in {path}")
+            return path
+        model = student.model
+        if model and (Path(model) / "tokenizer.json").exists():
+            return Path(model)
+        return self.data.tokenizer_dir
+
+    @property
     def has_teacher(self) -> bool:
         return self._teacher is not None
 

@@ -292,3 +292,114 @@ def test_a_task_group_is_gated_on_its_aggregate(models, cache_dir, tmp_path):
     gate = decide(recipe.eval.gate, records, samples)
     assert gate["passed"] and gate["checks"][0]["task"] == "distill_mc"
     assert gate["checks"][0]["noise"] == "stderr (no per-document values)"
+
+
+@pytest.fixture(scope="module")
+def strangers(models, cache_dir, tmp_path_factory):
+    """Students with another tokenizer than the teacher's: `renamed` is the teacher with one token added
+    to its vocabulary (so it reads every text exactly as the teacher does), `stranger` a random model
+    with a 1,024-token tokenizer trained on the corpus."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import load_recipe
+    from distill.models import build_tiny_llama
+    from distill.pipeline import open_run
+    from distill.tokenizer import load_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("strangers")
+    renamed = root / "renamed"
+    tokenizer = load_tokenizer(models["teacher"])
+    tokenizer.add_tokens(["<|renamed|>"], special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(models["teacher"], dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():  # the new token scores as the padding token, which the teacher never predicts
+        for weights in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            weights[-1] = weights[tokenizer.pad_token_id]
+    model.save_pretrained(renamed)
+    tokenizer.save_pretrained(renamed)
+    recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={root / 'runs'}", f"cache_dir={cache_dir}"])
+    own = load_tokenizer(train_tokenizer(open_run(recipe).data.corpus, 1024, cache_dir))
+    stranger = root / "stranger"
+    build_tiny_llama(recipe.teacher.tiny, own, seed=7).save_pretrained(stranger)
+    own.save_pretrained(stranger)
+    return {"renamed": renamed, "stranger": stranger}
+
+
+BYTES_GATE = "eval.gate.criteria=[{task: distill_bytes_test, metric: byte_agreement, max_drop: 0.05}]"
+
+
+@pytest.mark.slow
+def test_students_with_another_tokenizer_are_measured_in_bytes_not_token_ids(models, strangers, tmp_path):
+    """eval.byte_agreement (on by itself across tokenizers): the share of the teacher's greedy continuation
+    bytes each model predicts; token-level KL and top-1 only where the token ids are the teacher's."""
+    base = ["eval.limit=20", "eval.backend=hf", "eval.tasks=[distill_outside_ppl]",
+            "eval.teacher_match_documents=20", "eval.teacher_match_tokens=64", f"--model=twin={models['twin']}",
+            f"--model=renamed={strangers['renamed']}", f"--model=stranger={strangers['stranger']}"]  # fmt: skip
+    # a token-level criterion cannot judge them: refused in one line before any model runs
+    out = distill_eval(*base, "eval.gate.criteria=[{task: distill_match_test, metric: kl, min_value: 1}]",
+                       runs=tmp_path)  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (
+        "eval.gate.criteria[0]: distill_match_test kl compares token ids, and renamed, stranger have another "
+        "tokenizer than the teacher's; gate on distill_bytes_test byte_agreement"
+    ) in out.stderr
+    assert not (tmp_path / "tiny" / "eval" / "models").exists()
+
+    out = distill_eval(*base, BYTES_GATE, runs=tmp_path)
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]  # the random stranger fails
+    gate = gate_of(tmp_path)
+    scores = {name: m["scores"] for name, m in gate["models"].items()}
+    for source in ("test", "outside"):
+        task = f"distill_bytes_{source}"
+        teacher = scores["teacher"][task]["byte_agreement"]
+        assert teacher > 0.9  # its own greedy text, read back in its own tokens
+        assert scores["twin"][task]["byte_agreement"] == teacher
+        # the same model under a vocabulary one token larger reads the text exactly as the teacher does
+        assert scores["renamed"][task]["byte_agreement"] == pytest.approx(teacher, abs=1e-6)
+        assert scores["stranger"][task]["byte_agreement"] < 0.3
+        rows = {name: per_doc(tmp_path, name, task) for name in scores}
+        assert len({len(r) for r in rows.values()}) == 1 and len(rows["teacher"]) > 5  # paired by document
+        assert all(r["bytes"] > 0 for r in rows["stranger"])
+        # token ids are compared only where they mean the same tokens
+        assert f"distill_match_{source}" in scores["twin"]
+        assert (
+            f"distill_match_{source}" not in scores["renamed"]
+            and f"distill_match_{source}" not in scores["stranger"]
+        )
+    verdicts = {c["model"]: c["passed"] for c in gate["checks"]}
+    assert verdicts == {"twin": True, "renamed": True, "stranger": False}
+    assert "renamed: no expected acceptance: the student at" in out.stdout
+    assert "cannot be the teacher's speculative-decoding draft" in out.stdout
+    assert "twin: expected acceptance as the teacher's draft" in out.stdout
+
+
+def test_the_serving_benchmark_leaves_out_a_draft_with_another_tokenizer(
+    models, strangers, cache_dir, tmp_path
+):
+    from distill.config import load_recipe
+    from distill.errors import DistillError
+    from distill.pipeline import open_run
+    from distill.stages.bench import available_setups, chosen_setups
+
+    def run_with(*overrides):
+        recipe = load_recipe(
+            TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}", *overrides]
+        )
+        return open_run(recipe)
+
+    run = run_with()
+    shutil.copytree(strangers["renamed"], run.student)
+    assert [s.name for s in available_setups(run)] == ["teacher", "student"]
+    with pytest.raises(
+        DistillError, match="teacher\\+student not in this run's setups .*cannot be the teacher's"
+    ):
+        chosen_setups(run_with("serve.bench.setups=[teacher,teacher+student]"))
+    shutil.rmtree(run.student)
+    shutil.copytree(models["twin"], run.student)  # the same vocabulary: the draft setups are back
+    assert [s.name for s in available_setups(run)] == [
+        "teacher",
+        "teacher+student",
+        "teacher+baseline",
+        "student",
+    ]

@@ -41,6 +41,7 @@ from distill.errors import DistillError
 from distill.gate import DISTILLED_DRAFT, bench_in_order
 from distill.heldout import serving_prompts
 from distill.run import Run, RunDir
+from distill.vllm.engine import draft_problem
 
 SPEC_COUNTERS = {
     "drafts": "vllm:spec_decode_num_drafts_total",
@@ -60,7 +61,7 @@ def initial_student(run: Run) -> Path:
     """The student before any training (distill.models.initial_student), under the run's serve/."""
     from distill.models import initial_student as build
 
-    return build(run.recipe, run.data.tokenizer_dir, run.serve_dir / "initial-student")
+    return build(run.recipe, run.student_tokenizer, run.serve_dir / "initial-student")
 
 
 def baseline_draft(run: Run) -> Path:
@@ -86,12 +87,13 @@ def available_setups(run: Run) -> list[Setup]:
     student = run.student
     if not (student / "config.json").exists():
         raise DistillError(f"no student to bench at {student} (run `distill train` first)")
-    out = [
-        Setup("teacher", "teacher", None),
-        Setup(DISTILLED_DRAFT, "draft", student),
-        Setup("teacher+baseline", "draft", None),  # resolved only when chosen (it may be built)
-        Setup("student", "student", student),
-    ]
+    out = [Setup("teacher", "teacher", None)]
+    if draft_problem(student, run.teacher if run.has_teacher else None) is None:  # not across tokenizers
+        out += [
+            Setup(DISTILLED_DRAFT, "draft", student),
+            Setup("teacher+baseline", "draft", None),  # resolved only when chosen (it may be built)
+        ]
+    out.append(Setup("student", "student", student))
     for quant in run.quantized_students():  # finished ones only, never a killed one's temporary
         if serving_problem(scheme_of(quant)) is None:
             out.append(Setup(f"student-{quant.name}", "student", quant))
@@ -111,8 +113,10 @@ def chosen_setups(run: Run, running: dict[str, str] | None = None) -> list[Setup
     if wanted is not None:
         unknown = [w for w in wanted if w not in names]
         if unknown:
+            problem = draft_problem(run.student, run.teacher if run.has_teacher else None)
+            why = f": {problem}" if problem and DISTILLED_DRAFT in unknown else ""
             raise DistillError(
-                f"serve.bench.setups: {', '.join(unknown)} not in this run's setups ({', '.join(names)})"
+                f"serve.bench.setups: {', '.join(unknown)} not in this run's setups ({', '.join(names)}){why}"
             )
         setups = [s for s in setups if s.name in wanted]
     return [Setup(s.name, s.mode, baseline_draft(run)) if s.name == "teacher+baseline" else s for s in setups]

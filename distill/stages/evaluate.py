@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from distill.run import Run, RunDir
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 LOCAL_TASKS = ("distill_ppl", "distill_outside_ppl", "distill_cloze", "distill_nextword")
 MATCH_METRICS = {"kl": False, "top1_agreement": True}  # teacher_match metric: higher is better
+BYTES_METRICS = {"byte_agreement": True}  # eval.byte_agreement's, for any tokenizer
 GATE_FAILED = 3  # exit status of `distill eval` when the gate fails (0: it passes)
 
 
@@ -53,7 +54,7 @@ def eval_models(run: Run, extra: dict[str, str] | None = None) -> list[EvalModel
     if run.recipe.eval.initial:  # the student before training: shown, not gated
         from distill.models import initial_student
 
-        start = initial_student(run.recipe, run.data.tokenizer_dir, run.serve_dir / "initial-student")
+        start = initial_student(run.recipe, run.student_tokenizer, run.serve_dir / "initial-student")
         models.append(EvalModel("initial", start, "baseline"))
     student = run.student
     baseline = run.baseline  # the SFT baseline `distill run` trains: shown, not gated
@@ -79,6 +80,10 @@ def eval_models(run: Run, extra: dict[str, str] | None = None) -> list[EvalModel
 
 
 # --------------------------------------------------------------------------- tasks
+
+
+def bytes_task(source: str) -> str:
+    return f"distill_bytes_{source}"
 
 
 def match_task(source: str) -> str:
@@ -178,9 +183,15 @@ def load_tasks(cfg: EvalConfig, manager) -> TaskSet:
                     f"{where}.metric: {c.task} produces {', '.join(MATCH_METRICS)}, not {c.metric!r}"
                 )
             continue
-        if c.task.startswith("distill_match_"):
+        if c.task in {bytes_task(source) for source in cfg.teacher_match} and cfg.byte_agreement is not False:
+            if c.metric not in BYTES_METRICS:
+                raise DistillError(f"{where}.metric: {c.task} produces byte_agreement, not {c.metric!r}")
+            continue
+        if c.task.startswith(("distill_match_", "distill_bytes_")):
+            off = " with eval.byte_agreement false" if c.task.startswith("distill_bytes_") else ""
             raise DistillError(
-                f"{where}.task: {c.task!r} is not measured (eval.teacher_match: {', '.join(cfg.teacher_match) or 'none'})"
+                f"{where}.task: {c.task!r} is not measured (eval.teacher_match: "
+                f"{', '.join(cfg.teacher_match) or 'none'}{off})"
             )
         if c.task not in tasks.leaves and c.task not in tasks.group_metrics:
             raise DistillError(
@@ -363,15 +374,22 @@ def evaluate_lm(lm, cfg: EvalConfig, manager, tasks: TaskSet) -> dict:
 class TeacherMatch:
     """eval.teacher_match: each model's full-vocabulary KL to the teacher and top-1 agreement on held-out
     documents (distill.heldout), as lm-eval-shaped results under distill_match_<source>, so the gate,
-    the report and the paired comparisons read them like any task."""
+    the report and the paired comparisons read them like any task; with eval.byte_agreement, the share
+    of the teacher's text bytes each model predicts under distill_bytes_<source>. A model with another
+    tokenizer than the teacher's gets the byte agreement only: its token ids are not the teacher's."""
 
     teacher: Path
     docs: dict[str, Any]  # source -> heldout.Documents
     batch_size: int
+    trust_remote_code: bool = False
+    pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # source -> (prompt, continuation)
     _teacher_model: Any = None
+    _device: str = "cpu"
 
     @classmethod
-    def build(cls, cfg: EvalConfig, teacher: Path, texts: dict[str, list[str]]) -> TeacherMatch:
+    def build(
+        cls, cfg: EvalConfig, teacher: Path, texts: dict[str, list[str]], agreement: bool = False
+    ) -> TeacherMatch:
         from transformers import AutoTokenizer
 
         from distill.heldout import Documents, require_outside
@@ -388,9 +406,45 @@ class TeacherMatch:
         }
         if "instructions" in cfg.teacher_match:  # the teacher's answers to the held-out prompts
             docs["instructions"] = Documents.responses(texts["instructions"], tokenizer)
-        return cls(teacher, docs, cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+        match = cls(teacher, docs, cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+        if agreement:
+            match.pairs = match._agreement_pairs(tokenizer, cfg.teacher_match_tokens)
+        return match
 
-    trust_remote_code: bool = False
+    def _agreement_pairs(self, tokenizer, tokens: int) -> dict[str, list[tuple[str, str]]]:
+        """Per source, (prompt, continuation) texts: a document's first tokens/2 tokens and the teacher's
+        greedy continuation to `tokens`, or a held-out prompt and the teacher's answer; each cut at the
+        teacher's first special token, spelled byte for byte (special tokens as their text, as a
+        cross-tokenizer student read them in training)."""
+        from distill.acceptance import teacher_continuations
+        from distill.crosstok import token_bytes
+
+        spelled = token_bytes(tokenizer, "teacher")
+        specials = set(tokenizer.all_special_ids)
+
+        def text(ids: list[int]) -> str:
+            return b"".join(spelled[i] for i in ids).decode("utf-8", errors="replace")
+
+        def upto_special(ids: list[int]) -> list[int]:
+            return next((ids[:n] for n, i in enumerate(ids) if i in specials), ids)
+
+        half = tokens // 2
+        out = {}
+        for source, docs in self.docs.items():
+            if docs.starts is not None:  # the teacher's answers, as stored
+                raw = [(ids[: s + 1], ids[s + 1 :]) for ids, s in zip(docs.ids, docs.starts, strict=True)]
+            else:
+                prompts = [ids[:half] for ids in docs.ids if len(ids) > half]
+                raw = []
+                if prompts:
+                    greedy = teacher_continuations(
+                        self.teacher, prompts, tokens - half, 0.0, batch_size=self.batch_size
+                    )
+                    raw = [(p, greedy.tokens[i, half:].tolist()) for i, p in enumerate(prompts)]
+            bos = tokenizer.bos_token_id
+            pairs = [(text(p[1:] if p and p[0] == bos else p), text(upto_special(c))) for p, c in raw]
+            out[source] = [(p, c) for p, c in pairs if p and c]
+        return out
 
     def _load(self, path: Path):
         import torch
@@ -413,38 +467,57 @@ class TeacherMatch:
         return model.to(device).eval(), device
 
     def results(self, model: EvalModel) -> dict[str, dict]:
-        """{"results", "higher_is_better", "samples"} for `model`, one task per source."""
-        from distill.heldout import measure
+        """{"results", "higher_is_better", "samples"} for `model`, one task per source and measure."""
+        from distill.heldout import byte_agreement, measure
+        from distill.tokenizer import load_tokenizer, shares_vocabulary
 
         out: dict[str, dict] = {"results": {}, "higher_is_better": {}, "samples": {}}
+        if self._teacher_model is None and (self.pairs or model.role != "teacher"):
+            self._teacher_model, self._device = self._load(self.teacher)
+        lm, device = self._teacher_model, self._device
         if model.role != "teacher":
-            if self._teacher_model is None:
-                self._teacher_model = self._load(self.teacher)[0]
-            lm, device = self._load(model.path)
-        for source, docs in self.docs.items():
-            if model.role == "teacher":  # the teacher against itself, by definition
-                per_doc = {"kl": [0.0] * len(docs.ids), "top1": [1.0] * len(docs.ids)}
-            else:
-                per_doc = measure(lm, self._teacher_model, docs, self.batch_size, device)
-            task = match_task(source)
-            rows = [
-                {"doc_id": i, "kl": kl, "top1_agreement": top1}
-                for i, (kl, top1) in enumerate(zip(per_doc["kl"], per_doc["top1"], strict=True))
-            ]
-            row: dict[str, float] = {"alias": task}
-            for metric in MATCH_METRICS:
-                values = [r[metric] for r in rows]
-                mean = sum(values) / len(values)
-                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-                row[f"{metric},none"] = mean
-                row[f"{metric}_stderr,none"] = math.sqrt(var / len(values))
-            out["results"][task] = row
-            out["higher_is_better"][task] = dict(MATCH_METRICS)
-            out["samples"][task] = rows
+            lm = self._load(model.path)[0]
+        if model.role == "teacher" or shares_vocabulary(model.path, self.teacher):
+            for source, docs in self.docs.items():
+                if model.role == "teacher":  # the teacher against itself, by definition
+                    per_doc = {"kl": [0.0] * len(docs.ids), "top1": [1.0] * len(docs.ids)}
+                else:
+                    per_doc = measure(lm, self._teacher_model, docs, self.batch_size, device)
+                rows = [
+                    {"doc_id": i, "kl": kl, "top1_agreement": top1}
+                    for i, (kl, top1) in enumerate(zip(per_doc["kl"], per_doc["top1"], strict=True))
+                ]
+                _add_task(out, match_task(source), rows, MATCH_METRICS)
+        if self.pairs:
+            tokenizer = load_tokenizer(model.path)
+            context = min(getattr(lm.config, "max_position_embeddings", 2048), 2048)
+            for source, pairs in self.pairs.items():
+                if not pairs:
+                    continue
+                per = byte_agreement(lm, tokenizer, pairs, context, device)
+                rows = [
+                    {"doc_id": i, "byte_agreement": a / b, "bytes": b}
+                    for i, (a, b) in enumerate(zip(per["agreed"], per["bytes"], strict=True))
+                ]
+                _add_task(out, bytes_task(source), rows, BYTES_METRICS)
         if model.role != "teacher":
             del lm
             _free_accelerator_memory()
         return out
+
+
+def _add_task(out: dict[str, dict], task: str, rows: list[dict], metrics: dict[str, bool]) -> None:
+    """Per-document rows as an lm-eval-shaped task: each metric's mean over documents and its stderr."""
+    row: dict[str, Any] = {"alias": task}
+    for metric in metrics:
+        values = [r[metric] for r in rows]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+        row[f"{metric},none"] = mean
+        row[f"{metric}_stderr,none"] = math.sqrt(var / len(values))
+    out["results"][task] = row
+    out["higher_is_better"][task] = dict(metrics)
+    out["samples"][task] = rows
 
 
 def _free_accelerator_memory() -> None:
@@ -565,6 +638,32 @@ def read_samples(out: Path) -> dict[str, list[dict]]:
     }
 
 
+def other_tokenizers(cfg: EvalConfig, models: list[EvalModel]) -> list[str]:
+    """The models whose tokenizer is not the teacher's (students trained across tokenizers), after
+    refusing what cannot be measured on them: token-level gate criteria, and the draft's acceptance."""
+    from distill.tokenizer import shares_vocabulary
+    from distill.vllm.engine import NOT_A_DRAFT
+
+    teacher = models[0].path
+    strangers = [m.name for m in models[1:] if not shares_vocabulary(m.path, teacher)]
+    if not strangers:
+        return []
+    which = f"{', '.join(strangers)} {'has' if len(strangers) == 1 else 'have'} another tokenizer than the teacher's"
+    for i, c in enumerate(cfg.gate.criteria):
+        if c.task.startswith("distill_match_"):
+            source = c.task.removeprefix("distill_match_")
+            raise DistillError(
+                f"eval.gate.criteria[{i}]: {c.task} {c.metric} compares token ids, and {which}; gate on "
+                f"{bytes_task(source)} byte_agreement (the same question in bytes) instead"
+            )
+    if cfg.gate.min_acceptance_rate is not None and "student" in strangers:
+        raise DistillError(
+            f"eval.gate.min_acceptance_rate: the student has another tokenizer than the teacher's: "
+            f"{NOT_A_DRAFT}; set it to null"
+        )
+    return strangers
+
+
 def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
     """Evaluate the teacher and every student, write eval's results (eval/results.json) and have the gate
     write its verdict (eval/gate.json, with the serving benchmark's acceptance when it is measured);
@@ -588,6 +687,7 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
         from distill.heldout import require_outside
 
         require_outside(read_texts(outside / "outside.jsonl"), "eval.tasks: distill_outside_ppl")
+    strangers = other_tokenizers(cfg, models)
     match = None
     if cfg.teacher_match:
         texts = {"test": data.corpus.texts("test"), "outside": read_texts(outside / "outside.jsonl")}
@@ -601,7 +701,9 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
                     f"and {run.heldout_store} is not complete: run `distill generate --split heldout` first"
                 )
             texts["instructions"] = list(TeacherStore(run.heldout_store).rows())
-        match = TeacherMatch.build(cfg, models[0].path, texts)
+        gated = any(c.task.startswith("distill_bytes_") for c in cfg.gate.criteria)
+        agreement = cfg.byte_agreement if cfg.byte_agreement is not None else bool(strangers or gated)
+        match = TeacherMatch.build(cfg, models[0].path, texts, agreement)
     out = run.eval_dir
     gate.begin_evaluation(run)
     settings = settings_of(cfg, data.corpus.content_hash)
@@ -614,6 +716,8 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
             "teacher": model_fingerprint(match.teacher, recipe.cache_path)["weights_hash"],
             "documents": hash_json({s: d.ids for s, d in match.docs.items()}),
         }
+        if match.pairs:  # the teacher's greedy continuations depend on its weights, already keyed above
+            settings["teacher_match"]["byte_agreement"] = hash_json(match.pairs)
     records: dict[str, dict] = {}
     samples: dict[str, dict[str, list[dict]]] = {}
     crashed = []

@@ -60,7 +60,7 @@ def student_data(run: Run, store_dir: Path | None) -> StudentData:
     from distill.tokenizer import tokenize_corpus
 
     recipe, data = run.recipe, run.data
-    tokenizer_dir = student_tokenizer_dir(run)
+    tokenizer_dir = run.student_tokenizer
     if tokenizer_dir == data.tokenizer_dir:
         tokens_dir = data.tokens_dir
     else:
@@ -301,7 +301,7 @@ def student_vocab_size(run: Run) -> tuple[int, str]:
     if recipe.student.model:
         path = check_model_dir(recipe.student.model, "student.model")
         return json.loads((path / "config.json").read_text())["vocab_size"], "student.model"
-    return len(load_tokenizer(student_tokenizer_dir(run))), "the student's tokenizer"
+    return len(load_tokenizer(run.student_tokenizer)), "the student's tokenizer"
 
 
 def check_store_matches_student(run: Run, path: Path | None = None) -> TeacherStore:
@@ -312,7 +312,7 @@ def check_store_matches_student(run: Run, path: Path | None = None) -> TeacherSt
         if run.recipe.train.cross_tokenizer is None:
             raise DistillError(
                 f"teacher store {store.root} was made with another tokenizer than the student's "
-                f"({student_tokenizer_dir(run)}): the same ids would mean different tokens; set "
+                f"({run.student_tokenizer}): the same ids would mean different tokens; set "
                 "train.cross_tokenizer.method=byte (or uld) to distil across tokenizers, regenerate the "
                 "store, or give the student the teacher's tokenizer"
             )
@@ -325,28 +325,7 @@ def check_store_matches_student(run: Run, path: Path | None = None) -> TeacherSt
 def crosses_tokenizers(run: Run, store_dir: Path) -> bool:
     """The store at `store_dir` was made with another tokenizer than the student's."""
     made_with = TeacherStore(store_dir).manifest["identity"].get("tokenizer_hash")
-    return bool(made_with) and tokenizer_hash(student_tokenizer_dir(run)) != made_with
-
-
-def student_tokenizer_dir(run: Run) -> Path:
-    """The student's tokenizer: student.tokenizer (a directory, or `corpus`: trained on the corpus once,
-    cached), else student.model's own when its directory has one, else the run's (data.tokenizer or the
-    teacher's)."""
-    from distill.tokenizer import train_tokenizer
-
-    student = run.recipe.student
-    if student.tokenizer == "corpus":
-        vocab = student.vocab_size or run.recipe.data.vocab_size
-        return train_tokenizer(run.data.corpus, vocab, run.recipe.cache_path)
-    if student.tokenizer:
-        path = Path(student.tokenizer).expanduser()
-        if not (path / "tokenizer.json").is_file():
-            raise DistillError(f"student.tokenizer: no tokenizer.json in {path}")
-        return path
-    model = student.model
-    if model and (Path(model) / "tokenizer.json").exists():
-        return Path(model)
-    return run.data.tokenizer_dir
+    return bool(made_with) and tokenizer_hash(run.student_tokenizer) != made_with
 
 
 def with_lora(model, cfg: LoraConfig):

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from distill.config import RecipeConfig
 
 
+# why a student with its own tokenizer is never the teacher's draft (serve, bench and eval say it)
+NOT_A_DRAFT = (
+    "it cannot be the teacher's speculative-decoding draft, because vLLM needs the draft and the target to "
+    "share one vocabulary (the draft proposes token ids the target verifies)"
+)
 SMALL_CPU = 4  # at most this many cores: vLLM CPU reserves none of them for its scheduler
 
 
@@ -129,29 +134,23 @@ def serving_engine_args(
     return args
 
 
+def draft_problem(student: Path | str | None, teacher: Path | str | None) -> str | None:
+    """Why `student` cannot be `teacher`'s vLLM draft (a cross-tokenizer student: speculative decoding
+    passes token ids between the two models), or None. Paths that are not here (a GPU host's) pass."""
+    from distill.tokenizer import shares_vocabulary
+
+    here = [m for m in (student, teacher) if m is not None and (Path(m) / "tokenizer.json").is_file()]
+    if len(here) == 2 and not shares_vocabulary(student, teacher):
+        return f"the student at {student} has another tokenizer than the teacher's ({teacher}): {NOT_A_DRAFT}"
+    return None
+
+
 def check_draft_vocabulary(student: Path | None, teacher: Path | str | None) -> None:
-    """Refuse a draft whose vocabulary is not the teacher's (a cross-tokenizer student): vLLM's speculative
-    decoding passes token ids between the two models. Paths that are not here (a GPU host's) are not checked."""
     from distill.errors import DistillError
 
-    files = [Path(m) / "tokenizer.json" for m in (student, teacher) if m is not None]
-    if len(files) == 2 and all(f.is_file() for f in files) and _vocabulary(files[0]) != _vocabulary(files[1]):
-        raise DistillError(
-            f"the student at {student} has another tokenizer than the teacher's ({teacher}): it cannot be the "
-            "teacher's speculative-decoding draft, because vLLM needs the draft and the target to share one "
-            "vocabulary (the draft proposes token ids the target verifies); serve the student alone"
-        )
-
-
-def _vocabulary(tokenizer_json: Path):
-    """A tokenizer.json's token -> id map, added tokens included (the file's layout aside)."""
-    import json
-
-    spec = json.loads(tokenizer_json.read_text())
-    vocab = spec.get("model", {}).get("vocab", {})
-    pieces = dict(vocab) if isinstance(vocab, dict) else {str(v[0]): i for i, v in enumerate(vocab)}
-    pieces.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
-    return pieces
+    problem = draft_problem(student, teacher)
+    if problem:
+        raise DistillError(f"{problem}; serve the student alone")
 
 
 def shutdown_engine(llm) -> None:
