@@ -375,6 +375,43 @@ def block_kd_loss_smollm2(page: Page) -> list[str]:
     return kd_loss_lines("kd_loss_smollm2", "SmolLM2's vocabulary (49,152)")
 
 
+def block_fused_loss(page: Page) -> list[str]:
+    r = result("fused_loss")
+    rows = []
+    for vocab, v in r["vocabs"].items():
+        plain, chunked, fused, ratio = v["plain"], v["chunked"], v["fused"], v["ratios"]
+        rows.append(
+            f"| {num(int(vocab))} | {plain['loss_peak_mb'] / 1000:.2f} GB, {plain['seconds']:.1f} s "
+            f"| {chunked['loss_peak_mb'] / 1000:.2f} GB, {chunked['seconds']:.1f} s "
+            f"| {fused['loss_peak_mb'] / 1000:.2f} GB ({fused['weight_grad_mb'] / 1000:.2f} GB of it the layer's "
+            f"gradient), {fused['seconds']:.1f} s | **{times(ratio['memory_plain_over_fused'], 1)} less** "
+            f"| {times(ratio['time_fused_over_plain'])} |"
+        )
+    return [
+        f"Measured with `.venv/bin/python bench/fused_loss.py` (`bench/results/fused_loss.json`): from the "
+        f"last hidden states (B x T = {r['batch']} x {num(r['seq'])}, H = {num(r['hidden'])}) through the output "
+        "layer to the gradients of both, forward + backward, fp32 on this 2-core CPU, each variant in its own "
+        "process; peak memory over the inputs, the gradients included:",
+        "",
+        "| V | plain dense loss (teacher's full logits) | unfused (`fused_loss: off`, stored "
+        f"top-{r['k']}) | fused (`auto`) | memory, plain / fused | time, fused / plain |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *[
+            f"At V = {num(int(vocab))} the output layer's gradient alone (V x H, {v['fused']['weight_grad_mb'] / 1000:.2f} "
+            f"GB) is 1/{v['plain']['loss_peak_mb'] / v['fused']['weight_grad_mb']:.1f} of the plain loss's peak, which "
+            "it reaches in forward, before any gradient exists; the fused loss holds it from its forward on, as "
+            "the gradient itself (`distill train` sets gradients to None between steps, so autograd keeps that "
+            "buffer instead of copying it). Beside the gradients, the fused loss works in "
+            f"{(v['fused']['loss_peak_mb'] - v['fused']['weight_grad_mb'] - v['fused']['hidden_grad_mb']) / 1000:.2f} GB, "
+            f"{v['plain']['loss_peak_mb'] / (v['fused']['loss_peak_mb'] - v['fused']['weight_grad_mb'] - v['fused']['hidden_grad_mb']):.0f}x "
+            "less than the plain loss."
+            for vocab, v in list(r["vocabs"].items())[:1]
+        ],
+    ]
+
+
 # --------------------------------------------------------------------------- the real teacher
 
 
@@ -920,6 +957,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "smollm2-prune": lambda page: block_smollm2(page, "smollm2_prune"),
     "cut-layers": block_cut_layers,
     "real-teacher": block_real_teacher,
+    "fused-loss": block_fused_loss,
     "kd-loss-smollm2": block_kd_loss_smollm2,
     "train-step": block_train_step,
     "train-processes": block_train_processes,

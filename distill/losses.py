@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
+LOSS_CHUNK_TOKENS = 64  # positions whose loss and gradient are computed together (a cache-sized block)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 
 
@@ -169,14 +170,17 @@ def _tail_logmass(log_q, ids):
 
     import torch
 
-    rest = log_q.masked_fill(torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, ids, True), -math.inf)
+    rest = log_q.scatter(-1, ids, -math.inf)
+    mass = rest.logsumexp(-1)
+    if torch.isfinite(mass).all():
+        return mass
     live = torch.isfinite(rest).any(-1, keepdim=True)  # all -inf: no tail, and no NaN gradient from it
     mass = torch.where(live, rest, torch.zeros_like(rest)).logsumexp(-1)
     return torch.where(live[:, 0], mass, torch.full_like(mass, -math.inf))
 
 
-def _sparse_bins(logits, ids, teacher_logprobs, temperature: float, tail: str):
-    """Student logits (n, V) and the teacher's top-k (n, K) -> both sides' (n, bins) log-probs at temperature.
+def _sparse_bins(log_q, ids, teacher_logprobs, temperature: float, tail: str):
+    """Student log-probs (n, V) and the teacher's top-k (n, K) -> both sides' (n, bins) log-probs at temperature.
 
     NOTE: temperature on a sparse teacher. Each side is first coarse-grained at temperature 1 into the K
     head tokens plus one bucket for the rest (the teacher's bucket holds 1 - sum(top-k), the student's its
@@ -188,9 +192,8 @@ def _sparse_bins(logits, ids, teacher_logprobs, temperature: float, tail: str):
     """
     import torch
 
-    log_q = logits.log_softmax(-1)
     head_q = log_q.gather(-1, ids)  # (n, K)
-    if tail == "renormalize" or ids.size(-1) >= logits.size(-1):
+    if tail == "renormalize" or ids.size(-1) >= log_q.size(-1):
         return (teacher_logprobs / temperature).log_softmax(-1), (head_q / temperature).log_softmax(-1)
     tail_p = _log1mexp(torch.logsumexp(teacher_logprobs, -1).clamp(max=0))
     bins_p = torch.cat([teacher_logprobs, tail_p[:, None]], -1)  # (n, K + 1)
@@ -212,9 +215,13 @@ def sampled_tail_kl(logits, ids, teacher_logprobs, sample_ids, sample_logprobs):
     Args: logits (n, V); ids, teacher_logprobs (n, K) raw; sample_ids, sample_logprobs (n, S) raw.
     Returns: (n,) per-row estimates.
     """
+    return _sampled_tail(logits.log_softmax(-1), ids, teacher_logprobs, sample_ids, sample_logprobs)
+
+
+def _sampled_tail(log_q, ids, teacher_logprobs, sample_ids, sample_logprobs):
+    """`sampled_tail_kl` from the student's log-probs (n, V)."""
     import torch
 
-    log_q = logits.log_softmax(-1)
     head = _kl(
         teacher_logprobs, log_q.gather(-1, ids)
     )  # unnormalised: sum over the head of p (log p - log q)
@@ -243,18 +250,21 @@ def _chunk_losses(logits, labels, targets, cfg: dict):
     # NOTE: fp32 (or better) for every softmax and divergence, whatever dtype the model runs in.
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    # one log-softmax for the CE and the divergence (each pass over (n, V) is what the loss costs)
+    log_q = logits.log_softmax(-1)
+    ce = -log_q.gather(-1, labels[:, None]).sum()  # every row is a target position
     if cfg["tail"] == "none":  # no teacher: CE alone
         return torch.zeros((), dtype=ce.dtype, device=ce.device), ce
     if cfg["tail"] == "sample":
         ids, lps, draw_ids, draw_lps = targets
-        div = sampled_tail_kl(logits, ids, lps.to(logits.dtype), draw_ids, draw_lps.to(logits.dtype))
+        div = _sampled_tail(log_q, ids, lps.to(logits.dtype), draw_ids, draw_lps.to(logits.dtype))
         return div.sum(), ce
     if len(targets) == 1:
         log_p = (targets[0].to(logits.dtype) / temperature).log_softmax(-1)
-        log_q = (logits / temperature).log_softmax(-1)
+        if temperature != 1.0:
+            log_q = (logits / temperature).log_softmax(-1)
     else:
-        log_p, log_q = _sparse_bins(logits, targets[0], targets[1].to(logits.dtype), temperature, cfg["tail"])
+        log_p, log_q = _sparse_bins(log_q, targets[0], targets[1].to(logits.dtype), temperature, cfg["tail"])
     div = divergence(log_p, log_q, cfg["name"], cfg["beta"], cfg["alpha"])
     return div.sum() * temperature**2, ce
 
@@ -359,7 +369,7 @@ def kd_loss(
     tail: str = "bucket",
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_tokens: int = 64,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
 ) -> LossParts:
     """Distillation loss plus weighted hard-label CE over the masked positions, summed.
 
@@ -390,7 +400,7 @@ def kd_loss(
     return LossParts(total, kd.detach(), ce.detach(), int(rows.numel()))
 
 
-FUSED_CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the fused loss: 32 MiB in fp32, whatever V is
+FUSED_CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the fused loss: 256 MiB in fp32, whatever V is
 
 
 class _FusedLinearLoss:
@@ -419,18 +429,24 @@ class _FusedLinearLoss:
                     for lo in range(0, rows.numel(), cfg["rows"]):
                         idx = rows[lo : lo + cfg["rows"]]
                         h = flat.index_select(0, idx)
-                        logits = torch.nn.functional.linear(h, weight, bias).detach().requires_grad_()
-                        with torch.enable_grad():
-                            kd, ce = _chunk_losses(logits, labels[idx], [t[idx] for t in targets], cfg)
-                            (g,) = torch.autograd.grad(weights[0] * kd + weights[1] * ce, logits)
-                        g = g.to(weight.dtype)
+                        # the chunk's logits, then, a few rows at a time (cache-sized, as kd_loss does),
+                        # their gradient in their place: one (rows, V) buffer
+                        g = torch.nn.functional.linear(h, weight, bias)
+                        for sub in range(0, idx.numel(), cfg["chunk_tokens"]):
+                            part = slice(sub, sub + cfg["chunk_tokens"])
+                            logits = g[part].detach().requires_grad_()
+                            at = idx[part]
+                            with torch.enable_grad():
+                                kd, ce = _chunk_losses(logits, labels[at], [t[at] for t in targets], cfg)
+                                (grad,) = torch.autograd.grad(weights[0] * kd + weights[1] * ce, logits)
+                            g[part] = grad
+                            kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
                         if grad_h is not None:
                             grad_h.index_copy_(0, idx, (g @ weight).to(grad_h.dtype))
                         if grad_w is not None:
                             grad_w.addmm_(g.t().to(acc), h.to(acc))
                         if grad_b is not None:
                             grad_b += g.sum(0).to(acc)
-                        kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
                     ctx.grads = (
                         grad_h,
                         None if grad_w is None else grad_w.to(weight.dtype),
@@ -440,9 +456,9 @@ class _FusedLinearLoss:
 
                 @staticmethod
                 def backward(ctx, grad_total, _grad_kd, _grad_ce):
-                    scale = None if grad_total.item() == 1.0 else grad_total  # 1: the buffers as they are
-                    out = tuple(g if g is None or scale is None else g * scale.to(g.dtype) for g in ctx.grads)
-                    ctx.grads = None
+                    out, ctx.grads = ctx.grads, None
+                    if grad_total.item() != 1.0:  # scaled in place: the buffers are this call's own
+                        out = tuple(g if g is None else g.mul_(grad_total.to(g.dtype)) for g in out)
                     return (*out, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
             cls.fn = Fn
@@ -464,6 +480,7 @@ def fused_kd_loss(
     ce_weight: float = 0.0,
     chunk_elements: int = FUSED_CHUNK_ELEMENTS,
     recompute: bool | None = None,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
 ) -> LossParts:
     """`kd_loss` from the student's last hidden states and its output layer, without its (B, T, V) logits.
 
@@ -481,21 +498,25 @@ def fused_kd_loss(
         output_layer: the module that maps (n, H) to the (n, V) logits.
         teacher: as in `kd_loss`; None trains CE alone (set `ce_weight`).
         recompute: force the second way (True) or the first (False); None chooses.
+        chunk_elements: logits per chunk of the first way, a quarter of that in the second (whose loss
+            runs on the whole chunk at once); the first takes each chunk's loss `chunk_tokens` rows at a
+            time, writing their gradient over their logits, so one (rows, V) buffer serves both.
         Others as in `kd_loss`.
     """
     import torch
 
     rows, labels, targets, cfg = _prepare(
-        teacher, loss_mask, input_ids, divergence_name, temperature, beta, alpha, tail, 0
+        teacher, loss_mask, input_ids, divergence_name, temperature, beta, alpha, tail, chunk_tokens
     )
     flat = hidden.reshape(-1, hidden.size(-1))
     weight = getattr(output_layer, "weight", None)
     vocab = (getattr(weight, "ds_shape", None) or getattr(weight, "shape", (4096,)))[0]
-    cfg["rows"] = max(1, chunk_elements // int(vocab))
     plain = type(output_layer) is torch.nn.Linear and not hasattr(weight, "ds_id")
     if recompute is False and not plain:
         raise ValueError("the fused loss without recomputation needs a plain nn.Linear with its whole weight")
     in_forward = plain if recompute is None else not recompute
+    # NOTE: recomputed chunks are a quarter as large: their loss runs on the whole chunk at once
+    cfg["rows"] = max(1, (chunk_elements if in_forward else chunk_elements // 4) // int(vocab))
     if in_forward and torch.is_grad_enabled():  # without gradients, the layer is simply called per chunk
         total, kd, ce = _FusedLinearLoss.get().apply(
             flat, weight, output_layer.bias, rows, labels, (kd_weight, ce_weight), cfg, *targets

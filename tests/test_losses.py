@@ -408,10 +408,12 @@ def test_fused_output_layer_and_loss_equal_the_unfused_loss_in_value_and_gradien
         kwargs = dict(tail=tail, kd_weight=kd_weight, ce_weight=0.3)
         if fused:
             hook = layer.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-            parts = fused_kd_loss(h, layer, *args, **kwargs, chunk_elements=3 * V, recompute=recompute)
+            parts = fused_kd_loss(h, layer, *args, **kwargs, chunk_elements=12 * V, recompute=recompute,
+                                  chunk_tokens=5)  # fmt: skip
             parts.total.backward()
             hook.remove()
-            if recompute:  # the layer is called a chunk (3 rows) at a time, in forward and in backward
+            # in forward: chunks of 12 rows, whose loss is taken 5, 5 and 2 rows at a time
+            if recompute:  # the layer is called a chunk (a quarter: 3 rows) at a time, forward and backward
                 assert rows and max(rows) == 3
             else:  # its weight is used directly, a chunk at a time: the layer is never called
                 assert rows == []
