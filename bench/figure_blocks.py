@@ -412,6 +412,56 @@ def block_fused_loss(page: Page) -> list[str]:
     ]
 
 
+def block_quant_serving(page: Page) -> list[str]:
+    r = result("quant_serving")
+    rounds, ratio = r["rounds"], r["w8a8_over_fp32"]
+    best = {
+        s: {c: max(x[s][c]["output_tokens_per_s"] for x in rounds) for c in ratio}
+        for s in ("student", "student-w8a8")
+    }
+    lines = [
+        f"Measured with `.venv/bin/python bench/quant_serving.py` (`bench/results/quant_serving.json`): the KD "
+        f"student of `{r['run']}` (SmolLM2-135M-Instruct cut to 12 layers) and its `w8a8` form, each served "
+        f"alone by vLLM's CPU server on {r['machine']}; {r['requests']} requests of {r['prompt_tokens']} prompt "
+        f"and {r['max_tokens']} output tokens per level, greedy; {len(rounds)} rounds:",
+        "",
+        "| concurrency | fp32, tokens/s | W8A8, tokens/s | W8A8 / fp32, per round | mean |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {c} | {num(best['student'][c])} | {num(best['student-w8a8'][c])} | "
+            f"{', '.join(times(v) for v in ratio[c]['per_round'])} | {bold(times(ratio[c]['mean']), ratio[c]['mean'] >= 1.3)} |"
+            for c in ratio
+        ],
+    ]
+    prof = r.get("profile")
+    if prof:
+        lines += [
+            "",
+            "Where a decode step goes (fp32 server's time per output token, split by timing the kernels vLLM's CPU "
+            "build runs for each linear layer at that many tokens: fp32 `onednn_mm`, and W8A8's dynamic "
+            "`onednn_scaled_int8_quant` + `onednn_scaled_mm`):",
+            "",
+            "| concurrency | step (TPOT) | 12 decoder layers' linears, fp32 -> W8A8 | output layer (fp32 in both) | the rest | W8A8 could give |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {c} | {x['fp32_tpot_us'] / 1000:.1f} ms | {x['fp32_layers_us'] / 1000:.1f} -> "
+                f"{x['w8a8_layers_us'] / 1000:.1f} ms ({pct(x['layers_share'])} of the step) | "
+                f"{x['lm_head_us'] / 1000:.1f} ms ({pct(x['lm_head_share'])}) | {pct(x['rest_share'])} | "
+                f"{times(x['predicted_speedup'])} |"
+                for c, x in prof.items()
+            ],
+            "",
+            f"The int8 kernels run the decoder's linear layers {min(x['kernel_speedup_layers'] for x in prof.values()):.1f}"
+            f"-{max(x['kernel_speedup_layers'] for x in prof.values()):.1f}x faster, but those are only "
+            f"{pct(min(x['layers_share'] for x in prof.values()))}-{pct(max(x['layers_share'] for x in prof.values()))} "
+            "of a step. The output layer (vocabulary x width), which llm-compressor leaves "
+            "in fp32 (`ignore: [lm_head]`), and the rest (attention, norms, sampling, the engine's own work) do "
+            "not change, so by Amdahl's law W8A8 can give about what the last column says, and the measured "
+            "ratios sit at or near it. More would take quantizing the output layer too.",
+        ]
+    return lines
+
+
 # --------------------------------------------------------------------------- the real teacher
 
 
@@ -958,6 +1008,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "cut-layers": block_cut_layers,
     "real-teacher": block_real_teacher,
     "fused-loss": block_fused_loss,
+    "quant-serving": block_quant_serving,
     "kd-loss-smollm2": block_kd_loss_smollm2,
     "train-step": block_train_step,
     "train-processes": block_train_processes,
