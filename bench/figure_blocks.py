@@ -462,6 +462,48 @@ def block_quant_serving(page: Page) -> list[str]:
     return lines
 
 
+def block_end_to_end(page: Page) -> list[str]:
+    r = result("end_to_end")
+    names = {"embedded": "embedded (tiny.yaml)", "smollm2": "SmolLM2-135M-Instruct -> 12-layer cut"}
+    rows, gens = [], []
+    for pair, x in r["pairs"].items():
+        g = x["generate"]
+        gens.append(
+            f"{names[pair]}: vLLM {g['vllm']['command_seconds']:.0f} s, transformers {g['hf']['command_seconds']:.0f} s"
+        )
+        for e, d in x["distill"].items():
+            q = x["quality"][e]
+
+            def diff(source, q=q):
+                c = q[source]["distill_minus_trl"]
+                return f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+
+            best = max(d["end_to_end_ratio_vllm"], d["end_to_end_ratio_hf"])
+            rows.append(
+                f"| {names[pair]} | {e} | {x['trl'][e]['command_seconds']:.0f} s | {d['end_to_end_seconds_vllm']:.0f} s "
+                f"({times(d['end_to_end_ratio_vllm'])}) | {d['end_to_end_seconds_hf']:.0f} s "
+                f"({times(d['end_to_end_ratio_hf'])}) | {bold(times(best), best >= 1.5)} | {diff('test')} | {diff('outside')} |"
+            )
+    return [
+        "Measured with `make bench-env` once, then `.venv/bin/python bench/end_to_end.py` (`bench/results/end_to_end.json`): "
+        "whole commands on both sides, fp32, 2 CPU cores, one run each. distill: `distill generate` (score mode, the "
+        "teacher's top-k over the same corpus blocks) once, then `distill train`; TRL: `GKDTrainer` (lmbda 0, beta 0: "
+        "forward KL on fixed sequences) with the teacher's forward at every step. Same initial student, blocks, "
+        f"batch and schedule. Held-out bits per byte of the two final students on {r['documents']} corpus test and "
+        f"{r['documents']} outside documents, distill minus TRL, with 95% bootstrap intervals (lower is better for "
+        "distill):",
+        "",
+        "| teacher -> student | epochs | TRL GKD | distill, vLLM capture | distill, transformers capture | best ratio | "
+        "bpb test, distill - TRL | bpb outside |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "The capture alone (`distill generate`, engine start and model loading included): "
+        + "; ".join(gens)
+        + ".",
+    ]
+
+
 # --------------------------------------------------------------------------- the real teacher
 
 
@@ -1009,6 +1051,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "real-teacher": block_real_teacher,
     "fused-loss": block_fused_loss,
     "quant-serving": block_quant_serving,
+    "end-to-end": block_end_to_end,
     "kd-loss-smollm2": block_kd_loss_smollm2,
     "train-step": block_train_step,
     "train-processes": block_train_processes,
