@@ -61,7 +61,7 @@ def _load(path: Path, field: str, device: str | None):
 
 def teacher_continuations(
     teacher_dir: Path, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int = 0,
-    batch_size: int = 16, device: str | None = None,
+    batch_size: int = 16, device: str | None = None, ignore_eos: bool = True,
 ) -> Continuations:  # fmt: skip
     import torch
 
@@ -82,7 +82,7 @@ def teacher_continuations(
                 chunk,
                 attention_mask=torch.ones_like(chunk),
                 max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,  # the benchmark ignores EOS
+                min_new_tokens=max_tokens if ignore_eos else 0,  # the benchmark ignores EOS
                 pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0,
                 **sampling,
             )

@@ -166,17 +166,14 @@ def _log1mexp(log_s):
 def _tail_logmass(log_q, ids):
     """log of the mass of `log_q` (n, V) outside the ids (n, K), summed exactly over the other V - K
     entries (1 - sum(head) loses every bit once the head holds almost all the mass)."""
-    import math
 
     import torch
 
-    rest = log_q.scatter(-1, ids, -math.inf)
-    mass = rest.logsumexp(-1)
-    if torch.isfinite(mass).all():
-        return mass
-    live = torch.isfinite(rest).any(-1, keepdim=True)  # all -inf: no tail, and no NaN gradient from it
-    mass = torch.where(live, rest, torch.zeros_like(rest)).logsumexp(-1)
-    return torch.where(live[:, 0], mass, torch.full_like(mass, -math.inf))
+    # NOTE: the head is masked with the dtype's lowest finite value, not -inf: exp() of it is 0 beside any
+    # finite log-prob, so the mass is exact, and a row whose tail is all -inf (no tail) still gets a finite
+    # value (~ -3e38, i.e. no mass) and a zero gradient instead of NaN, with no host sync to test for it.
+    rest = log_q.scatter(-1, ids, torch.finfo(log_q.dtype).min)
+    return rest.logsumexp(-1)
 
 
 def _sparse_bins(log_q, ids, teacher_logprobs, temperature: float, tail: str):

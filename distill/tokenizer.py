@@ -61,24 +61,22 @@ def tokenizer_hash(path: Path) -> str:
 
 
 def vocabulary(path: Path | str) -> dict[str, int]:
-    """A model or tokenizer directory's token -> id map, added tokens included: from its tokenizer.json
-    (whatever the file's layout), else from the tokenizer transformers loads."""
+    """A tokenizer.json's token -> id map, added tokens included (whatever the file's layout)."""
     import json
 
-    spec_file = Path(path) / "tokenizer.json"
-    if not spec_file.is_file():
-        return dict(load_tokenizer(path).get_vocab())
-    spec = json.loads(spec_file.read_text())
+    spec = json.loads((Path(path) / "tokenizer.json").read_text())
     vocab = spec.get("model", {}).get("vocab", {})
     pieces = dict(vocab) if isinstance(vocab, dict) else {str(v[0]): i for i, v in enumerate(vocab)}
     pieces.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
     return pieces
 
 
-def shares_vocabulary(a: Path | str, b: Path | str) -> bool:
-    """Whether two models read and write the same token ids: what a vLLM draft and its target, and a
-    token-level comparison (KL, top-1, a draft's acceptance), need."""
-    return vocabulary(a) == vocabulary(b)
+def other_vocabulary(a: Path | str, b: Path | str) -> bool:
+    """Whether two model directories read and write different token ids, as their tokenizer.json files
+    show (a model without one, e.g. a remote-code tokenizer's, is taken to share the other's): what a vLLM
+    draft and its target, and a token-level comparison (KL, top-1, a draft's acceptance), must not have."""
+    files = [Path(m) / "tokenizer.json" for m in (a, b)]
+    return all(f.is_file() for f in files) and vocabulary(a) != vocabulary(b)
 
 
 def tokenize_corpus(corpus: Corpus, tokenizer_dir: Path, cache_dir: Path) -> Path:

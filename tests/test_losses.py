@@ -378,10 +378,11 @@ FUSED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.25], ids=["unscaled", "scaled"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["in-forward", "recomputed"])
 @pytest.mark.parametrize("kind, name, temperature", FUSED_CASES)
 def test_fused_output_layer_and_loss_equal_the_unfused_loss_in_value_and_gradient(
-    batch, kind, name, temperature, recompute
+    batch, kind, name, temperature, recompute, scale
 ):
     """fused_kd_loss(hidden, lm_head) is kd_loss(lm_head(hidden)): same total, parts and gradients for the
     hidden states and the layer's weight and bias, with every teacher form, CE mixed in and temperature,
@@ -408,19 +409,20 @@ def test_fused_output_layer_and_loss_equal_the_unfused_loss_in_value_and_gradien
         kwargs = dict(tail=tail, kd_weight=kd_weight, ce_weight=0.3)
         if fused:
             hook = layer.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-            parts = fused_kd_loss(h, layer, *args, **kwargs, chunk_elements=12 * V, recompute=recompute,
-                                  chunk_tokens=5)  # fmt: skip
-            parts.total.backward()
+            parts = fused_kd_loss(h, layer, *args, **kwargs, chunk_elements=8 * V, recompute=recompute,
+                                  chunk_tokens=3)  # fmt: skip
+            (parts.total * scale).backward()  # the loop scales the loss (by its token count)
             hook.remove()
-            # in forward: chunks of 12 rows, whose loss is taken 5, 5 and 2 rows at a time
-            if recompute:  # the layer is called a chunk (a quarter: 3 rows) at a time, forward and backward
-                assert rows and max(rows) == 3
+            # in forward: chunks of 8 rows (the gradients summed over chunks), each one's loss taken 3 rows
+            # at a time (ragged at the end)
+            if recompute:  # the layer is called a chunk (a quarter: 2 rows) at a time, forward and backward
+                assert rows and max(rows) == 2
             else:  # its weight is used directly, a chunk at a time: the layer is never called
                 assert rows == []
         else:
             target_for_unfused = target if target is not None else DenseTeacher(teacher)
             parts = kd_loss(layer(h), target_for_unfused, mask, ids, name, temperature, **kwargs)
-            parts.total.backward()
+            (parts.total * scale).backward()
         results.append((parts, h.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
     (a, *grads_a), (b, *grads_b) = results
     assert b.tokens == a.tokens

@@ -436,14 +436,21 @@ class TeacherMatch:
             else:
                 prompts = [ids[:half] for ids in docs.ids if len(ids) > half]
                 raw = []
-                if prompts:
-                    greedy = teacher_continuations(
-                        self.teacher, prompts, tokens - half, 0.0, batch_size=self.batch_size
-                    )
+                if prompts:  # greedy, stopping where the teacher would (its EOS, then padding)
+                    greedy = teacher_continuations(self.teacher, prompts, tokens - half, 0.0,
+                                                   batch_size=self.batch_size, ignore_eos=False)  # fmt: skip
                     raw = [(p, greedy.tokens[i, half:].tolist()) for i, p in enumerate(prompts)]
+                    _free_accelerator_memory()
             bos = tokenizer.bos_token_id
             pairs = [(text(p[1:] if p and p[0] == bos else p), text(upto_special(c))) for p, c in raw]
             out[source] = [(p, c) for p, c in pairs if p and c]
+            if not out[source]:
+                raise DistillError(
+                    f"eval.byte_agreement: no {source} document has a prompt and a continuation to measure "
+                    f"(more than eval.teacher_match_tokens/2 = {half} tokens, prompt text besides BOS, a "
+                    "continuation before the teacher's first special token): change eval.teacher_match_tokens, "
+                    "or set eval.byte_agreement: false"
+                )
         return out
 
     def _load(self, path: Path):
@@ -469,7 +476,7 @@ class TeacherMatch:
     def results(self, model: EvalModel) -> dict[str, dict]:
         """{"results", "higher_is_better", "samples"} for `model`, one task per source and measure."""
         from distill.heldout import byte_agreement, measure
-        from distill.tokenizer import load_tokenizer, shares_vocabulary
+        from distill.tokenizer import load_tokenizer, other_vocabulary
 
         out: dict[str, dict] = {"results": {}, "higher_is_better": {}, "samples": {}}
         if self._teacher_model is None and (self.pairs or model.role != "teacher"):
@@ -477,7 +484,7 @@ class TeacherMatch:
         lm, device = self._teacher_model, self._device
         if model.role != "teacher":
             lm = self._load(model.path)[0]
-        if model.role == "teacher" or shares_vocabulary(model.path, self.teacher):
+        if model.role == "teacher" or not other_vocabulary(model.path, self.teacher):
             for source, docs in self.docs.items():
                 if model.role == "teacher":  # the teacher against itself, by definition
                     per_doc = {"kl": [0.0] * len(docs.ids), "top1": [1.0] * len(docs.ids)}
@@ -641,11 +648,11 @@ def read_samples(out: Path) -> dict[str, list[dict]]:
 def other_tokenizers(cfg: EvalConfig, models: list[EvalModel]) -> list[str]:
     """The models whose tokenizer is not the teacher's (students trained across tokenizers), after
     refusing what cannot be measured on them: token-level gate criteria, and the draft's acceptance."""
-    from distill.tokenizer import shares_vocabulary
+    from distill.tokenizer import other_vocabulary
     from distill.vllm.engine import NOT_A_DRAFT
 
     teacher = models[0].path
-    strangers = [m.name for m in models[1:] if not shares_vocabulary(m.path, teacher)]
+    strangers = [m.name for m in models[1:] if other_vocabulary(m.path, teacher)]
     if not strangers:
         return []
     which = f"{', '.join(strangers)} {'has' if len(strangers) == 1 else 'have'} another tokenizer than the teacher's"

@@ -137,10 +137,9 @@ def serving_engine_args(
 def draft_problem(student: Path | str | None, teacher: Path | str | None) -> str | None:
     """Why `student` cannot be `teacher`'s vLLM draft (a cross-tokenizer student: speculative decoding
     passes token ids between the two models), or None. Paths that are not here (a GPU host's) pass."""
-    from distill.tokenizer import shares_vocabulary
+    from distill.tokenizer import other_vocabulary
 
-    here = [m for m in (student, teacher) if m is not None and (Path(m) / "tokenizer.json").is_file()]
-    if len(here) == 2 and not shares_vocabulary(student, teacher):
+    if student is not None and teacher is not None and other_vocabulary(student, teacher):
         return f"the student at {student} has another tokenizer than the teacher's ({teacher}): {NOT_A_DRAFT}"
     return None
 
