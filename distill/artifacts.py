@@ -117,6 +117,28 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     commit_directory(tmp, target)
 
 
+@contextmanager
+def exclusive(lock_path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created if missing) for the body: processes that share a
+    cache take turns at building one entry instead of building it together. The kernel drops the lock
+    when its holder exits, killed or not, so a dead holder never blocks the next. `waiting` is printed
+    once if another process holds the lock."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _writer_alive(name: str) -> bool:
     """`.name.tmp-PID` of another process of this machine that is still running (still writing it)."""
     tag = name.rsplit("-", 1)[-1]

@@ -7,6 +7,7 @@ full traceback instead.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -575,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     # Our own bar shows training progress; the per-file bars of model loading and saving are noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handle_termination()  # SIGTERM unwinds like Ctrl-C: every server and engine started is stopped
+    from distill.training.launch import inside_launch
+
+    if inside_launch():
+        # A launched process that dies in native code (gloo, DeepSpeed) shows only "Signal 6" in the
+        # launcher's summary; print where each of its threads was instead.
+        faulthandler.enable(all_threads=True)
     try:
         return args.func(args)
     except Terminated as exc:

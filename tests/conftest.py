@@ -43,7 +43,13 @@ TEACHER = [
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
+    """The session's cache. pytest-xdist workers keep their own, except for the pretrained teachers:
+    they share one `teachers/`, where pretrain's lock lets one worker train a teacher the other waits for."""
     path = tmp_path_factory.mktemp("distill-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "shared-teachers"
+        shared.mkdir(exist_ok=True)
+        (path / "teachers").symlink_to(shared, target_is_directory=True)
     os.environ["DISTILL_CACHE_DIR"] = str(path)  # subprocesses (the CLI) share it
     return path
 

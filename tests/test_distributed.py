@@ -136,7 +136,7 @@ def test_two_processes_killed_and_resumed_reproduce_the_single_process_run(
 
 
 @pytest.mark.slow
-def test_lora_under_zero3_exports_the_same_adapter_as_one_process(store_runs, tmp_path):
+def test_lora_under_zero3_exports_the_same_adapter_as_one_process(store_runs, cache_dir, tmp_path):
     lora = "student.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}"
     base = ("train", "train.max_steps=6", "train.lr=3e-3", "train.save_every=6", lora, "--no-progress")
     single = fresh_run(store_runs, tmp_path / "single")
@@ -145,7 +145,9 @@ def test_lora_under_zero3_exports_the_same_adapter_as_one_process(store_runs, tm
     out = distill(
         *base, "train.batch_size=4", *MODES["zero3"], "train.distributed.num_processes=2", runs=zero3
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    # DeepSpeed on CPU did not JIT-compile its shared-memory all-reduce (training never uses it)
+    assert not (cache_dir / "torch_extensions" / "deepspeed_shm_comm").exists()
     for name in ("adapter/adapter_model.safetensors", "final/model.safetensors"):
         a = load_file(single / "tiny" / "student" / name)
         b = load_file(zero3 / "tiny" / "student" / name)

@@ -40,7 +40,7 @@ def pretrain_cmd(cache: Path, runs: Path, *flags: str) -> list[str]:
 
 
 def teacher_dir(cache: Path) -> Path:
-    (found,) = (cache / "teachers").iterdir()
+    (found,) = (p for p in (cache / "teachers").iterdir() if not p.name.startswith("."))  # not the lock
     return found
 
 
@@ -126,3 +126,36 @@ def test_pretrain_refuses_a_recipe_with_a_real_teacher(micro):
 
     with pytest.raises(DistillError, match="no teacher to pretrain"):
         pretrain(Run(micro("teacher.tiny=null", "teacher.model=/models/llama")))
+
+
+@pytest.mark.slow
+def test_two_jobs_sharing_a_cache_pretrain_the_teacher_once(cache_dir, prepared, tmp_path):
+    """Two jobs on one cache, both started while the teacher's lock is held: both wait, then one
+    pretrains the teacher and the other reuses it."""
+    from distill.artifacts import exclusive
+    from distill.config import load_recipe
+    from distill.run import teacher_key
+    from distill.stages.prepare import prepare
+
+    cache = data_only_cache(cache_dir, tmp_path / "cache")
+    short = ("pretrain.max_steps=12", "pretrain.save_every=6")
+    recipe = load_recipe(TINY, [*MICRO, *TEACHER, *short, f"cache_dir={cache}", f"runs_dir={tmp_path}"])
+    lock = cache / "teachers" / f".{teacher_key(recipe, prepare(recipe))}.lock"
+    logs = [tmp_path / f"job{i}.log" for i in range(2)]
+    with exclusive(lock):
+        jobs = []
+        for i, log in enumerate(logs):
+            with open(log, "w") as fh:
+                cmd = pretrain_cmd(cache, tmp_path / f"runs{i}", *short)
+                jobs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True))
+        deadline = time.time() + 300
+        while not all("waiting for it to finish" in log.read_text() for log in logs):
+            assert time.time() < deadline and all(job.poll() is None for job in jobs), logs[0].read_text()
+            time.sleep(0.1)
+        assert not (cache / "teachers" / lock.name[1:-5]).exists()  # nothing trained while the lock is held
+    assert [job.wait(timeout=600) for job in jobs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    reused = ["(reused)" in log.read_text() for log in logs]
+    assert sorted(reused) == [False, True]  # one trained, the other reused what it trained
+    out = teacher_dir(cache)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 13))  # trained once
+    assert (out / "final" / "model.safetensors").exists()

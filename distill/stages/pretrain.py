@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill.artifacts import atomic_write_json, read_json
+from distill.artifacts import atomic_write_json, exclusive, read_json
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.models import build_tiny_llama, count_parameters, resolve_device
@@ -51,11 +51,14 @@ def pretrain(run: Run, resume: bool = False, overwrite: bool = False, progress: 
     key = teacher_key(recipe, data)
     out_dir = embedded_teacher_dir(recipe, data)
     summary_path = out_dir / "teacher.json"
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    reused = summary_path.exists()
-    if not reused:
-        _train_teacher(recipe, data, out_dir, resume, progress)
+    # Jobs sharing the cache wait for the one pretraining this teacher, then reuse it.
+    waiting = f"pretrain: another process is pretraining {out_dir}; waiting for it to finish"
+    with exclusive(out_dir.parent / f".{key}.lock", waiting):
+        if overwrite and out_dir.exists():
+            shutil.rmtree(out_dir)
+        reused = summary_path.exists()
+        if not reused:
+            _train_teacher(recipe, data, out_dir, resume, progress)
     summary = TeacherSummary(**{**read_json(summary_path), "path": out_dir / "final", "reused": reused})
     run.manifest.record(
         "pretrain",

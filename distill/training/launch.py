@@ -90,7 +90,8 @@ def launch_command(dist: DistributedConfig, distill_args: list[str], port: int |
 def launch_env(cache_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"
-    # NOTE: DeepSpeed compiles its CPU ops on first use (about 95 s); keep them across runs.
+    # NOTE: DeepSpeed JIT-compiles the ops a config asks for (cpu_adam with an offloaded optimizer) on
+    # first use, for minutes; keep them across runs.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
     return env
 
@@ -123,8 +124,19 @@ def make_accelerator(dist: DistributedConfig, device: str, mixed_precision: str,
     if dist.backend == "deepspeed" and device == "cpu" and "LOCAL_RANK" in os.environ:
         # DeepSpeed is only enabled with cpu=False; on a CPU machine its process group must be gloo.
         # (Without LOCAL_RANK the launch started one plain process: check_world refuses it.)
+        _skip_shm_comm_build()
         return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
     return Accelerator(cpu=device == "cpu", **kwargs)
+
+
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce (about 95 s on 2 cores,
+    in every fresh TORCH_EXTENSIONS_DIR, with the other ranks waiting): only its inference all-reduce uses
+    it, never ZeRO training, and without it DeepSpeed calls torch.distributed (gloo) as it does anyway.
+    DeepSpeed reads the op's compatibility from one module-level dict that it keeps for edits like this."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def check_world(accelerator, dist: DistributedConfig) -> None:
