@@ -235,6 +235,8 @@ def test_the_gguf_teacher_runs_in_vllm_and_transformers_with_the_same_greedy_con
     # once converted, a dry run shows the directory every stage uses, not the file it came from
     dry = run_cli("run", *args, f"runs_dir={run_dir.parent / 'dry'}", "--dry-run")
     assert dry.returncode == 0 and f"vllm.LLM on {teacher}," in dry.stdout and SMOLLM2 not in dry.stdout
+    dry_hf = run_cli("run", *args, "teacher.backend=hf", f"runs_dir={run_dir.parent / 'dry'}", "--dry-run")
+    assert dry_hf.returncode == 0 and f"(transformers on {teacher}, in process)" in dry_hf.stdout
     hf = run_cli("generate", *args, "teacher.backend=hf", "--out", run_dir / "teacher-hf")
     assert hf.returncode == 0, hf.stderr
     by_vllm = {c.id: c for c in TeacherStore(run_dir / "teacher").rows()}

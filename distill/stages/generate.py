@@ -310,6 +310,8 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
 
     def plan(ctx) -> list[str]:
         model = recipe.teacher.model or "the pretrained tiny teacher"
+        if recipe.teacher.backend == "hf":
+            return [f"distill generate {layout.recipe_file}   (transformers on {model}, in process)"]
         engine = json.dumps(dict(recipe.generate.engine))
         return [f"distill generate {layout.recipe_file}   (vllm.LLM on {model}, engine {engine}, in process)"]
 
