@@ -305,7 +305,27 @@ def block_teacher_capture(page: Page) -> list[str]:
         f"sampling is about {sp['sample_ratio_vllm_over_hf']:.0f}x faster with vLLM. The HF backend generates "
         "prompt by prompt so that every prompt keeps its own seed, as vLLM's per-request seeds do; that is part "
         "of its slowness. On GPUs, with continuous batching and paged attention, vLLM is the one to use for "
-        "both, so it stays the default; `teacher.backend: hf` is there for machines without vLLM.",
+        "both, and `teacher.backend: auto` picks it there.",
+    ]
+
+
+def auto_crossing_tokens() -> float:
+    """Tokens above which vLLM, start-up included, scores the real teacher faster than transformers."""
+    sp = result("real_teacher")["speed"]
+    per_token = 1 / sp["hf_score_tokens_per_s"] - 1 / sp["vllm_score_tokens_per_s"]
+    return sp["vllm_engine_start_s"] / per_token
+
+
+def block_backend_auto(page: Page) -> list[str]:
+    sp = result("real_teacher")["speed"]
+    from distill.stages.generate import AUTO_HF_MAX_TOKENS
+
+    return [
+        f"On CPUs, for scoring: transformers up to {num(AUTO_HF_MAX_TOKENS)} tokens, vLLM above. Measured on "
+        f"SmolLM2-135M (`bench/results/real_teacher.json`), vLLM's CPU build scores "
+        f"{sp['score_ratio_vllm_over_hf']:.2f}x transformers' tokens/s but takes {sp['vllm_engine_start_s']:.0f} s "
+        f"to start, so transformers is done first below {num(auto_crossing_tokens())} tokens. A smaller teacher "
+        "only moves the crossing up (the 18.5 M one scores faster in transformers at any size, below).",
     ]
 
 
@@ -1042,6 +1062,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "tests": block_tests,
     "figures": block_figures,
     "teacher-capture": block_teacher_capture,
+    "backend-auto": block_backend_auto,
     "store-size": block_store_size,
     "kd-loss": block_kd_loss,
     "smollm2": block_smollm2,

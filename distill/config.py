@@ -78,9 +78,11 @@ class TeacherConfig(Section):
         "auto", description="Weights dtype; auto = bfloat16 on GPUs, float32 on CPUs."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
-    backend: Literal["vllm", "hf"] = Field(
-        "vllm",
-        description="Engine that runs the teacher: vLLM (default) or transformers (baseline, no vLLM).",
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto",
+        description="Engine that captures the teacher store: vllm, hf (transformers), or auto: vLLM on GPUs, "
+        "for sampling and for large scoring jobs; transformers for scoring up to 46k tokens on CPUs, where "
+        "vLLM's start-up costs more than it saves.",
     )
 
     @model_validator(mode="after")

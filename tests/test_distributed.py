@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill.store import TeacherStore
 from distill.tracking import read_metrics
 
 from .conftest import MICRO, TEACHER, TINY, kill_tree, run_cli
 
-STORE = [
-    "teacher.backend=hf",
+STORE = [  # scoring 3k tokens on CPU: teacher.backend auto captures with transformers (no engine start)
     "generate.mode=score",
     "generate.num_sequences=48",
     "generate.items_per_shard=24",
@@ -66,6 +66,8 @@ def store_runs(cache_dir, tmp_path_factory):
     for split in ("train", "validation"):  # through the CLI's main in this process: no launch here
         out = run_cli(*command("generate", "--split", split, runs=runs)[3:])
         assert out.returncode == 0, out.stderr[-3000:]
+        assert "generate: teacher.backend auto: transformers (scoring " in out.stdout
+    assert TeacherStore(runs / "tiny" / "teacher").summary()["backend"] == "hf"
     return runs
 
 

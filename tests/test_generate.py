@@ -238,6 +238,7 @@ def test_shards_on_separate_jobs_merge_into_the_unsharded_store(tmp_path):
 
 # Score mode in a 48-token context (the corpus blocks are 64 tokens): both tests below, one engine.
 SCORE_48 = [
+    "teacher.backend=vllm",  # about vLLM's engine (auto would score 6 blocks with transformers)
     "generate.mode=score",
     "generate.num_sequences=6",
     "generate.items_per_shard=3",

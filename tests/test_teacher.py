@@ -60,3 +60,52 @@ def test_an_empty_prompt_set_is_refused(prepared, micro, tmp_path):
     ):
         work_items(micro("generate.mode=sample"), data)
     assert len(work_items(micro("generate.mode=score", "generate.num_sequences=5"), data).items) == 5
+
+
+def test_teacher_backend_auto_picks_the_engine_that_finishes_the_job_first(micro, monkeypatch, tmp_path):
+    import importlib.util
+    import json
+
+    from distill.stages.generate import AUTO_HF_MAX_TOKENS, choose_backend
+    from distill.vllm import engine
+    from distill.vllm.engine import teacher_engine_args
+
+    model = tmp_path / "teacher"
+    small = [(f"b{i}", [1] * 64) for i in range(10)]
+    large = [(f"b{i}", [1] * 1000) for i in range(AUTO_HF_MAX_TOKENS // 1000 + 1)]
+    score, sample = micro("generate.mode=score"), micro("generate.mode=sample")
+    assert score.teacher.backend == "auto"  # the default
+    assert choose_backend(score, model, "cpu", small) == (
+        "hf", f"scoring 640 tokens on CPU: below {AUTO_HF_MAX_TOKENS:,}, vLLM's start costs more"
+    )  # fmt: skip
+    assert choose_backend(score, model, "cpu", large)[0] == "vllm"
+    assert choose_backend(sample, model, "cpu", small)[0] == "vllm"
+    assert choose_backend(score, model, "cuda", small)[0] == "vllm"
+    named = micro("generate.mode=score", "teacher.backend=vllm")
+    assert choose_backend(named, model, "cpu", small) == ("vllm", "teacher.backend: vllm")
+    # the engine of this run's other store, kept running (distill run's kept_engines), costs no start
+    key = json.dumps(teacher_engine_args(score, model), sort_keys=True, default=str)
+    monkeypatch.setitem(engine._kept, "llm", object())
+    monkeypatch.setitem(engine._kept, "key", key)
+    assert choose_backend(score, model, "cpu", small) == ("vllm", "its engine is already running")
+    monkeypatch.setitem(engine._kept, "llm", None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    assert choose_backend(sample, model, "cpu", small) == ("hf", "vLLM is not installed")
+
+
+def test_the_auto_threshold_is_the_crossing_measured_on_the_real_teacher():
+    """AUTO_HF_MAX_TOKENS is where vLLM's start-up is paid back (bench/results/real_teacher.json)."""
+    import json
+    from pathlib import Path
+
+    from distill.stages.generate import AUTO_HF_MAX_TOKENS
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "real_teacher.json"
+    sp = json.loads(results.read_text())["speed"]
+    crossing = sp["vllm_engine_start_s"] / (
+        1 / sp["hf_score_tokens_per_s"] - 1 / sp["vllm_score_tokens_per_s"]
+    )
+    assert abs(crossing - AUTO_HF_MAX_TOKENS) < 1000

@@ -145,11 +145,56 @@ def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, 
     return Work(items, source, starts or None)
 
 
+# NOTE: measured scoring SmolLM2-135M on 2 CPU cores (bench/results/real_teacher.json): vLLM's CPU build
+# runs 1.28x transformers' tokens/s (577 against 452) but takes 22 s to start, so transformers finishes
+# first below about 46k tokens. A smaller teacher moves the crossing up (the 18.5 M one scores faster in
+# transformers at any size: bench/results/teacher_capture.json); sampling is 10x faster in vLLM.
+AUTO_HF_MAX_TOKENS = 46_000
+
+
+def choose_backend(recipe: RecipeConfig, model: Path, device: str, items: list[Item]) -> tuple[str, str]:
+    """The engine that captures this job, and why: `teacher.backend` when it names one; for `auto`, vLLM
+    on GPUs, for sampling, for large scoring jobs, and whenever its engine is already up (kept from this
+    run's other store); transformers for scoring up to AUTO_HF_MAX_TOKENS tokens on CPUs, or without vLLM.
+    Decided on the whole split's work, so every `--shard I/N` job of it decides alike."""
+    from importlib.util import find_spec
+
+    from distill.vllm.engine import engine_kept
+
+    if recipe.teacher.backend != "auto":
+        return recipe.teacher.backend, f"teacher.backend: {recipe.teacher.backend}"
+    if find_spec("vllm") is None:
+        return "hf", "vLLM is not installed"
+    if device != "cpu":
+        return "vllm", f"on {device}"
+    if recipe.generate.mode == "sample":
+        return "vllm", "sampling on CPU, about 10x transformers"
+    tokens = sum(len(ids) for _, ids in items)
+    try:
+        kept = engine_kept(teacher_engine_args(recipe, model))
+    except DistillError:  # engine arguments vLLM would refuse: not an engine that is running
+        kept = False
+    if kept:
+        return "vllm", "its engine is already running"
+    if tokens <= AUTO_HF_MAX_TOKENS:
+        return (
+            "hf",
+            f"scoring {tokens:,} tokens on CPU: below {AUTO_HF_MAX_TOKENS:,}, vLLM's start costs more",
+        )
+    return "vllm", f"scoring {tokens:,} tokens on CPU: above {AUTO_HF_MAX_TOKENS:,}, vLLM's start pays off"
+
+
 def store_identity(
-    recipe: RecipeConfig, model: Path, data: PreparedData, source: dict, vocab: int, dtype: str
+    recipe: RecipeConfig,
+    model: Path,
+    data: PreparedData,
+    source: dict,
+    vocab: int,
+    dtype: str,
+    backend: str,
 ) -> dict:
     g = recipe.generate
-    capture = {"backend": recipe.teacher.backend, "dtype": dtype, "items_per_shard": g.items_per_shard}
+    capture = {"backend": backend, "dtype": dtype, "items_per_shard": g.items_per_shard}
     if g.mode == "sample":
         capture.update(
             samples_per_prompt=g.samples_per_prompt,
@@ -173,9 +218,9 @@ def store_identity(
     }
 
 
-def make_teacher(recipe: RecipeConfig, model: Path, device: str, dtype: str):
+def make_teacher(recipe: RecipeConfig, model: Path, device: str, dtype: str, backend: str):
     k = recipe.generate.top_k
-    if recipe.teacher.backend == "hf":
+    if backend == "hf":
         max_len = recipe.generate.engine.get("max_model_len")
         return HfTeacher(
             str(model), k, device, resolve_dtype(dtype, device), recipe.generate.batch_size, max_len
@@ -211,14 +256,18 @@ def generate(
         raise DistillError(
             f"generate.top_k={g.top_k} exceeds the teacher's vocabulary ({vocab} tokens, {model / 'config.json'})"
         )
-    identity = store_identity(recipe, model, data, source, vocab, dtype)
+    backend, why = choose_backend(recipe, model, device, items)
+    if recipe.teacher.backend == "auto":
+        name = "vLLM" if backend == "vllm" else "transformers"
+        print(f"generate: teacher.backend auto: {name} ({why})", flush=True)
+    identity = store_identity(recipe, model, data, source, vocab, dtype, backend)
     made_from = {"teacher": str(model), "source": source["file"], "tokenizer": str(data.tokenizer_dir)}
     manifest = open_or_create(out, identity, num_shards, list(shard) if shard else None, overwrite, made_from)
     key = identity_key(identity)
     mine = [i for i in range(num_shards) if shard is None or i % shard[1] == shard[0]]
     todo = [i for i in mine if not _shard_done(out, manifest, shard_name(i))]
     if todo:
-        teacher = make_teacher(recipe, model, device, dtype)
+        teacher = make_teacher(recipe, model, device, dtype, backend)
         settings = SampleSettings(g.samples_per_prompt, g.max_new_tokens, g.temperature, g.top_p, g.seed)
         try:
             for i in todo:
@@ -310,9 +359,17 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
 
     def plan(ctx) -> list[str]:
         model = recipe.teacher.model or "the pretrained tiny teacher"
-        if recipe.teacher.backend == "hf":
+        backend = recipe.teacher.backend
+        if backend == "auto" and (recipe.generate.mode == "sample" or resolve_device(recipe.device) != "cpu"):
+            backend = "vllm"
+        if backend == "hf":
             return [f"distill generate {layout.recipe_file}   (transformers on {model}, in process)"]
         engine = json.dumps(dict(recipe.generate.engine))
+        if backend == "auto":  # scoring on CPU: the job's size decides (choose_backend)
+            return [
+                f"distill generate {layout.recipe_file}   (transformers, or vllm.LLM above "
+                f"{AUTO_HF_MAX_TOKENS:,} tokens, on {model}, engine {engine}, in process)"
+            ]
         return [f"distill generate {layout.recipe_file}   (vllm.LLM on {model}, engine {engine}, in process)"]
 
     reads_no_store = recipe.train.mode == "on_policy" and recipe.train.on_policy.lmbda >= 1.0

@@ -186,6 +186,11 @@ def kept_engines():
             _release_kept()
 
 
+def engine_kept(engine_args: dict[str, Any]) -> bool:
+    """Whether start_engine(engine_args) would get the kept engine (no start)."""
+    return _kept["llm"] is not None and _kept["key"] == json.dumps(engine_args, sort_keys=True, default=str)
+
+
 def start_engine(engine_args: dict[str, Any]):
     """A `vllm.LLM` with these arguments: the kept one if it matches (see kept_engines), else a new one."""
     from vllm import LLM
