@@ -309,23 +309,25 @@ def block_teacher_capture(page: Page) -> list[str]:
     ]
 
 
-def auto_crossing_tokens() -> float:
-    """Tokens above which vLLM, start-up included, scores the real teacher faster than transformers."""
-    sp = result("real_teacher")["speed"]
-    per_token = 1 / sp["hf_score_tokens_per_s"] - 1 / sp["vllm_score_tokens_per_s"]
-    return sp["vllm_engine_start_s"] / per_token
-
-
 def block_backend_auto(page: Page) -> list[str]:
-    sp = result("real_teacher")["speed"]
-    from distill.stages.generate import AUTO_HF_MAX_TOKENS
+    from distill.stages.generate import VLLM_CPU_START_S, cpu_score_seconds
+
+    small, real = result("teacher_capture"), result("real_teacher")
+
+    def crossing(parameters: int) -> str:
+        hf, vllm = (x - VLLM_CPU_START_S * (i == 1) for i, x in enumerate(cpu_score_seconds(parameters, 1)))
+        if vllm >= hf:
+            return "transformers is chosen at any size"
+        return f"vLLM is chosen above {num(VLLM_CPU_START_S / (hf - vllm))} tokens"
 
     return [
-        f"On CPUs, for scoring: transformers up to {num(AUTO_HF_MAX_TOKENS)} tokens, vLLM above. Measured on "
-        f"SmolLM2-135M (`bench/results/real_teacher.json`), vLLM's CPU build scores "
-        f"{sp['score_ratio_vllm_over_hf']:.2f}x transformers' tokens/s but takes {sp['vllm_engine_start_s']:.0f} s "
-        f"to start, so transformers is done first below {num(auto_crossing_tokens())} tokens. A smaller teacher "
-        "only moves the crossing up (the 18.5 M one scores faster in transformers at any size, below).",
+        "For scoring on CPUs, `auto` estimates both engines' time for the job and takes the shorter: the "
+        "seconds per token of each, linear in the teacher's parameters (read from its safetensors headers) "
+        f"through two measured teachers, plus {VLLM_CPU_START_S:.0f} s for vLLM's start. The two points: "
+        f"{params(small['model_parameters'])} parameters (`bench/results/teacher_capture.json`), where vLLM "
+        f"scores {small['speed']['score_ratio_vllm_over_hf']:.2f}x transformers' tokens/s, so "
+        f"{crossing(small['model_parameters'])}; and SmolLM2-135M (`bench/results/real_teacher.json`), "
+        f"{real['speed']['score_ratio_vllm_over_hf']:.2f}x, so {crossing(real['parameters'])}.",
     ]
 
 

@@ -80,9 +80,9 @@ class TeacherConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
     backend: Literal["auto", "vllm", "hf"] = Field(
         "auto",
-        description="Engine that captures the teacher store: vllm, hf (transformers), or auto: vLLM on GPUs, "
-        "for sampling and for large scoring jobs; transformers for scoring up to 46k tokens on CPUs, where "
-        "vLLM's start-up costs more than it saves.",
+        description="Engine that captures the teacher store: vllm, hf (transformers), or auto: vLLM on GPUs "
+        "and for sampling; for scoring on CPUs, whichever is expected to finish first for the teacher's size "
+        "and the job's (vLLM's start-up is paid back only on large jobs of large teachers).",
     )
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from distill.config import TinyModelConfig
@@ -76,6 +77,23 @@ def load_causal_lm(path: str | Path, field: str, dtype, trust_remote_code: bool 
 
     path = check_model_dir(path, field)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def stored_parameters(model_dir: Path) -> int | None:
+    """The parameter count of a model directory, read from its safetensors headers (no weights are
+    loaded); None without safetensors files."""
+    import json
+    import struct
+
+    total, files = 0, sorted(Path(model_dir).glob("*.safetensors"))
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry["shape"])
+    return total if files else None
 
 
 def count_parameters(model) -> int:

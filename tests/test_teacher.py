@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from distill.teacher import _trim_after_eos, fit_prompt, place_by_rank
 
@@ -62,50 +63,82 @@ def test_an_empty_prompt_set_is_refused(prepared, micro, tmp_path):
     assert len(work_items(micro("generate.mode=score", "generate.num_sequences=5"), data).items) == 5
 
 
-def test_teacher_backend_auto_picks_the_engine_that_finishes_the_job_first(micro, monkeypatch, tmp_path):
+def test_teacher_backend_auto_picks_the_engine_expected_to_finish_first(micro, monkeypatch, tmp_path):
     import importlib.util
     import json
 
-    from distill.stages.generate import AUTO_HF_MAX_TOKENS, choose_backend
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from distill.stages.generate import choose_backend, cpu_score_seconds
     from distill.vllm import engine
     from distill.vllm.engine import teacher_engine_args
 
-    model = tmp_path / "teacher"
-    small = [(f"b{i}", [1] * 64) for i in range(10)]
-    large = [(f"b{i}", [1] * 1000) for i in range(AUTO_HF_MAX_TOKENS // 1000 + 1)]
+    tiny, unknown = tmp_path / "tiny", tmp_path / "unknown"  # 1 M parameters; no weights to count
+    tiny.mkdir()
+    save_file({"w": np.zeros((1000, 1000), np.float32)}, str(tiny / "model.safetensors"))
+    blocks = [(f"b{i}", [1] * 1000) for i in range(100)]  # 100k tokens
     score, sample = micro("generate.mode=score"), micro("generate.mode=sample")
     assert score.teacher.backend == "auto"  # the default
-    assert choose_backend(score, model, "cpu", small) == (
-        "hf", f"scoring 640 tokens on CPU: below {AUTO_HF_MAX_TOKENS:,}, vLLM's start costs more"
+    hf, vllm = cpu_score_seconds(1_000_000, 100_000)
+    assert choose_backend(score, tiny, "cpu", blocks) == (
+        "hf", f"scoring 100,000 tokens with 1.0 M parameters on CPU: about {hf:.0f} s in transformers, "
+        f"{vllm:.0f} s in vLLM with its start"
     )  # fmt: skip
-    assert choose_backend(score, model, "cpu", large)[0] == "vllm"
-    assert choose_backend(sample, model, "cpu", small)[0] == "vllm"
-    assert choose_backend(score, model, "cuda", small)[0] == "vllm"
+    # without safetensors, the larger measured teacher (SmolLM2-135M): vLLM pays off above about 46k tokens
+    assert choose_backend(score, unknown, "cpu", blocks[:40])[0] == "hf"
+    assert choose_backend(score, unknown, "cpu", blocks[:50])[0] == "vllm"
+    assert choose_backend(sample, tiny, "cpu", blocks)[0] == "vllm"
+    assert choose_backend(score, tiny, "cuda", blocks)[0] == "vllm"
     named = micro("generate.mode=score", "teacher.backend=vllm")
-    assert choose_backend(named, model, "cpu", small) == ("vllm", "teacher.backend: vllm")
+    assert choose_backend(named, tiny, "cpu", blocks) == ("vllm", "teacher.backend: vllm")
     # the engine of this run's other store, kept running (distill run's kept_engines), costs no start
-    key = json.dumps(teacher_engine_args(score, model), sort_keys=True, default=str)
+    key = json.dumps(teacher_engine_args(score, tiny), sort_keys=True, default=str)
     monkeypatch.setitem(engine._kept, "llm", object())
     monkeypatch.setitem(engine._kept, "key", key)
-    assert choose_backend(score, model, "cpu", small) == ("vllm", "its engine is already running")
+    assert choose_backend(score, tiny, "cpu", blocks) == ("vllm", "its engine is already running")
     monkeypatch.setitem(engine._kept, "llm", None)
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
     )
-    assert choose_backend(sample, model, "cpu", small) == ("hf", "vLLM is not installed")
+    assert choose_backend(sample, tiny, "cpu", blocks) == ("hf", "vLLM is not installed")
 
 
-def test_the_auto_threshold_is_the_crossing_measured_on_the_real_teacher():
-    """AUTO_HF_MAX_TOKENS is where vLLM's start-up is paid back (bench/results/real_teacher.json)."""
+def test_the_cpu_speed_model_is_the_measured_one():
+    """choose_backend's two points are the committed measurements, and reproduce them."""
     import json
     from pathlib import Path
 
-    from distill.stages.generate import AUTO_HF_MAX_TOKENS
+    from distill.stages.generate import CPU_SCORE_SPEED, VLLM_CPU_START_S, cpu_score_seconds
 
-    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "real_teacher.json"
-    sp = json.loads(results.read_text())["speed"]
-    crossing = sp["vllm_engine_start_s"] / (
-        1 / sp["hf_score_tokens_per_s"] - 1 / sp["vllm_score_tokens_per_s"]
-    )
-    assert abs(crossing - AUTO_HF_MAX_TOKENS) < 1000
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    small = json.loads((results / "teacher_capture.json").read_text())
+    real = json.loads((results / "real_teacher.json").read_text())
+    for (parameters, hf, vllm), (n, speed) in zip(
+        CPU_SCORE_SPEED,
+        [(small["model_parameters"], small["speed"]), (real["parameters"], real["speed"])],
+        strict=True,
+    ):
+        assert parameters == n
+        assert hf == pytest.approx(speed["hf_score_tokens_per_s"], rel=0.01)
+        assert vllm == pytest.approx(speed["vllm_score_tokens_per_s"], rel=0.01)
+        assert cpu_score_seconds(n, 10_000)[0] == pytest.approx(10_000 / hf)
+    slowest_start = max(small["speed"]["vllm_engine_start_s"], real["speed"]["vllm_engine_start_s"])
+    assert abs(VLLM_CPU_START_S - slowest_start) < 0.5
+
+
+def test_a_dry_run_names_the_engine_that_will_capture_the_store(tmp_path):
+    from tests.conftest import TINY, run_cli
+
+    for overrides, shown in (
+        ([], "(vllm.LLM on the pretrained tiny teacher, engine {}, in process)"),  # tiny.yaml samples
+        (["generate.mode=score"], "(transformers or vllm.LLM, whichever is expected to finish first, on"),
+        (
+            ["generate.mode=score", "teacher.backend=hf"],
+            "(transformers on the pretrained tiny teacher, in process)",
+        ),
+    ):
+        out = run_cli("run", TINY, f"runs_dir={tmp_path}", *overrides, "--dry-run")
+        assert out.returncode == 0 and shown in out.stdout, out.stdout
+    assert not (tmp_path / "tiny").exists()

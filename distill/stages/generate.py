@@ -145,20 +145,33 @@ def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, 
     return Work(items, source, starts or None)
 
 
-# NOTE: measured scoring SmolLM2-135M on 2 CPU cores (bench/results/real_teacher.json): vLLM's CPU build
-# runs 1.28x transformers' tokens/s (577 against 452) but takes 22 s to start, so transformers finishes
-# first below about 46k tokens. A smaller teacher moves the crossing up (the 18.5 M one scores faster in
-# transformers at any size: bench/results/teacher_capture.json); sampling is 10x faster in vLLM.
-AUTO_HF_MAX_TOKENS = 46_000
+# NOTE: scoring speed on 2 CPU cores, fp32 (parameters, transformers tokens/s, vLLM tokens/s), measured on
+# the embedded teacher (bench/results/teacher_capture.json) and SmolLM2-135M (real_teacher.json), and vLLM's
+# start (the larger of the two). Time per token is taken as linear in the parameters through these points:
+# the smaller teacher scores faster in transformers at any size, the larger in vLLM once its start is paid.
+CPU_SCORE_SPEED = ((18_487_680, 4075.0, 3440.0), (134_515_008, 452.0, 577.0))
+VLLM_CPU_START_S = 22.0
+
+
+def cpu_score_seconds(parameters: int, tokens: int) -> tuple[float, float]:
+    """Estimated seconds to score `tokens` on CPU: (transformers, vLLM with its start)."""
+    (p0, hf0, vl0), (p1, hf1, vl1) = CPU_SCORE_SPEED
+    at = (parameters - p0) / (p1 - p0)
+
+    def per_token(a: float, b: float) -> float:
+        return max(1 / a + at * (1 / b - 1 / a), 1e-6)
+
+    return tokens * per_token(hf0, hf1), VLLM_CPU_START_S + tokens * per_token(vl0, vl1)
 
 
 def choose_backend(recipe: RecipeConfig, model: Path, device: str, items: list[Item]) -> tuple[str, str]:
-    """The engine that captures this job, and why: `teacher.backend` when it names one; for `auto`, vLLM
-    on GPUs, for sampling, for large scoring jobs, and whenever its engine is already up (kept from this
-    run's other store); transformers for scoring up to AUTO_HF_MAX_TOKENS tokens on CPUs, or without vLLM.
-    Decided on the whole split's work, so every `--shard I/N` job of it decides alike."""
+    """The engine that captures this job, and why: `teacher.backend` when it names one; for `auto`, vLLM on
+    GPUs, for sampling, and whenever its engine is already up (kept from this run's other store); for
+    scoring on CPU, whichever cpu_score_seconds expects to finish first; transformers without vLLM.
+    Decided on the whole split, so every `--shard I/N` job of it decides alike."""
     from importlib.util import find_spec
 
+    from distill.models import stored_parameters
     from distill.vllm.engine import engine_kept
 
     if recipe.teacher.backend != "auto":
@@ -169,19 +182,20 @@ def choose_backend(recipe: RecipeConfig, model: Path, device: str, items: list[I
         return "vllm", f"on {device}"
     if recipe.generate.mode == "sample":
         return "vllm", "sampling on CPU, about 10x transformers"
-    tokens = sum(len(ids) for _, ids in items)
     try:
         kept = engine_kept(teacher_engine_args(recipe, model))
     except DistillError:  # engine arguments vLLM would refuse: not an engine that is running
         kept = False
     if kept:
         return "vllm", "its engine is already running"
-    if tokens <= AUTO_HF_MAX_TOKENS:
-        return (
-            "hf",
-            f"scoring {tokens:,} tokens on CPU: below {AUTO_HF_MAX_TOKENS:,}, vLLM's start costs more",
-        )
-    return "vllm", f"scoring {tokens:,} tokens on CPU: above {AUTO_HF_MAX_TOKENS:,}, vLLM's start pays off"
+    tokens = sum(len(ids) for _, ids in items)
+    parameters = stored_parameters(model) or CPU_SCORE_SPEED[-1][0]
+    hf, vllm = cpu_score_seconds(parameters, tokens)
+    why = (
+        f"scoring {tokens:,} tokens with {parameters / 1e6:.1f} M parameters on CPU: about {hf:.0f} s in "
+        f"transformers, {vllm:.0f} s in vLLM with its start"
+    )
+    return ("hf" if hf <= vllm else "vllm"), why
 
 
 def store_identity(
@@ -365,10 +379,10 @@ def pipeline_stages(recipe: RecipeConfig) -> list:
         if backend == "hf":
             return [f"distill generate {layout.recipe_file}   (transformers on {model}, in process)"]
         engine = json.dumps(dict(recipe.generate.engine))
-        if backend == "auto":  # scoring on CPU: the job's size decides (choose_backend)
+        if backend == "auto":  # scoring on CPU: the teacher's and the job's sizes decide (choose_backend)
             return [
-                f"distill generate {layout.recipe_file}   (transformers, or vllm.LLM above "
-                f"{AUTO_HF_MAX_TOKENS:,} tokens, on {model}, engine {engine}, in process)"
+                f"distill generate {layout.recipe_file}   (transformers or vllm.LLM, whichever is expected "
+                f"to finish first, on {model}, engine {engine}, in process)"
             ]
         return [f"distill generate {layout.recipe_file}   (vllm.LLM on {model}, engine {engine}, in process)"]
 
