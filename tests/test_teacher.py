@@ -142,3 +142,27 @@ def test_a_dry_run_names_the_engine_that_will_capture_the_store(tmp_path):
         out = run_cli("run", TINY, f"runs_dir={tmp_path}", *overrides, "--dry-run")
         assert out.returncode == 0 and shown in out.stdout, out.stdout
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.slow
+def test_auto_continues_a_store_with_the_engine_that_began_it(cache_dir, tmp_path, monkeypatch):
+    """A store begun with one engine is finished with it, whatever auto would pick now (here forced to
+    vLLM, as a running engine would): one store, never 'capture.backend changed'."""
+    import distill.stages.generate as generate_stage
+    from distill.store import TeacherStore
+    from tests.conftest import MICRO, TEACHER, TINY, run_cli
+
+    args = ("generate", TINY, *MICRO, *TEACHER, f"runs_dir={tmp_path}", "generate.mode=score",
+            "generate.num_sequences=4", "generate.items_per_shard=2", "generate.top_k=8")  # fmt: skip
+    first = run_cli(*args, "teacher.backend=hf")
+    assert first.returncode == 0, first.stderr[-2000:]
+    store = tmp_path / "tiny" / "teacher"
+    shard = store / "shard-00001.parquet"
+    shard.unlink()  # an unfinished store: one shard to redo
+    monkeypatch.setattr(generate_stage, "choose_backend", lambda *a: ("vllm", "forced"))
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (
+        f"generate: teacher.backend auto: transformers (continuing {store}, which it began)" in again.stdout
+    )
+    assert shard.exists() and TeacherStore(store).summary()["backend"] == "hf"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import hash_json, sha256_file
+from distill.artifacts import hash_json, read_json, sha256_file
 from distill.config import RecipeConfig
 from distill.errors import DistillError
 from distill.models import model_fingerprint, resolve_device, resolve_dtype
@@ -271,6 +271,9 @@ def generate(
             f"generate.top_k={g.top_k} exceeds the teacher's vocabulary ({vocab} tokens, {model / 'config.json'})"
         )
     backend, why = choose_backend(recipe, model, device, items)
+    made_with = None if overwrite else _recorded_backend(out)
+    if recipe.teacher.backend == "auto" and made_with not in (None, backend):
+        backend, why = made_with, f"continuing {out}, which it began"  # so a resumed store stays one store
     if recipe.teacher.backend == "auto":
         name = "vLLM" if backend == "vllm" else "transformers"
         print(f"generate: teacher.backend auto: {name} ({why})", flush=True)
@@ -321,6 +324,15 @@ def generate(
         time.perf_counter() - started,
     )
     return store
+
+
+def _recorded_backend(root: Path) -> str | None:
+    """The engine that captured the shards already in the store at `root` (None: no shard yet)."""
+    path = root / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    return manifest["identity"].get("capture", {}).get("backend") if manifest.get("shards") else None
 
 
 def _shard_done(root: Path, manifest: dict, name: str) -> bool:
