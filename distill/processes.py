@@ -105,3 +105,18 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(alive, timeout=10)
+
+
+def exit_now(code: int) -> None:
+    """Exit with `code` without finalizing the interpreter: streams and logging flushed, atexit handlers
+    and object destructors skipped. For processes `accelerate launch` started, once their work is done
+    and written: at interpreter exit, gloo's worker threads can still hold tensors whose destruction
+    aborts the process (SIGABRT, "terminate called without an active exception"; seen in CI on a
+    ZeRO-3 rank after its run had finished), turning a finished run into a failed launch."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

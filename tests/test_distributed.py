@@ -147,7 +147,7 @@ def test_lora_under_zero3_exports_the_same_adapter_as_one_process(store_runs, ca
     out = distill(
         *base, "train.batch_size=4", *MODES["zero3"], "train.distributed.num_processes=2", runs=zero3
     )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-8000:]  # a rank's crash: its stacks
     # DeepSpeed on CPU did not JIT-compile its shared-memory all-reduce (training never uses it)
     assert not (cache_dir / "torch_extensions" / "deepspeed_shm_comm").exists()
     for name in ("adapter/adapter_model.safetensors", "final/model.safetensors"):
