@@ -340,8 +340,10 @@ def test_hf_backend_samples_into_the_same_kind_of_store(cache_dir, tmp_path):
     for c in store.rows():
         assert 0 < c.num_positions <= 8 and c.topk_ids.shape[1] == 16
         assert np.all(np.diff(c.topk_logprobs, axis=1) <= 1e-6)
-    mixed = cli("generate", str(TINY), *SAMPLE, *hf[1:], runs=tmp_path)  # same store, vLLM this time
+    mixed = cli("generate", str(TINY), *SAMPLE, *hf[1:], "teacher.backend=vllm", runs=tmp_path)  # same store
     assert mixed.returncode == 1 and "capture.backend changed" in mixed.stderr
+    auto = cli("generate", str(TINY), *SAMPLE, *hf[1:], runs=tmp_path)  # auto keeps the store's engine
+    assert auto.returncode == 0 and "teacher.backend auto: transformers (continuing" in auto.stdout
 
 
 def test_top_k_above_the_vocabulary_is_one_line_and_leaves_nothing_behind(cache_dir, tmp_path):
