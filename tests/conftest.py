@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -135,6 +136,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
             p.send_signal(signal.SIGKILL)
     proc.wait()
     psutil.wait_procs(procs, timeout=30)
+
+
+def started_for_port(port: int | str) -> list[psutil.Process]:
+    """Running processes whose command line names `port` as an argument (`--port N`, `serve.port=N`):
+    a vLLM server and the `distill serve` above it. Exact arguments, not substrings: the other test worker's
+    servers have long numbers (seeds, hashes, paths) on their command lines too."""
+    port = str(port)
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        args = p.info["cmdline"] or []
+        named = ("--port", port) in itertools.pairwise(args) or f"serve.port={port}" in args
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if named and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
 
 
 def teacher_of(recipe):

@@ -10,7 +10,7 @@ import torch
 from distill.errors import DistillError
 from distill.tracking import read_metrics
 
-from .conftest import teacher_of, train_run
+from .conftest import started_for_port, teacher_of, train_run
 from .test_student import STRONGER_TEACHER
 
 ON_POLICY = [
@@ -247,8 +247,6 @@ def launch(*args, runs):
 
 @pytest.mark.slow
 def test_distributed_on_policy_ranks_share_the_server_the_launcher_starts(micro, tmp_path):
-    import psutil
-
     recipe = micro(*ON_POLICY, runs=tmp_path)
     out = launch(
         "train.max_steps=20",
@@ -267,11 +265,8 @@ def test_distributed_on_policy_ranks_share_the_server_the_launcher_starts(micro,
     assert rows[-1]["sampled_batches"] == 40  # 20 steps x 2 processes, every micro-batch sampled
     assert rows[-1]["val_acceptance"] > rows[0]["val_acceptance"] + 0.05
     # the server is gone with the run
-    assert not [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and port in " ".join(p.info["cmdline"])
-    ]
+    left = started_for_port(port)
+    assert not left, f"left running: {[p.cmdline() for p in left]}"
 
 
 @pytest.mark.slow

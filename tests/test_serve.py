@@ -12,7 +12,7 @@ import urllib.request
 import psutil
 import pytest
 
-from .conftest import MICRO, TEACHER, TINY, run_cli, teacher_of
+from .conftest import MICRO, TEACHER, TINY, run_cli, started_for_port, teacher_of
 
 LOAD = ["serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16"]  # short requests: many of them
 
@@ -154,11 +154,7 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
         assert row["healthy_after"] and row["acceptance_rate"] is None  # no draft on this server
         reply = client.completions.create(model="student", prompt="The function", max_tokens=4, temperature=0)
         assert reply.usage.completion_tokens == 4  # still answering
-        group = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if str(server.port) in " ".join(p.info["cmdline"] or [])
-        ]
+        group = started_for_port(server.port)
         children = [c for p in group for c in p.children(recursive=True)]
         assert len(group) >= 2  # distill serve and vllm serve
     assert server.proc.returncode == 0
