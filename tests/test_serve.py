@@ -324,10 +324,11 @@ def assert_measured_by_vllm(level: dict, drafted: bool) -> None:
         assert level["mean_acceptance_length"] == pytest.approx(
             measured["spec_decode_acceptance_length"], abs=0.1
         )
-    else:  # one token per chunk: the two are the same gaps (a busy CPU can delay the API server so that
-        # two engine steps leave in one chunk: seen 5% apart with two test workers, so within 20%)
-        assert 0.5 < itl / tpot < 2
-        assert measured["mean_itl_ms"] == pytest.approx(measured["mean_tpot_ms"], rel=0.2)
+    else:  # one token per chunk: the two are the same gaps, so their means agree (a busy CPU can delay the API
+        # server so that two engine steps leave in one chunk: seen 5% apart with two test workers). Not the
+        # medians: a client starved of CPU reads buffered chunks in bursts, many short gaps and a few long
+        # ones, which moves the median ITL (seen at 0.41 x TPOT) but not the mean
+        assert 0.9 < measured["mean_itl_ms"] / measured["mean_tpot_ms"] < 1.25
         assert "spec_decode_acceptance_rate" not in measured and level["acceptance_rate"] is None
 
 
