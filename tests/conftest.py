@@ -83,7 +83,10 @@ def teacher_server(cache_dir, tmp_path_factory):
     """The micro teacher (MICRO + TEACHER) alone behind `vllm serve`, started once for the session with
     the engine arguments `distill bench serve` gives its `teacher` setup (serve.max_model_len=256): the
     serving benchmark's teacher setup and eval's local-completions teacher (serve.bench.servers,
-    eval.servers) are this one server. Its log: `server.log_path`."""
+    eval.servers) are this one server. Its log: `server.log_path`.
+
+    pytest-xdist workers share it: the first to ask starts it, the other uses it, and the one that started
+    it stops it once no worker that uses it is left (see `_shared_server`)."""
     from distill.config import load_recipe
     from distill.vllm.engine import serving_engine_args
     from distill.vllm.server import VllmServer
@@ -92,8 +95,61 @@ def teacher_server(cache_dir, tmp_path_factory):
     overrides = [*MICRO, *TEACHER, f"runs_dir={root}", f"cache_dir={cache_dir}", "serve.max_model_len=256"]
     recipe = load_recipe(TINY, overrides)
     args = serving_engine_args(recipe, "teacher", None, teacher_of(recipe))
-    with VllmServer(args, root / "server.log") as server:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        with VllmServer(args, root / "server.log") as server:
+            yield server
+        return
+    shared = tmp_path_factory.getbasetemp().parent / "shared-teacher-server"
+    yield from _shared_server(shared, lambda: VllmServer(args, root / "server.log"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _shared_server(shared: Path, make, patience: float = 3600.0):
+    """A server shared by the test workers through `shared/state.json` (its URL, log, starter and users),
+    read and written under a lock. A user that dies is no longer waited for (its PID is gone)."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from distill.artifacts import exclusive
+    from distill.vllm.server import healthy
+
+    state, lock, me = shared / "state.json", shared / ".lock", os.getpid()
+    started = None
+    with exclusive(lock):
+        running = json.loads(state.read_text()) if state.exists() else None
+        if running and _alive(running["owner"]) and healthy(running["url"]):
+            running["users"].append(me)
+            state.write_text(json.dumps(running))
+            server = SimpleNamespace(url=running["url"], log_path=Path(running["log"]))
+        else:
+            started = server = make().__enter__()
+            info = {"owner": me, "url": server.url, "log": str(server.log_path), "users": [me]}
+            state.write_text(json.dumps(info))
+    try:
         yield server
+    finally:
+        deadline = time.time() + patience
+        while True:
+            with exclusive(lock):
+                running = json.loads(state.read_text())
+                running["users"] = [u for u in running["users"] if u != me and _alive(u)]
+                if started is None or not running["users"] or time.time() > deadline:
+                    if started is None:
+                        state.write_text(json.dumps(running))
+                    else:
+                        state.unlink()
+                    break
+            time.sleep(1)
+        if started is not None:
+            started.__exit__(None, None, None)
 
 
 @pytest.hookimpl(tryfirst=True)

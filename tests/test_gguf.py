@@ -191,6 +191,8 @@ REAL = [
     "eval.initial=true",
     "eval.gate.criteria=[]", "eval.gate.min_acceptance_rate=null", "pipeline.sft_baseline=false",
     "pipeline.quantize=false", "pipeline.bench=false", "pipeline.promote=false", "tracking.wandb=disabled",
+    # eval's expected acceptance continues the benchmark's prompts with the teacher: a short workload
+    "serve.bench.requests=4", "serve.bench.max_tokens=16",
 ]  # fmt: skip
 
 
