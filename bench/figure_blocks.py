@@ -300,12 +300,14 @@ def block_teacher_capture(page: Page) -> list[str]:
         f"{num(sp['hf_sample_tokens_per_s'])} tokens/s | {sp['sample_ratio_vllm_over_hf']:.1f} |",
         f"| engine start | {sp['vllm_engine_start_s']:.0f} s | (none) | |",
         "",
-        f"On this CPU, scoring is {'as fast or faster' if score <= 1 else 'slower'} with transformers (one "
-        f"batched forward pass; vLLM's CPU build runs prompt_logprobs at about {pct(score)} of it), while "
-        f"sampling is about {sp['sample_ratio_vllm_over_hf']:.0f}x faster with vLLM. The HF backend generates "
-        "prompt by prompt so that every prompt keeps its own seed, as vLLM's per-request seeds do; that is part "
-        "of its slowness. On GPUs, with continuous batching and paged attention, vLLM is the one to use for "
-        "both, and `teacher.backend: auto` picks it there.",
+        f"On this CPU, scoring is {'as fast or faster' if score <= 1 else 'a little slower'} with transformers "
+        f"(one batched forward pass; vLLM's CPU build runs prompt_logprobs at {times(score)} its speed), while "
+        f"sampling is about {sp['sample_ratio_vllm_over_hf']:.1f}x faster with vLLM. The HF backend decodes a "
+        "batch of prompts with a KV cache, each prompt drawing from its own generator seeded as vLLM seeds the "
+        "request, so a prompt's samples do not depend on the batch or the shard it falls in; it then scores "
+        "the sequences in a second pass, while vLLM returns the logprobs as it decodes. On GPUs, with "
+        "continuous batching and paged attention, vLLM is the one to use for both, and `teacher.backend: "
+        "auto` picks it there.",
     ]
 
 
@@ -784,6 +786,13 @@ def onpolicy_gains(r: dict) -> dict[str, float]:
     return {mode: m["val_acceptance"] - warm for mode, m in r["mean_over_seeds"].items()}
 
 
+def long_blocks(ratio: float) -> str:
+    """vLLM's scoring speed over transformers' on long blocks, in words."""
+    if ratio < 1:
+        return f"transformers {times(1 / ratio, 1)} faster"
+    return f"vLLM only {times(ratio, 2)} faster, once started"
+
+
 def block_onpolicy_sampler(page: Page) -> list[str]:
     r = result("onpolicy")
     sampling = r["student_sampling"]
@@ -844,8 +853,8 @@ def block_onpolicy_round(page: Page) -> list[str]:
         f"{num(sc['transformers_tokens_per_s'])} tokens/s, "
         f"**{times(sc['ratio_vllm_over_transformers'], 1)}** in "
         f"{'vLLM' if sc['ratio_vllm_over_transformers'] >= 1 else 'transformers'}'s favour (HTTP included). On "
-        f"long sequences the CPU picture turns ({cap['sequences']} blocks of {cap['seq_len']} tokens: transformers "
-        f"{times(1 / cap['speed']['score_ratio_vllm_over_hf'], 1)} faster, see the "
+        f"long sequences the CPU picture changes ({cap['sequences']} blocks of {cap['seq_len']} tokens: "
+        f"{long_blocks(cap['speed']['score_ratio_vllm_over_hf'])}, see the "
         f"[teacher stage's table]({page.doc('teacher.md#measured')})); on GPUs vLLM is the one to use.",
     ]
 

@@ -215,43 +215,23 @@ class HfTeacher:
             )
         return out
 
-    def _sampling(self, settings: SampleSettings):
-        """Exactly the recipe's sampling: a fresh GenerationConfig, so none of the model's own defaults
-        (repetition_penalty, top_k, min_p, ...) bends the draws away from the teacher's distribution,
-        which train.tail=sample relies on."""
-        from transformers import GenerationConfig
-
-        sampled = settings.temperature > 0
-        return GenerationConfig(
-            do_sample=sampled,
-            temperature=settings.temperature if sampled else None,
-            top_p=settings.top_p if sampled else None,
-            top_k=0 if sampled else None,
-            max_new_tokens=settings.max_new_tokens,
-            num_return_sequences=settings.samples_per_prompt,
-            eos_token_id=self.model.config.eos_token_id,
-            pad_token_id=self.model.config.eos_token_id,
-        )
-
     def sample(self, items: list[Item], settings: SampleSettings, first_index: int) -> list[Capture]:
-        """Generate per prompt (seeded like vLLM: seed + global prompt index), then score the sequences."""
-        import torch
-
+        """N completions per prompt, seeded like vLLM (prompt i, global index first_index + i, draws from its
+        own generator seeded settings.seed + that index: the same samples whatever the batch or shard),
+        generated batch_size prompts at a time, then scored."""
         limit = self.max_model_len - settings.max_new_tokens
+        fitted = [fit_prompt(ids, limit) for _, ids in items]
         sequences: list[Item] = []
         prompts: list[tuple[int, bool]] = []  # per sequence: prompt length, prompt was truncated
-        for i, (item_id, ids) in enumerate(items):
-            fitted, cut = fit_prompt(ids, limit)
-            torch.manual_seed(settings.seed + first_index + i)
-            with torch.no_grad():
-                out = self.model.generate(
-                    torch.tensor([fitted], device=self.device), generation_config=self._sampling(settings)
-                )
-            for j, row in enumerate(out.tolist()):
-                sequences.append(
-                    (f"{item_id}-s{j}", _trim_after_eos(row, len(fitted), self.model.config.eos_token_id))
-                )
-                prompts.append((len(fitted), cut))
+        for lo in range(0, len(items), self.batch_size):
+            batch = [ids for ids, _ in fitted[lo : lo + self.batch_size]]
+            seeds = [settings.seed + first_index + i for i in range(lo, lo + len(batch))]
+            rows = self._generate(batch, seeds, settings)
+            chunk = zip(items[lo : lo + len(batch)], fitted[lo : lo + len(batch)], strict=True)
+            for i, ((item_id, _), (ids, cut)) in enumerate(chunk):
+                for j in range(settings.samples_per_prompt):
+                    sequences.append((f"{item_id}-s{j}", ids + rows[i * settings.samples_per_prompt + j]))
+                    prompts.append((len(ids), cut))
         result = []
         for c, (prompt_len, cut) in zip(self.score(sequences), prompts, strict=True):
             start = prompt_len - 1
@@ -268,11 +248,70 @@ class HfTeacher:
             )
         return result
 
+    def _generate(
+        self, prompts: list[list[int]], seeds: list[int], settings: SampleSettings
+    ) -> list[list[int]]:
+        """The completions of `prompts` (samples_per_prompt rows each, in order), up to and including the
+        first EOS: the prompts left-padded into one batch with a KV cache, each prompt's rows drawing from
+        its own generator. Exactly the recipe's sampling (temperature, top_p; no top-k, repetition
+        penalty or other defaults of the model's generation config), which train.tail=sample relies on."""
+        import torch
 
-def _trim_after_eos(row: list[int], prompt_len: int, eos: int | list[int] | None) -> list[int]:
-    """Drop the padding generate() adds after a sequence's first EOS (the EOS itself is kept, as vLLM does)."""
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    for i in range(prompt_len, len(row)):
-        if row[i] in eos_ids:
-            return row[: i + 1]
-    return row
+        n = settings.samples_per_prompt
+        rows = [p for p in prompts for _ in range(n)]
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        eos = self.model.config.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        eos_ids = torch.tensor(eos_list, dtype=torch.long, device=self.device)
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out: list[list[int]] = [[] for _ in rows]
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        past = None
+        with torch.no_grad():
+            for _ in range(settings.max_new_tokens):
+                step = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                past = step.past_key_values
+                logits = step.logits[:, -1].float()
+                nxt = self._draw(logits, settings, generators, n)
+                for b, (token, finished) in enumerate(zip(nxt.tolist(), done.tolist(), strict=True)):
+                    if not finished:
+                        out[b].append(token)
+                if eos_list:
+                    done |= torch.isin(nxt, eos_ids)
+                if bool(done.all()):
+                    break
+                ids = nxt[:, None]
+                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+                positions = positions[:, -1:] + 1
+        return out
+
+    @staticmethod
+    def _draw(logits, settings: SampleSettings, generators, n: int):
+        """One token per row: greedy at temperature 0, else from softmax(logits / T) cut to the top_p
+        nucleus, row b drawing from the generator of its prompt (b // n)."""
+        import torch
+
+        if settings.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / settings.temperature, dim=-1)
+        if settings.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # a token stays if the mass before it is below top_p: the most likely token always stays
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        return torch.cat(
+            [torch.multinomial(probs[b], 1, generator=generators[b // n]) for b in range(probs.size(0))]
+        )

@@ -146,11 +146,11 @@ def prompt_set_items(recipe: RecipeConfig, data: PreparedData, cap: int | None, 
 
 
 # NOTE: scoring speed on 2 CPU cores, fp32 (parameters, transformers tokens/s, vLLM tokens/s), measured on
-# the embedded teacher (bench/results/teacher_capture.json) and SmolLM2-135M (real_teacher.json), and vLLM's
-# start (the larger of the two). Time per token is taken as linear in the parameters through these points:
-# the smaller teacher scores faster in transformers at any size, the larger in vLLM once its start is paid.
-CPU_SCORE_SPEED = ((18_487_680, 4075.0, 3440.0), (134_515_008, 452.0, 577.0))
-VLLM_CPU_START_S = 22.0
+# an 18.5 M-parameter Llama (bench/results/teacher_capture.json) and SmolLM2-135M (real_teacher.json), and
+# vLLM's start (the larger of the two). Time per token is taken as linear in the parameters through these
+# points; vLLM scores a little faster per token at both, so its start decides: see docs/teacher.md.
+CPU_SCORE_SPEED = ((18_487_680, 3168.0, 3544.0), (134_515_008, 415.0, 488.0))
+VLLM_CPU_START_S = 27.0
 
 
 def cpu_score_seconds(parameters: int, tokens: int) -> tuple[float, float]:
@@ -181,7 +181,7 @@ def choose_backend(recipe: RecipeConfig, model: Path, device: str, items: list[I
     if device != "cpu":
         return "vllm", f"on {device}"
     if recipe.generate.mode == "sample":
-        return "vllm", "sampling on CPU, about 10x transformers"
+        return "vllm", "sampling on CPU, 2-3x the tokens/s of transformers"
     try:
         kept = engine_kept(teacher_engine_args(recipe, model))
     except DistillError:  # engine arguments vLLM would refuse: not an engine that is running
