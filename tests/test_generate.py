@@ -175,6 +175,42 @@ def test_sigterm_stops_the_engine_processes_and_keeps_what_was_recorded(referenc
     assert done == {name: sha for name, sha in shard_hashes(reference).items() if name in done}
 
 
+@pytest.mark.slow
+def test_transformers_samples_of_a_prompt_do_not_depend_on_its_batch(cache_dir, tmp_path):
+    """HfTeacher.sample decodes a batch of prompts (left-padded, KV cache); each prompt draws from a
+    generator seeded by its global index, so batch size, batch neighbours and the shard a prompt falls in
+    change nothing, and greedy decoding is transformers' own generate()."""
+    import random
+
+    import torch
+
+    from distill.config import load_recipe
+    from distill.teacher import HfTeacher, SampleSettings
+
+    recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    model = str(teacher_of(recipe))
+    rng = random.Random(0)
+    items = [(f"p{i}", [rng.randrange(5, 4000) for _ in range(rng.randrange(3, 20))]) for i in range(12)]
+    hot = SampleSettings(samples_per_prompt=2, max_new_tokens=24, temperature=1.0, top_p=0.95, seed=3)
+    one, six = (HfTeacher(model, 8, "cpu", torch.float32, batch) for batch in (1, 6))
+    by_one, by_six = one.sample(items, hot, 0), six.sample(items, hot, 0)
+    assert [c.id for c in by_six] == [f"p{i}-s{j}" for i in range(12) for j in range(2)]
+    assert [c.input_ids for c in by_one] == [c.input_ids for c in by_six]
+    assert len({tuple(c.input_ids) for c in by_six}) == 24  # two different samples per prompt
+    tail = six.sample(items[5:], hot, 5)  # a shard starting at prompt 5, batched differently
+    assert [c.input_ids for c in tail] == [c.input_ids for c in by_six[10:]]
+    for a, b in zip(by_one, by_six, strict=True):
+        assert a.start == b.start and np.array_equal(a.topk_ids, b.topk_ids)
+    cold = SampleSettings(samples_per_prompt=1, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0)
+    eos = six.model.config.eos_token_id
+    for (_, ids), capture in zip(items, six.sample(items, cold, 0), strict=True):
+        with torch.no_grad():
+            row = six.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16,
+                                     eos_token_id=eos, pad_token_id=eos)[0].tolist()  # fmt: skip
+        end = next((n + 1 for n in range(len(ids), len(row)) if row[n] == eos), len(row))
+        assert capture.input_ids == row[:end]
+
+
 # Enough shards of the transformers teacher that a kill lands mid-store (it writes one in ~40 ms).
 MANY = ["teacher.backend=hf", "generate.num_sequences=240"]
 
