@@ -90,7 +90,6 @@ def test_an_empty_prompt_set_is_refused(prepared, micro, tmp_path):
 
 def test_teacher_backend_auto_picks_the_engine_expected_to_finish_first(micro, monkeypatch, tmp_path):
     import importlib.util
-    import json
 
     import numpy as np
     from safetensors.numpy import save_file
@@ -118,7 +117,7 @@ def test_teacher_backend_auto_picks_the_engine_expected_to_finish_first(micro, m
     named = micro("generate.mode=score", "teacher.backend=vllm")
     assert choose_backend(named, tiny, "cpu", blocks) == ("vllm", "teacher.backend: vllm")
     # the engine of this run's other store, kept running (distill run's kept_engines), costs no start
-    key = json.dumps(teacher_engine_args(score, tiny), sort_keys=True, default=str)
+    key = engine.engine_key(teacher_engine_args(score, tiny))
     monkeypatch.setitem(engine._kept, "llm", object())
     monkeypatch.setitem(engine._kept, "key", key)
     assert choose_backend(score, tiny, "cpu", blocks) == ("vllm", "its engine is already running")

@@ -186,17 +186,21 @@ def kept_engines():
             _release_kept()
 
 
+def engine_key(engine_args: dict[str, Any]) -> str:
+    """What identifies an engine among kept ones: its arguments, in a canonical spelling."""
+    return json.dumps(engine_args, sort_keys=True, default=str)
+
+
 def engine_kept(engine_args: dict[str, Any]) -> bool:
     """Whether start_engine(engine_args) would get the kept engine (no start)."""
-    return _kept["llm"] is not None and _kept["key"] == json.dumps(engine_args, sort_keys=True, default=str)
+    return _kept["llm"] is not None and _kept["key"] == engine_key(engine_args)
 
 
 def start_engine(engine_args: dict[str, Any]):
     """A `vllm.LLM` with these arguments: the kept one if it matches (see kept_engines), else a new one."""
     from vllm import LLM
 
-    key = json.dumps(engine_args, sort_keys=True, default=str)
-    if _kept["llm"] is not None and _kept["key"] == key:
+    if engine_kept(engine_args):
         llm, _kept["llm"], _kept["key"] = _kept["llm"], None, None
         llm.reset_prefix_cache()
         return llm
@@ -208,7 +212,7 @@ def finish_engine(llm, engine_args: dict[str, Any]) -> None:
     """A caller is done with `llm`: kept for the next use inside kept_engines, shut down otherwise."""
     if _kept["depth"] > 0:
         _release_kept()
-        _kept["llm"], _kept["key"] = llm, json.dumps(engine_args, sort_keys=True, default=str)
+        _kept["llm"], _kept["key"] = llm, engine_key(engine_args)
     else:
         shutdown_engine(llm)
 
