@@ -152,6 +152,29 @@ def _shared_server(shared: Path, make, patience: float = 3600.0):
             started.__exit__(None, None, None)
 
 
+def pytest_configure(config):
+    """pytest-xdist workers, and every process they start (CLI runs, launched ranks, vLLM engines), run
+    one compute thread each, and vLLM engines run in the process that creates them.
+
+    - Threads: by default each process sizes its OpenMP pool to every core, and a vLLM engine binds its
+      threads to them. Two workers on two cores then run two pools of spinning threads against each
+      other: a small Llama's training steps took 2.5x as long as with one thread per process
+      (docs/development.md, "Test suite"). `nobind` leaves a vLLM engine's threads to OMP_NUM_THREADS.
+    - In-process engines (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): vLLM's CPU platform starts its engine
+      core and its worker in fresh `spawn` processes, each importing vLLM again (about 13 s of a start
+      here). In-process, `vllm.LLM` starts in about 3 s and `vllm serve` (whose engine core always has
+      its own process) skips the worker process. vLLM's own setting, for the tests' speed only: distill
+      keeps vLLM's default, and the tests of engine processes ask for it (test_generate's SIGTERM)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """In `make test`'s pytest-xdist workers (`--dist loadscope --no-loadscope-reorder`) each module is

@@ -1,6 +1,7 @@
 """The teacher stage with real vLLM (CPU build) on a micro teacher, through the `distill` command."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -157,8 +158,10 @@ def test_sigterm_stops_the_engine_processes_and_keeps_what_was_recorded(referenc
     """SIGTERM to distill's pid alone (a scheduler, a timeout): it stops vLLM's engine processes and
     exits; the shards it finished are intact and, computed in another process, equal the reference's."""
     store = tmp_path / "runs" / "tiny" / "teacher"
+    # vLLM's default (the test suite runs engines in-process: tests/conftest.py pytest_configure)
+    multiprocess = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = start_and_wait_for(
-        generate_process(tmp_path / "runs"), store, 1, stderr=subprocess.PIPE, text=True
+        generate_process(tmp_path / "runs"), store, 1, stderr=subprocess.PIPE, text=True, env=multiprocess
     )
     engine = psutil.Process(proc.pid).children(recursive=True)
     assert engine, "vLLM's engine core runs in a process of its own"
