@@ -201,6 +201,28 @@ def block_tests(page: Page) -> list[str]:
     ]
 
 
+def block_threads(page: Page) -> list[str]:
+    t = result("threads")
+    parts = []
+    for width, row in t["threads"].items():
+        two, single = row["2 at once, default threads"]["seconds"], row["2 at once, 1 thread each"]["seconds"]
+        parts.append(
+            f"width {width}: {seconds(two)} against {seconds(single)}, "
+            f"{times(row['ratio_two_default_over_two_single'], 1)}"
+        )
+    e = t["engine_start"]
+    default = e["vLLM default (spawned engine core and worker)"]["median"]
+    inproc = e["in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)"]["median"]
+    return [
+        f"Measured by `bench/threads.py` on the 2-core machine: two processes training a small Llama side by "
+        f"side ({t['steps']} steps each) took this long with OpenMP's default thread count against one thread "
+        f"each: {'; '.join(parts)}. A `vllm.LLM` on a micro model, from importing vLLM to its first answer, "
+        f"took {seconds(default)} with vLLM's spawned engine processes and {seconds(inproc)} in-process "
+        f"({times(e['ratio_default_over_in_process'], 1)}; medians of {len(e[next(iter(e))]['seconds'])}; "
+        f"`bench/results/threads.json`)."
+    ]
+
+
 # --------------------------------------------------------------------------- the headline table
 
 
@@ -1071,6 +1093,7 @@ BLOCKS: dict[str, Callable[[Page], list[str]]] = {
     "demo-reading": block_demo_reading,
     "wall-times": block_wall_times,
     "tests": block_tests,
+    "threads": block_threads,
     "figures": block_figures,
     "teacher-capture": block_teacher_capture,
     "backend-auto": block_backend_auto,
