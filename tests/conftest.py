@@ -158,11 +158,11 @@ def pytest_configure(config):
 
     - Threads: by default each process sizes its OpenMP pool to every core, and a vLLM engine binds its
       threads to them. Two workers on two cores then run two pools of spinning threads against each
-      other: a small Llama's training steps took 2.5x as long as with one thread per process
-      (docs/development.md, "Test suite"). `nobind` leaves a vLLM engine's threads to OMP_NUM_THREADS.
+      other, several times slower than one thread per process (bench/threads.py; docs/tests.md).
+      `nobind` leaves a vLLM engine's threads to OMP_NUM_THREADS.
     - In-process engines (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): vLLM's CPU platform starts its engine
-      core and its worker in fresh `spawn` processes, each importing vLLM again (about 13 s of a start
-      here). In-process, `vllm.LLM` starts in about 3 s and `vllm serve` (whose engine core always has
+      core and its worker in fresh `spawn` processes, each importing vLLM again. In-process, `vllm.LLM`
+      skips both (bench/threads.py measures the start both ways) and `vllm serve` (whose engine core has
       its own process) skips the worker process. vLLM's own setting, for the tests' speed only: distill
       keeps vLLM's default, and the tests of engine processes ask for it (test_generate's SIGTERM)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
