@@ -293,6 +293,19 @@ class GenerateConfig(Section):
         description="Extra vLLM engine arguments passed through (tensor_parallel_size, max_model_len, ...).",
     )
 
+    @field_validator("engine")
+    @classmethod
+    def _logprobs_room_for_top_k(cls, engine, info):
+        # here, before any teacher is pretrained or loaded (teacher_engine_args checks it again)
+        top_k, limit = info.data.get("top_k"), engine.get("max_logprobs")
+        if isinstance(limit, int) and isinstance(top_k, int) and limit < top_k:
+            raise ValueError(f"max_logprobs={limit} is below generate.top_k={top_k}; {_logprobs_hint(top_k)}")
+        return engine
+
+
+def _logprobs_hint(top_k: int) -> str:
+    return f"raise max_logprobs to at least {top_k} or leave it unset"
+
 
 class DistributedConfig(Section):
     backend: Literal["none", "ddp", "deepspeed"] = Field("none", description="How training is distributed.")

@@ -275,33 +275,40 @@ def test_shards_on_separate_jobs_merge_into_the_unsharded_store(tmp_path):
     assert verify.returncode == 0 and "ok: 12 shards" in verify.stdout
 
 
-# Score mode in a 48-token context (the corpus blocks are 64 tokens): both tests below, one engine.
-SCORE_48 = [
+# Score mode with the sample tests' engine arguments: both tests below use the module's kept engine.
+SCORE = [
     "teacher.backend=vllm",  # about vLLM's engine (auto would score 6 blocks with transformers)
     "generate.mode=score",
     "generate.num_sequences=6",
     "generate.items_per_shard=3",
     "generate.top_k=16",
-    "generate.engine.max_model_len=48",
 ]
 
 
 @pytest.mark.slow
 def test_score_mode_truncates_to_the_context_and_never_crashes(cache_dir, tmp_path):
-    out = cli("generate", str(TINY), *SCORE_48, runs=tmp_path)
+    """300-token corpus blocks against the teacher's 256-token context (its max_position_embeddings). The
+    teacher is given by path, so the longer blocks pretrain no other teacher and the engine is the kept one."""
+    from distill.config import load_recipe
+
+    teacher = teacher_of(
+        load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"])
+    )
+    by_path = ["teacher.tiny=null", f"teacher.model={teacher}", "data.seq_len=300"]
+    out = cli("generate", str(TINY), *SCORE, *by_path, runs=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     store = TeacherStore(tmp_path / "tiny" / "teacher")
     summary = store.summary()
     assert summary["mode"] == "score" and summary["rows"] == 6 and summary["truncated"] == 6
     for c in store.rows():
-        assert c.start == 0 and len(c.input_ids) == 47 and c.topk_ids.shape == (46, 16)
-        assert np.all(c.topk_ids[np.arange(46), 0] >= 0)
+        assert c.start == 0 and len(c.input_ids) == 255 and c.topk_ids.shape == (254, 16)
+        assert np.all(c.topk_ids[np.arange(254), 0] >= 0)
 
 
 @pytest.mark.slow
 def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path):
-    """The same 47-token sequences scored by distill's vLLM teacher (the engine the truncation test
-    kept: the same engine arguments) and by its transformers teacher."""
+    """The same 47-token sequences scored by distill's vLLM teacher (the module's kept engine: the same
+    engine arguments) and by its transformers teacher."""
     import torch
 
     from distill.config import load_recipe
@@ -309,9 +316,7 @@ def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path
     from distill.vllm import engine
     from distill.vllm.engine import teacher_engine_args
 
-    recipe = load_recipe(
-        TINY, [*MICRO, *TEACHER, *SCORE_48, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"]
-    )
+    recipe = load_recipe(TINY, [*MICRO, *TEACHER, *SCORE, f"runs_dir={tmp_path}", f"cache_dir={cache_dir}"])
     teacher = teacher_of(recipe)
     tokens = np.load(prepared.tokens_dir / "validation.npy")
     items = [(f"b{i}", tokens[i * 47 : (i + 1) * 47].astype(np.int64).tolist()) for i in range(8)]
@@ -341,12 +346,14 @@ def test_vllm_and_transformers_agree_in_score_mode(cache_dir, prepared, tmp_path
 
 
 def test_k_above_the_engine_limit_says_what_to_set(cache_dir, tmp_path):
+    """Refused by the recipe's validation: before the teacher is pretrained or loaded."""
     out = cli("generate", str(TINY), *SAMPLE, "generate.engine.max_logprobs=8", runs=tmp_path)
     assert out.returncode == 1
     assert (
-        "generate.top_k=16 exceeds generate.engine.max_logprobs=8; raise max_logprobs to at least 16"
+        "generate.engine: max_logprobs=8 is below generate.top_k=16; raise max_logprobs to at least 16"
         in out.stderr
     )
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_teacher_that_is_not_a_causal_lm(cache_dir, prepared, tmp_path):

@@ -90,8 +90,8 @@ def teacher_engine_args(recipe: RecipeConfig, model: Path) -> dict[str, Any]:
 
     k, extra = recipe.generate.top_k, dict(recipe.generate.engine)
     if extra.get("max_logprobs", k) < k:
-        raise DistillError(
-            f"generate.top_k={k} exceeds generate.engine.max_logprobs={extra['max_logprobs']}; "
+        raise DistillError(  # the recipe's validation refuses it first; for arguments built in code
+            f"generate.engine: max_logprobs={extra['max_logprobs']} is below generate.top_k={k}; "
             f"raise max_logprobs to at least {k} or leave it unset"
         )
     extra.setdefault("max_logprobs", k)
