@@ -397,7 +397,8 @@ def kd_loss(
     return LossParts(total, kd.detach(), ce.detach(), int(rows.numel()))
 
 
-FUSED_CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the fused loss: 256 MiB in fp32, whatever V is
+FUSED_CHUNK_ELEMENTS = 1 << 25  # logits per chunk of the fused loss: 128 MiB in fp32, whatever V is
+FUSED_CHUNK_TOKENS = 32  # rows of a fused chunk whose loss and gradient are computed together
 
 
 class _FusedLinearLoss:
@@ -477,7 +478,7 @@ def fused_kd_loss(
     ce_weight: float = 0.0,
     chunk_elements: int = FUSED_CHUNK_ELEMENTS,
     recompute: bool | None = None,
-    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+    chunk_tokens: int = FUSED_CHUNK_TOKENS,
 ) -> LossParts:
     """`kd_loss` from the student's last hidden states and its output layer, without its (B, T, V) logits.
 
