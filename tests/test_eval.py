@@ -31,22 +31,31 @@ def distill_eval(*args, runs, env=None):
 
 
 @pytest.fixture(scope="module")
-def models(cache_dir, tmp_path_factory):
-    """The micro teacher, a byte-identical copy of it, and a random-weight student of the same shape."""
+def random_student(prepared, tmp_path_factory):
+    """A random-weight student of the micro teacher's shape, with the corpus tokenizer (no pretraining)."""
     from distill.config import load_recipe
     from distill.models import build_tiny_llama
     from distill.tokenizer import load_tokenizer
+
+    random = tmp_path_factory.mktemp("random") / "random"
+    tiny = load_recipe(TINY, MICRO).teacher.tiny
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    build_tiny_llama(tiny, tokenizer, seed=7).save_pretrained(random)
+    tokenizer.save_pretrained(random)
+    return random
+
+
+@pytest.fixture(scope="module")
+def models(cache_dir, random_student, tmp_path_factory):
+    """The micro teacher, a byte-identical copy of it, and a random-weight student of the same shape."""
+    from distill.config import load_recipe
 
     root = tmp_path_factory.mktemp("models")
     recipe = load_recipe(TINY, [*MICRO, *TEACHER, f"runs_dir={root / 'runs'}", f"cache_dir={cache_dir}"])
     teacher = teacher_of(recipe)
     twin = root / "twin"
     shutil.copytree(teacher, twin)
-    tokenizer = load_tokenizer(teacher)
-    random = root / "random"
-    build_tiny_llama(recipe.teacher.tiny, tokenizer, seed=7).save_pretrained(random)
-    tokenizer.save_pretrained(random)
-    return {"teacher": teacher, "twin": twin, "random": random}
+    return {"teacher": teacher, "twin": twin, "random": random_student}
 
 
 def gate_of(runs):
@@ -187,8 +196,9 @@ def test_full_vocabulary_kl_and_top1_agreement_are_measured_and_gated(models, tm
     assert "distill_match_outside" in report and "distill_outside_ppl" in report
 
 
-def test_bad_input_is_refused_before_any_model_runs(models, tmp_path):
-    twin = f"--model=twin={models['twin']}"
+def test_bad_input_is_refused_before_any_model_runs(random_student, tmp_path):
+    """Refused before the teacher is resolved: this recipe's teacher would be pretrained first."""
+    twin = f"--model=twin={random_student}"
     cases = [
         (
             ["eval.tasks=[distill_ppx]"],

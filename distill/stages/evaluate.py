@@ -47,9 +47,17 @@ class EvalModel:
 
 
 def eval_models(run: Run, extra: dict[str, str] | None = None) -> list[EvalModel]:
-    """The teacher, the run's student and any models named on the command line (students too)."""
+    """The teacher, the run's student and any models named on the command line (students too). The named
+    ones are checked first: a wrong name or path is refused before the teacher is resolved (or pretrained)."""
     from distill.models import check_causal_lm
 
+    named = []
+    for name, path in (extra or {}).items():
+        if name == "teacher" or not name.replace("-", "").replace("_", "").isalnum():
+            raise DistillError(
+                f"--model {name}={path}: the name must be letters, digits, - or _, not 'teacher'"
+            )
+        named.append(EvalModel(name, check_causal_lm(path, f"--model {name}"), "student"))
     models = [EvalModel("teacher", run.teacher, "teacher")]
     if run.recipe.eval.initial:  # the student before training: shown, not gated
         from distill.models import initial_student
@@ -64,13 +72,8 @@ def eval_models(run: Run, extra: dict[str, str] | None = None) -> list[EvalModel
         models.append(EvalModel("student", student, "student"))
         for quant in run.quantized_students():  # distill quantize
             models.append(EvalModel(f"student-{quant.name}", quant, "quantized", "student"))
-    for name, path in (extra or {}).items():
-        if name == "teacher" or not name.replace("-", "").replace("_", "").isalnum():
-            raise DistillError(
-                f"--model {name}={path}: the name must be letters, digits, - or _, not 'teacher'"
-            )
-        models = [m for m in models if m.name != name]
-        models.append(EvalModel(name, check_causal_lm(path, f"--model {name}"), "student"))
+    names = {m.name for m in named}
+    models = [m for m in models if m.name not in names] + named
     if not any(m.role in ("student", "quantized") for m in models):
         raise DistillError(
             f"no student to evaluate: {student} does not exist (run `distill train` first, or name one "
