@@ -40,7 +40,7 @@ def run_variant(
 ) -> dict:
     import torch
 
-    from distill.losses import FUSED_CHUNK_ELEMENTS, SparseTeacher, fused_kd_loss, kd_loss
+    from distill.losses import SparseTeacher, fused_kd_loss, kd_loss
 
     chunk_elements = chunk_elements or FUSED_CHUNK_ELEMENTS
     torch.manual_seed(0)

@@ -297,14 +297,21 @@ class GenerateConfig(Section):
     @classmethod
     def _logprobs_room_for_top_k(cls, engine, info):
         # here, before any teacher is pretrained or loaded (teacher_engine_args checks it again)
-        top_k, limit = info.data.get("top_k"), engine.get("max_logprobs")
-        if isinstance(limit, int) and isinstance(top_k, int) and limit < top_k:
-            raise ValueError(f"max_logprobs={limit} is below generate.top_k={top_k}; {_logprobs_hint(top_k)}")
+        problem = logprobs_problem(info.data.get("top_k"), engine)
+        if problem:
+            raise ValueError(problem.removeprefix("generate.engine: "))
         return engine
 
 
-def _logprobs_hint(top_k: int) -> str:
-    return f"raise max_logprobs to at least {top_k} or leave it unset"
+def logprobs_problem(top_k: int | None, engine: dict[str, Any]) -> str | None:
+    """Why generate.engine's max_logprobs leaves no room for generate.top_k logprobs, or None."""
+    limit = engine.get("max_logprobs")
+    if isinstance(limit, int) and isinstance(top_k, int) and limit < top_k:
+        return (
+            f"generate.engine: max_logprobs={limit} is below generate.top_k={top_k}; "
+            f"raise max_logprobs to at least {top_k} or leave it unset"
+        )
+    return None
 
 
 class DistributedConfig(Section):

@@ -86,14 +86,13 @@ def engine_kwargs(model: str, gpu: bool | None = None, **overrides: Any) -> dict
 def teacher_engine_args(recipe: RecipeConfig, model: Path) -> dict[str, Any]:
     """The teacher's engine: generate.engine passed through, logprobs room for generate.top_k, the
     teacher's dtype and the generation seed."""
+    from distill.config import logprobs_problem
     from distill.errors import DistillError
 
     k, extra = recipe.generate.top_k, dict(recipe.generate.engine)
-    if extra.get("max_logprobs", k) < k:
-        raise DistillError(  # the recipe's validation refuses it first; for arguments built in code
-            f"generate.engine: max_logprobs={extra['max_logprobs']} is below generate.top_k={k}; "
-            f"raise max_logprobs to at least {k} or leave it unset"
-        )
+    problem = logprobs_problem(k, extra)  # the recipe's validation refuses it first: recipes built in code
+    if problem:
+        raise DistillError(problem)
     extra.setdefault("max_logprobs", k)
     if recipe.teacher.dtype != "auto":
         extra.setdefault("dtype", recipe.teacher.dtype)
