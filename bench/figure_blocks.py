@@ -468,16 +468,29 @@ def block_fused_loss(page: Page) -> list[str]:
     ]
 
 
+BUILDS = {"avx512_bf16": "AVX-512 BF16 build (`_C`)", "avx512": "AVX-512 build (`_C_AVX512`)",
+          "avx2": "AVX2 build (`_C_AVX2`)"}  # fmt: skip
+
+
 def block_quant_serving(page: Page) -> list[str]:
-    r = result("quant_serving")
+    """One section per vLLM CPU kernel build measured (bench/results/quant_serving_<build>.json)."""
+    lines = []
+    for build in BUILDS:
+        path = RESULTS / f"quant_serving_{build}.json"
+        if path.exists():
+            lines += ["", f"**vLLM's {BUILDS[build]}:**", "", *quant_serving_section(result(path.stem))]
+    return lines[1:]
+
+
+def quant_serving_section(r: dict) -> list[str]:
     rounds, ratio = r["rounds"], r["w8a8_over_fp32"]
     best = {
         s: {c: max(x[s][c]["output_tokens_per_s"] for x in rounds) for c in ratio}
         for s in ("student", "student-w8a8")
     }
     lines = [
-        f"Measured with `.venv/bin/python bench/quant_serving.py` (`bench/results/quant_serving.json`): the KD "
-        f"student of `{r['run']}` (SmolLM2-135M-Instruct cut to 12 layers) and its `w8a8` form, each served "
+        f"Measured with `.venv/bin/python bench/quant_serving.py` (`bench/results/quant_serving_{r['vllm_cpu_build']}.json`): "
+        f"{r['student']} (`{r['run']}`, SmolLM2-135M-Instruct cut to 12 layers) and its `w8a8` form, each served "
         f"alone by vLLM's CPU server on {r['machine']}; {r['requests']} requests of {r['prompt_tokens']} prompt "
         f"and {r['max_tokens']} output tokens per level, greedy; {len(rounds)} rounds:",
         "",
@@ -490,31 +503,52 @@ def block_quant_serving(page: Page) -> list[str]:
         ],
     ]
     prof = r.get("profile")
-    if prof:
-        lines += [
-            "",
-            "Where a decode step goes (fp32 server's time per output token, split by timing the kernels vLLM's CPU "
-            "build runs for each linear layer at that many tokens: fp32 `onednn_mm`, and W8A8's dynamic "
-            "`onednn_scaled_int8_quant` + `onednn_scaled_mm`):",
-            "",
-            "| concurrency | step (TPOT) | 12 decoder layers' linears, fp32 -> W8A8 | output layer (fp32 in both) | the rest | W8A8 could give |",
-            "|---|---|---|---|---|---|",
-            *[
-                f"| {c} | {x['fp32_tpot_us'] / 1000:.1f} ms | {x['fp32_layers_us'] / 1000:.1f} -> "
-                f"{x['w8a8_layers_us'] / 1000:.1f} ms ({pct(x['layers_share'])} of the step) | "
-                f"{x['lm_head_us'] / 1000:.1f} ms ({pct(x['lm_head_share'])}) | {pct(x['rest_share'])} | "
-                f"{times(x['predicted_speedup'])} |"
-                for c, x in prof.items()
-            ],
-            "",
-            f"The int8 kernels run the decoder's linear layers {min(x['kernel_speedup_layers'] for x in prof.values()):.1f}"
-            f"-{max(x['kernel_speedup_layers'] for x in prof.values()):.1f}x faster, but those are only "
-            f"{pct(min(x['layers_share'] for x in prof.values()))}-{pct(max(x['layers_share'] for x in prof.values()))} "
-            "of a step. The output layer (vocabulary x width), which llm-compressor leaves "
-            "in fp32 (`ignore: [lm_head]`), and the rest (attention, norms, sampling, the engine's own work) do "
-            "not change, so by Amdahl's law W8A8 can give about what the last column says, and the measured "
-            "ratios sit at or near it. More would take quantizing the output layer too.",
-        ]
+    if not prof:
+        return lines
+    head = all("predicted_speedup_with_head" in x for x in prof.values())
+    lines += [
+        "",
+        "Where a decode step goes (fp32 server's time per output token, split by timing the kernels vLLM's CPU "
+        "build runs for each linear layer at that many tokens: fp32 `onednn_mm`, and W8A8's dynamic "
+        "`onednn_scaled_int8_quant` + `onednn_scaled_mm`):",
+        "",
+        "| concurrency | step (TPOT) | 12 decoder layers' linears, fp32 -> W8A8 | output layer, fp32"
+        + (" -> W8A8" if head else "")
+        + " | the rest | W8A8 could give"
+        + (" | with the output layer too |" if head else " |"),
+        "|---|---|---|---|---|---|" + ("---|" if head else ""),
+        *[
+            f"| {c} | {x['fp32_tpot_us'] / 1000:.1f} ms | {x['fp32_layers_us'] / 1000:.1f} -> "
+            f"{x['w8a8_layers_us'] / 1000:.1f} ms ({pct(x['layers_share'])} of the step) | "
+            f"{x['lm_head_us'] / 1000:.1f}"
+            + (f" -> {x['lm_head_w8a8_us'] / 1000:.1f}" if head else "")
+            + f" ms ({pct(x['lm_head_share'])}) | {pct(x['rest_share'])} | {times(x['predicted_speedup'])} |"
+            + (f" {times(x['predicted_speedup_with_head'])} |" if head else "")
+            for c, x in prof.items()
+        ],
+        "",
+    ]
+    speedups = [x["kernel_speedup_layers"] for x in prof.values()]
+    shares = [x["layers_share"] for x in prof.values()]
+    if min(speedups) >= 1:
+        lines.append(
+            f"The int8 kernels run the decoder's linear layers {min(speedups):.1f}-{max(speedups):.1f}x faster, "
+            f"but those are only {pct(min(shares))}-{pct(max(shares))} of a step. The output layer (vocabulary x "
+            "width), which distill's W8A8 recipe leaves in fp32 (`ignore: [lm_head]`, as llm-compressor's "
+            "examples do), and the rest (attention, norms, sampling, the engine's own work) do not change, so by "
+            "Amdahl's law W8A8 can give about what the last column says, and the measured ratios sit at or near "
+            "it. More would take quantizing the output layer too."
+        )
+    else:
+        slow = [1 / v for v in speedups]
+        lines.append(
+            f"Here the int8 kernels run the decoder's linear layers {min(slow):.1f}-{max(slow):.1f}x slower than "
+            "the fp32 ones: vLLM's AVX2 build has no int8 path that beats its fp32 matrix product, so W8A8 serves "
+            "slower than fp32 at every concurrency"
+            + (" (quantizing the output layer too would make it slower still)" if head else "")
+            + ". `distill quantize` and `distill serve --quant w8a8` say so on such machines; serve the fp32 "
+            "student there."
+        )
     return lines
 
 

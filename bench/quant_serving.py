@@ -10,7 +10,9 @@ client at every concurrency (greedy, `--requests` requests of 32 prompt tokens a
 ignored). What to read is the ratio of output tokens/s, w8a8 over fp32, per round and concurrency: the
 two run seconds apart on the same machine; absolute figures on a shared 2-core machine are noisy.
 
-Writes bench/results/quant_serving.json; docs/quantization.md's table is generated from it.
+Writes bench/results/quant_serving_<build>.json, one file per vLLM CPU kernel build (avx2, avx512,
+avx512_bf16: distill.vllm.kernels.cpu_isa), since the int8 kernels differ most between them;
+docs/quantization.md's tables are generated from every such file.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def bench_round(run: Path, requests: int) -> dict:
 
 def linear_shapes(model_dir: Path) -> tuple[list[tuple[str, int, int]], tuple[int, int], int]:
     """The (name, K, N) of one decoder layer's linear layers as vLLM fuses them (qkv, o, gate_up, down),
-    the output layer's (K, N) (fp32 in both: llm-compressor leaves lm_head out), and the layer count."""
+    the output layer's (K, N) (fp32 in both: distill's W8A8 recipe leaves lm_head out), and the layer
+    count."""
     c = json.loads((model_dir / "config.json").read_text())
     h, inter = c["hidden_size"], c["intermediate_size"]
     head = c.get("head_dim") or h // c["num_attention_heads"]
@@ -100,6 +103,8 @@ def profile_linear(model_dir: Path, levels=LEVELS, calls: int = 50) -> dict:
             weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
             int8.append((ops.create_onednn_scaled_mm(weight.t(), torch.rand(n, 1) / 127, torch.float32, True, False, 32), k, n))  # fmt: skip
     head = ops.create_onednn_mm((torch.randn(vocab, h) / h**0.5).t(), 32)
+    head_int8 = ops.create_onednn_scaled_mm(torch.randint(-127, 128, (vocab, h), dtype=torch.int8).t(),
+                                            torch.rand(vocab, 1) / 127, torch.float32, True, False, 32)  # fmt: skip
     out = {}
     for m in levels:
         inputs = {k: torch.randn(m, k) for k in {k for _, k, _ in layer}}
@@ -113,10 +118,15 @@ def profile_linear(model_dir: Path, levels=LEVELS, calls: int = 50) -> dict:
                 x_q, x_s, _ = ops.onednn_scaled_int8_quant(inputs[k], None, None, True)
                 ops.onednn_scaled_mm(handler, x_q, torch.empty(m, n), x_s, None, None, None)
 
+        def head_w8a8(m=m):  # what the output layer would cost quantized the same way
+            x_q, x_s, _ = ops.onednn_scaled_int8_quant(torch.randn(m, h), None, None, True)
+            ops.onednn_scaled_mm(head_int8, x_q, torch.empty(m, vocab), x_s, None, None, None)
+
         out[str(m)] = {
             "fp32_layers_us": timed(fp32_pass),
             "w8a8_layers_us": timed(w8a8_pass),
             "lm_head_us": timed(lambda m=m: ops.onednn_mm(head, torch.randn(m, h), None)),
+            "lm_head_w8a8_us": timed(head_w8a8),
         }
     return out
 
@@ -149,6 +159,9 @@ def explain(profile: dict, rounds: list[dict]) -> dict:
             "kernel_speedup_layers": row["fp32_layers_us"] / row["w8a8_layers_us"],
             "predicted_speedup": tpot_us / (tpot_us - saved),
         }
+        if "lm_head_w8a8_us" in row:  # and with the output layer quantized too
+            head_saved = row["lm_head_us"] - row["lm_head_w8a8_us"]
+            out[c]["predicted_speedup_with_head"] = tpot_us / (tpot_us - saved - head_saved)
     return out
 
 
@@ -157,9 +170,14 @@ def main() -> None:
     parser.add_argument("--run", default=str(ROOT / "runs" / "smollm2-135m"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant_serving.json"))
+    parser.add_argument("--out", help="default: bench/results/quant_serving_<this CPU's vLLM build>.json")
+    parser.add_argument("--student", default="the KD student", help="what run/student/final is, for the docs")
     parser.add_argument("--profile-only", action="store_true", help="redo the profile on the saved rounds")
     args = parser.parse_args()
+    from distill.vllm.kernels import cpu_isa
+
+    build = cpu_isa()
+    args.out = args.out or str(ROOT / "bench" / "results" / f"quant_serving_{build}.json")
     run = Path(args.run).resolve()
     if args.profile_only:
         result = json.loads(Path(args.out).read_text())
@@ -182,10 +200,12 @@ def main() -> None:
     print("profile: the linear layers' kernels, fp32 and W8A8", flush=True)
     profile = profile_linear(run / "student" / "final")
     result = {
-        "run": os.path.relpath(run, ROOT),
+        "run": os.path.relpath(run, ROOT) if run.is_relative_to(ROOT) else str(run),
+        "student": args.student,
         "requests": args.requests,
         "prompt_tokens": 32,
         "max_tokens": 64,
+        "vllm_cpu_build": build,
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}; {' '.join(cpu_flags()) or 'no AVX-512'}), no GPU",
         "rounds": rounds,
         "w8a8_over_fp32": summarize(rounds),

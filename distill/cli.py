@@ -395,14 +395,16 @@ def _load_run(args):
 def cmd_quantize(args) -> int:
     from distill.pipeline import open_run
     from distill.stages.quantize import quantize
-    from distill.vllm.kernels import scheme_of, serving_problem
+    from distill.vllm.kernels import scheme_of, serving_note, serving_problem
 
     done = quantize(
         open_run(_load_run(args), teacher=None), args.scheme, log=lambda line: print(line, flush=True)
     )
     for scheme, path in done.items():
         problem = serving_problem(scheme_of(path))
-        print(f"{scheme}: {path}" + (f" (note: {problem})" if problem else " (vLLM can serve it here)"))
+        note = problem or serving_note(scheme_of(path))
+        served = "" if problem else "vLLM can serve it here" + ("; " if note else "")
+        print(f"{scheme}: {path} ({served}{f'note: {note}' if note else ''})")
     return 0
 
 
@@ -432,6 +434,12 @@ def cmd_serve(args) -> int:
             raise DistillError("serve needs a recipe, a run directory, or --promoted NAME[@VERSION]")
         recipe = _load_run(args)
         student = student_model(Run(recipe), args.quant, check=not args.dry_run)
+    if not args.dry_run:
+        from distill.vllm.kernels import scheme_of, serving_note
+
+        note = serving_note(scheme_of(student))
+        if note:
+            print(f"note: {note}", flush=True)
     mode = "draft" if args.draft else "student"
     # the teacher only for --draft; a dry run prints the GPU command with teacher.model as it is
     needs_teacher = args.draft and not (args.dry_run and recipe.teacher.model)

@@ -100,6 +100,27 @@ def test_an_unreadable_kernel_library_is_reported_not_run(monkeypatch, tmp_path)
     assert kernels.serving_problem("fp8", isa="avx2") is None  # needs no kernel of its own
 
 
+@cpu_only
+def test_w8a8_on_the_avx2_build_is_served_with_a_note_that_fp32_is_faster(monkeypatch):
+    """vLLM's AVX2 build runs int8 matrix products several times slower than fp32 ones (the profile of
+    bench/quant_serving.py), so a W8A8 student served there is slower than its fp32 form: distill says so
+    (it is still served). The AVX-512 builds, other schemes and unquantized models get no note."""
+    import distill.vllm.kernels as kernels
+
+    note = kernels.serving_note("w8a8", isa="avx2")
+    assert note.startswith(
+        "w8a8 serves slower than the fp32 student on this CPU: vLLM's AVX2 kernels (_C_AVX2"
+    )
+    assert note.endswith("serve the fp32 student here, or w8a8 on an AVX-512 CPU or a GPU")
+    assert kernels.serving_problem("w8a8", isa="avx2") is None  # a note, not a refusal
+    for isa in ("avx512", "avx512_bf16"):
+        assert kernels.serving_note("w8a8", isa=isa) is None, isa
+    for scheme in ("fp8", "w4a16", None):
+        assert kernels.serving_note(scheme, isa="avx2") is None, scheme
+    monkeypatch.setattr(kernels, "cpu_isa", lambda: "avx2")
+    assert kernels.serving_note("w8a8") == note  # this machine's build, when none is named
+
+
 def test_w8a8_runs_in_bf16_on_amx_cpus_and_fp32_elsewhere(tmp_path, monkeypatch):
     """vLLM CPU's AMX int8 kernel takes bf16/fp16 activations only (fp32 kills the engine), so a W8A8
     model's engine is bf16 on AMX CPUs; other models, and any model on AVX2/AVX-512 CPUs, stay fp32."""

@@ -1,6 +1,7 @@
 """Which quantized schemes this machine's vLLM can serve, answered without starting vLLM: on CUDA the
 device's compute capability; on CPUs whether the kernel library vLLM loads (picked by the CPU's
-instruction sets) has the scheme's kernel, read from the library's ELF symbols and never executed."""
+instruction sets) has the scheme's kernel, read from the library's ELF symbols and never executed; and
+which of them that library serves slower than fp32 (W8A8 on the AVX2 build)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from distill.artifacts import QUANT_RECORD, read_json
 # library of each x86 build (vLLM picks one by the CPU's instruction sets; `native`: not x86, one library)
 CPU_KERNELS = {"w8a8": "onednn_scaled_mm", "w4a16": "cpu_gemm_wna16", "fp8": None}
 CPU_LIBRARIES = {"avx512_bf16": "_C", "avx512": "_C_AVX512", "avx2": "_C_AVX2", "native": "_C"}
+# schemes a CPU build serves, but slower than the fp32 model (measured by bench/quant_serving.py, whose
+# profile times the build's int8 and fp32 matrix kernels at the real student's shapes: docs/quantization.md)
+SLOWER_THAN_FP32 = {"avx2": ("w8a8",)}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -153,4 +157,23 @@ def serving_problem(scheme: str | None, isa: str | None = None) -> str | None:
         f"{scheme} cannot be served on this CPU: vLLM's {isa.upper()} kernels ({lib.name}) have no "
         f"{kernel}, so a server would start and fail at its first request; serve another scheme "
         f"(w8a8 or fp8), the unquantized student, or use a GPU (or an AVX-512 CPU) for {scheme}"
+    )
+
+
+def serving_note(scheme: str | None, isa: str | None = None) -> str | None:
+    """Why `scheme` is a poor choice on this machine although its vLLM serves it, or None. On vLLM's AVX2
+    CPU build the int8 matrix kernel W8A8 runs on is several times slower than the fp32 one, so a W8A8
+    student serves slower than its fp32 form there (it pays off on AVX-512 CPUs and GPUs)."""
+    from distill.vllm.engine import has_cuda
+
+    if scheme is None or has_cuda():
+        return None
+    isa = isa or cpu_isa()
+    if scheme not in SLOWER_THAN_FP32.get(isa, ()):
+        return None
+    return (
+        f"{scheme} serves slower than the fp32 student on this CPU: vLLM's {isa.upper()} kernels "
+        f"({cpu_library(isa).name}) run int8 matrix products slower than fp32 ones (measured: "
+        f"docs/quantization.md, speed on CPU); serve the fp32 student here, or {scheme} on an AVX-512 CPU "
+        "or a GPU"
     )
