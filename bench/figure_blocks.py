@@ -468,17 +468,19 @@ def block_fused_loss(page: Page) -> list[str]:
     ]
 
 
-BUILDS = {"avx512_bf16": "AVX-512 BF16 build (`_C`)", "avx512": "AVX-512 build (`_C_AVX512`)",
-          "avx2": "AVX2 build (`_C_AVX2`)"}  # fmt: skip
+BUILDS = {"avx512_bf16": "AVX-512 BF16", "avx512": "AVX-512", "avx2": "AVX2"}  # vLLM's x86 CPU builds
 
 
 def block_quant_serving(page: Page) -> list[str]:
     """One section per vLLM CPU kernel build measured (bench/results/quant_serving_<build>.json)."""
+    from distill.vllm.kernels import CPU_LIBRARIES
+
     lines = []
-    for build in BUILDS:
+    for build, label in BUILDS.items():
         path = RESULTS / f"quant_serving_{build}.json"
         if path.exists():
-            lines += ["", f"**vLLM's {BUILDS[build]}:**", "", *quant_serving_section(result(path.stem))]
+            heading = f"**vLLM's {label} build (`{CPU_LIBRARIES[build]}`):**"
+            lines += ["", heading, "", *quant_serving_section(result(path.stem))]
     return lines[1:]
 
 

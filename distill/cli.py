@@ -401,10 +401,11 @@ def cmd_quantize(args) -> int:
         open_run(_load_run(args), teacher=None), args.scheme, log=lambda line: print(line, flush=True)
     )
     for scheme, path in done.items():
-        problem = serving_problem(scheme_of(path))
-        note = problem or serving_note(scheme_of(path))
-        served = "" if problem else "vLLM can serve it here" + ("; " if note else "")
-        print(f"{scheme}: {path} ({served}{f'note: {note}' if note else ''})")
+        problem, note = serving_problem(scheme_of(path)), serving_note(scheme_of(path))
+        status = (
+            f"note: {problem}" if problem else "vLLM can serve it here" + (f"; note: {note}" if note else "")
+        )
+        print(f"{scheme}: {path} ({status})")
     return 0
 
 
