@@ -1,6 +1,6 @@
 """W8A8 against fp32 on the real student, served alone by vLLM at concurrency 1, 4 and 16.
 
-    .venv/bin/python bench/quant_serving.py [--run runs/smollm2-135m] [--rounds 2] [--requests 64]
+    .venv/bin/python bench/quant_serving.py [--run runs/smollm2-135m] [--rounds 2] [--requests 64] [--lm-head]
 
 The students of `distill run recipes/smollm2-135m.yaml`: the KD student (SmolLM2-135M-Instruct cut to 12
 of its 30 layers, 70.8 M parameters, fp32 on CPU) and its W8A8 form (`quant/w8a8`, llm-compressor: int8
@@ -9,6 +9,8 @@ two setups `student` and `student-w8a8`: vLLM's CPU server started for each in t
 client at every concurrency (greedy, `--requests` requests of 32 prompt tokens and 64 output tokens, EOS
 ignored). What to read is the ratio of output tokens/s, w8a8 over fp32, per round and concurrency: the
 two run seconds apart on the same machine; absolute figures on a shared 2-core machine are noisy.
+`--lm-head` adds a third setup to every round, W8A8 with the output layer quantized too (`quantize.lm_head: [w8a8]`),
+benched from a sibling run that shares the student.
 
 Writes bench/results/quant_serving_<build>.json, one file per vLLM CPU kernel build (avx2, avx512,
 avx512_bf16: distill.vllm.kernels.cpu_isa), since the int8 kernels differ most between them;
@@ -27,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = ("student", "student-w8a8")
+HEAD_SETUP = "student-w8a8-lm_head"  # W8A8 with the output layer quantized too (quantize.lm_head)
 LEVELS = (1, 4, 16)
 
 
@@ -38,10 +41,10 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
 
 
-def bench_round(run: Path, requests: int) -> dict:
-    """One `distill bench serve` of both setups; their bench.json rows."""
+def bench_round(run: Path, requests: int, setups=SETUPS) -> dict:
+    """One `distill bench serve` of `setups`; their bench.json rows."""
     levels = "[" + ",".join(str(c) for c in LEVELS) + "]"
-    cmd = [str(ROOT / ".venv" / "bin" / "distill"), "bench", "serve", str(run), f"serve.bench.setups=[{','.join(SETUPS)}]",
+    cmd = [str(ROOT / ".venv" / "bin" / "distill"), "bench", "serve", str(run), f"serve.bench.setups=[{','.join(setups)}]",
            f"serve.bench.concurrency={levels}", f"serve.bench.requests={requests}", "serve.bench.max_tokens=64",
            "serve.bench.prompt_tokens=32"]  # fmt: skip
     print("$", " ".join(cmd[1:]), flush=True)
@@ -51,7 +54,7 @@ def bench_round(run: Path, requests: int) -> dict:
         raise SystemExit(f"distill bench serve exited with {code}")
     bench = json.loads((run / "serve" / "bench.json").read_text())
     out = {}
-    for setup in SETUPS:
+    for setup in setups:
         row = bench["setups"][setup]
         out[setup] = {
             str(c): {
@@ -62,6 +65,21 @@ def bench_round(run: Path, requests: int) -> dict:
         }
         out[setup]["bytes"] = row["bytes"]
     return out
+
+
+def head_run(run: Path) -> Path:
+    """A sibling run, `<run>-lm-head`, sharing the run's student and teacher store, whose `quant/w8a8` also
+    quantizes the output layer (`quantize.lm_head=[w8a8]`); made (or reused) by `distill quantize`."""
+    sibling = run.with_name(f"{run.name}-lm-head")
+    (sibling / "student").mkdir(parents=True, exist_ok=True)
+    for part in ("student/final", "teacher"):
+        if not (sibling / part).exists():
+            (sibling / part).symlink_to(run / part, target_is_directory=True)
+    cmd = [str(ROOT / ".venv" / "bin" / "distill"), "quantize", str(run), f"name={sibling.name}",
+           f"runs_dir={run.parent}", "quantize.lm_head=[w8a8]", "--scheme", "w8a8"]  # fmt: skip
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return sibling
 
 
 def linear_shapes(model_dir: Path) -> tuple[list[tuple[str, int, int]], tuple[int, int], int]:
@@ -131,10 +149,10 @@ def profile_linear(model_dir: Path, levels=LEVELS, calls: int = 50) -> dict:
     return out
 
 
-def summarize(rounds: list[dict]) -> dict:
+def summarize(rounds: list[dict], setup: str = "student-w8a8") -> dict:
     ratios = {
         str(c): [
-            r["student-w8a8"][str(c)]["output_tokens_per_s"] / r["student"][str(c)]["output_tokens_per_s"]
+            r[setup][str(c)]["output_tokens_per_s"] / r["student"][str(c)]["output_tokens_per_s"]
             for r in rounds
         ]
         for c in LEVELS
@@ -173,6 +191,12 @@ def main() -> None:
     parser.add_argument("--out", help="default: bench/results/quant_serving_<this CPU's vLLM build>.json")
     parser.add_argument("--student", default="the KD student", help="what run/student/final is, for the docs")
     parser.add_argument("--profile-only", action="store_true", help="redo the profile on the saved rounds")
+    parser.add_argument(
+        "--lm-head",
+        action="store_true",
+        help=f"also bench W8A8 with the output layer quantized ({HEAD_SETUP}: quantize.lm_head=[w8a8], in a "
+        "sibling run <run>-lm-head sharing the student), in the same rounds",
+    )
     args = parser.parse_args()
     from distill.vllm.kernels import cpu_isa
 
@@ -196,7 +220,12 @@ def main() -> None:
                 f"{setup}: no model at {path} (run `distill run recipes/smollm2-135m.yaml` first)"
             )
     started = time.perf_counter()
-    rounds = [bench_round(run, args.requests) for _ in range(args.rounds)]
+    sibling = head_run(run) if args.lm_head else None
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(bench_round(run, args.requests))
+        if sibling:  # the same W8A8 setup of the sibling run, right after: one more column of the round
+            rounds[-1][HEAD_SETUP] = bench_round(sibling, args.requests, ("student-w8a8",))["student-w8a8"]
     print("profile: the linear layers' kernels, fp32 and W8A8", flush=True)
     profile = profile_linear(run / "student" / "final")
     result = {
@@ -209,11 +238,12 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}; {' '.join(cpu_flags()) or 'no AVX-512'}), no GPU",
         "rounds": rounds,
         "w8a8_over_fp32": summarize(rounds),
+        **({"w8a8_lm_head_over_fp32": summarize(rounds, HEAD_SETUP)} if sibling else {}),
         "profile": explain(profile, rounds),
         "seconds": time.perf_counter() - started,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["w8a8_over_fp32"], indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("_over_fp32")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -650,6 +650,11 @@ class QuantizeConfig(Section):
     )
     calibration_samples: int = Field(64, gt=0, description="Calibration sequences.")
     calibration_seq_len: int = Field(256, gt=0, description="Calibration sequence length.")
+    lm_head: list[Literal["w8a8", "w4a16", "fp8"]] = Field(
+        default_factory=list,
+        description="Schemes that quantize the output layer (lm_head) too; in the others it stays in full "
+        "precision. A tied input embedding is untied and keeps full precision.",
+    )
 
 
 class ServeBenchConfig(Section):

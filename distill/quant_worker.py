@@ -16,21 +16,25 @@ import json
 import sys
 
 
-def modifiers(scheme: str):
-    """The llm-compressor recipe of each scheme; lm_head stays in full precision (as usual)."""
+def modifiers(scheme: str, lm_head: bool = False):
+    """The llm-compressor recipe of each scheme; lm_head stays in full precision (as usual) unless
+    `lm_head` is set, when the scheme's `Linear` target takes it too."""
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
+    # the output layer by name as well: vLLM matches a "Linear" target to its linear layers' classes, and
+    # its output layer (ParallelLMHead) is not one of them
+    targets, ignore = (["Linear", "re:.*lm_head$"], []) if lm_head else ("Linear", ["lm_head"])
     if scheme == "w8a8":  # int8 weights and dynamic per-token int8 activations; SmoothQuant eases them
         return [
             SmoothQuantModifier(smoothing_strength=0.8),
-            GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+            GPTQModifier(targets=targets, scheme="W8A8", ignore=ignore),
         ]
     if scheme == "w4a16":  # int4 weights, 16-bit activations
-        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+        return [GPTQModifier(targets=targets, scheme="W4A16", ignore=ignore)]
     if scheme == "fp8":  # fp8 weights and dynamic fp8 activations: no calibration data needed
-        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+        return [QuantizationModifier(targets=targets, scheme="FP8_DYNAMIC", ignore=ignore)]
     raise SystemExit(f"unknown scheme {scheme!r}")
 
 
@@ -43,6 +47,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, required=True)
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--lm-head", action="store_true", help="quantize the output layer too")
     args = parser.parse_args()
 
     import torch
@@ -62,7 +67,7 @@ def main() -> int:
         model=model,
         tokenizer=tokenizer,
         dataset=data,
-        recipe=modifiers(args.scheme),
+        recipe=modifiers(args.scheme, args.lm_head),
         max_seq_length=args.seq_len,
         num_calibration_samples=len(rows),
         shuffle_calibration_samples=False,

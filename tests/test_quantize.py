@@ -18,6 +18,7 @@ QUANT = [
     "quantize.calibration_samples=16",
     "quantize.calibration_seq_len=64",
     "quantize.schemes=[w8a8,fp8,w4a16]",
+    "quantize.lm_head=[w8a8]",  # W8A8 quantizes the output layer too; the others leave it in fp32
 ]
 
 
@@ -115,20 +116,26 @@ def test_each_scheme_is_a_compressed_tensors_model_that_transformers_loads(quant
         path = root / "quant" / scheme
         config = json.loads((path / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == formats[scheme]
-        assert config["ignore"] == ["lm_head"]
+        head = scheme == "w8a8"  # quantize.lm_head
+        assert config["ignore"] == ([] if head else ["lm_head"])
         record = json.loads((path / "distill-quant.json").read_text())
         assert record["scheme"] == scheme and record["calibration"]["source"] == "corpus train blocks"
+        assert record["lm_head"] is head
         assert record["calibration"]["sequences"] == 16
         (group,) = config["config_groups"].values()
+        # vLLM matches its output layer (ParallelLMHead) by name, not by the class name "Linear"
+        assert group["targets"] == (["Linear", "re:.*lm_head$"] if head else ["Linear"])
         if scheme == "w8a8":  # what vLLM applies: int8 per-channel weights, int8 per-token activations
             assert group["weights"]["num_bits"] == 8 and group["weights"]["strategy"] == "channel"
             assert group["input_activations"]["num_bits"] == 8 and group["input_activations"]["type"] == "int"
             assert group["input_activations"]["dynamic"] and group["input_activations"]["strategy"] == "token"
 
-        # stored: every linear layer quantized, with a float32 scale; embeddings and lm_head in full precision
+        # stored: every linear layer quantized (the output layer too under W8A8 here), with a float32
+        # scale; the embeddings (and elsewhere the output layer) in full precision
         stored = load_file(path / "model.safetensors")
         field, dtype = STORED[scheme]
-        for name in projections:
+        linears = [*projections, "lm_head.weight"] if head else projections
+        for name in linears:
             prefix = name.removesuffix(".weight")
             assert stored[f"{prefix}.{field}"].dtype == dtype, (scheme, name)
             scale = stored[f"{prefix}.weight_scale"]
@@ -136,17 +143,17 @@ def test_each_scheme_is_a_compressed_tensors_model_that_transformers_loads(quant
             assert (scale > 0).all(), (scheme, name)
         if scheme == "w8a8":
             # a real 8-bit grid (measured: 255-256 levels used, largest |q| 127), not a few values
-            for name in projections:
+            for name in linears:
                 q = stored[name]
                 assert q.unique().numel() > 200 and q.abs().max() >= 120, (name, q.unique().numel())
-        for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        for name in ["model.embed_tokens.weight"] + ([] if head else ["lm_head.weight"]):
             assert stored[name].dtype == torch.float32 and torch.equal(stored[name], original[name])
 
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
         )
         loaded = model.state_dict()
-        for name in projections:
+        for name in linears:
             module = model.get_submodule(name.removesuffix(".weight"))
             assert type(module) is torch.nn.Linear and not module._forward_pre_hooks, (scheme, name)
             if scheme != "w4a16":  # the loaded weight is exactly the stored one times its scale
@@ -164,12 +171,14 @@ def test_each_scheme_is_a_compressed_tensors_model_that_transformers_loads(quant
         assert change > 100 * floor, (scheme, change, floor)
         assert 0 < divergence < KL_BOUND[scheme], (scheme, divergence)
 
-    # the linear layers shrink (embeddings and lm_head stay in full precision, as usual)
+    # the linear layers shrink; fp8 and w8a8 store 8 bits per decoder weight, and w8a8's output layer in
+    # 8 bits too makes it the smaller (embeddings stay in full precision, as usual)
     size = {
         name: (root / name / "model.safetensors").stat().st_size
-        for name in ("student/final", "quant/w8a8", "quant/w4a16")
+        for name in ("student/final", "quant/w8a8", "quant/fp8", "quant/w4a16")
     }
-    assert size["quant/w4a16"] < size["quant/w8a8"] < size["student/final"]
+    assert size["quant/w8a8"] < size["quant/fp8"] < size["student/final"]
+    assert size["quant/w4a16"] < size["student/final"]
     manifest = json.loads((root / "manifest.json").read_text())
     assert set(manifest["stages"]["quantize"]["outputs"]) == {"w8a8", "fp8", "w4a16"}
     # which schemes this machine's vLLM serves, and, on the AVX2 build, that W8A8 serves slower than fp32
@@ -224,7 +233,8 @@ def prompt_logprobs(url: str, ids: list[int], k: int) -> list[dict[int, float]]:
 
 @pytest.mark.slow
 def test_vllm_runs_w8a8_with_int8_weights_and_activations(quantized, w8a8_server):
-    """vLLM's W8A8 (int8 GEMM on per-token int8 activations) gives next-token log-probabilities that
+    """vLLM's W8A8 (int8 GEMM on per-token int8 activations; the output layer quantized too, as
+    `quantize.lm_head` asks, which vLLM loads only because it is named) gives next-token log-probabilities that
     differ from the float student's and also from transformers' weight-only dequantized model (so vLLM
     quantizes the activations too), while staying close to both. On AVX2 CPUs without VNNI the int8
     GEMM's pairwise int16 sums saturate (measured 0.0175 largest log-probability change against 0.003
@@ -328,3 +338,55 @@ def test_a_failed_quantization_leaves_nothing_half_written(quantized, tmp_path):
     env["DISTILL_QUANT_PYTHON"] = str(tmp_path / "missing")
     out = distill("quantize", runs=runs, env=env)
     assert out.returncode == 1 and "llm-compressor's environment is missing" in out.stderr
+
+
+@pytest.mark.slow
+def test_quantize_lm_head_also_quantizes_a_tied_output_layer_and_keeps_the_input_embedding(
+    quantized, tmp_path
+):
+    """`quantize.lm_head: [w8a8]`: the output layer is quantized like the other linear layers (int8 weight with
+    its per-row scale under W8A8), a tied input embedding is untied and stays the student's, and the model
+    still computes nearly the student's distribution. Changing the option redoes the output."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    runs, _ = quantized
+    final = tmp_path / "tiny" / "student" / "final"
+    student = AutoModelForCausalLM.from_pretrained(runs / "tiny" / "student" / "final", dtype=torch.float32)
+    student.config.tie_word_embeddings = True  # as SmolLM2's: one matrix for input and output
+    student.lm_head.weight = student.model.embed_tokens.weight
+    student.save_pretrained(final)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (runs / "tiny" / "student" / "final" / name).exists():
+            shutil.copy(runs / "tiny" / "student" / "final" / name, final / name)
+    embedding = student.model.embed_tokens.weight.detach().clone()
+
+    out = distill("quantize", "--scheme", "w8a8", runs=tmp_path)  # QUANT: quantize.lm_head=[w8a8]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    path = tmp_path / "tiny" / "quant" / "w8a8"
+    config = json.loads((path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" not in config["quantization_config"]["ignore"]
+    assert json.loads((path / "distill-quant.json").read_text())["lm_head"] is True
+    stored = load_file(path / "model.safetensors")
+    head, scale = stored["lm_head.weight"], stored["lm_head.weight_scale"]
+    assert head.dtype == torch.int8 and head.shape == embedding.shape and head.unique().numel() > 200
+    assert scale.dtype == torch.float32 and scale.shape == (embedding.shape[0], 1)
+    assert torch.equal(stored["model.embed_tokens.weight"], embedding)  # untied, full precision
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    assert torch.equal(model.lm_head.weight, head.float() * scale)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    error = ((model.lm_head.weight - embedding).norm() / embedding.norm()).item()
+    assert 1e-3 < error < 0.03, error
+    assert 0 < kl(logprobs(student), logprobs(model)) < KL_BOUND["w8a8"]
+
+    again = distill("quantize", "--scheme", "w8a8", "quantize.lm_head=[]", runs=tmp_path)  # redone
+    assert again.returncode == 0 and "(reused" not in again.stdout, again.stdout
+    stored = load_file(path / "model.safetensors")
+    assert "lm_head.weight_scale" not in stored and torch.equal(
+        stored["model.embed_tokens.weight"], embedding
+    )
+    assert all(t.dtype == torch.float32 for n, t in stored.items() if n.startswith("lm_head"))

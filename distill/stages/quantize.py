@@ -95,6 +95,7 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
                 "scheme": scheme,
                 "calibration": hash_json(rows),
                 "seq_len": recipe.quantize.calibration_seq_len,
+                "lm_head": scheme in recipe.quantize.lm_head,
             }
         )
         if (out / QUANT_RECORD).exists() and read_json(out / QUANT_RECORD).get("key") == key:
@@ -112,6 +113,8 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
         cmd += ["--seq-len", str(recipe.quantize.calibration_seq_len)]
         if recipe.student.trust_remote_code:
             cmd.append("--trust-remote-code")
+        if scheme in recipe.quantize.lm_head:
+            cmd.append("--lm-head")
         with open(log_path, "w") as fh:
             status = processes.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
         calib.unlink()
@@ -125,6 +128,7 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
             "scheme": scheme,
             "student": fingerprint,
             "calibration": {**source, "seq_len": recipe.quantize.calibration_seq_len},
+            "lm_head": scheme in recipe.quantize.lm_head,
             "seconds": round(time.perf_counter() - began, 3),
             "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
         }
