@@ -55,7 +55,13 @@ def models(cache_dir, random_student, tmp_path_factory):
     teacher = teacher_of(recipe)
     twin = root / "twin"
     shutil.copytree(teacher, twin)
-    return {"teacher": teacher, "twin": twin, "random": random_student}
+    # the same weights in other files (config.json written anew): evaluated, where the twin's results are
+    # the teacher's, copied (distill eval evaluates byte-identical models once)
+    resaved = root / "resaved"
+    shutil.copytree(teacher, resaved)
+    config = json.loads((teacher / "config.json").read_text())
+    (resaved / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True))
+    return {"teacher": teacher, "twin": twin, "resaved": resaved, "random": random_student}
 
 
 def gate_of(runs):
@@ -82,6 +88,9 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, hf
     runs, out = hf_eval
     shutil.copytree(runs / "tiny", tmp_path / "tiny")
     assert "gate: PASSED (3 checks" in out.stdout
+    # the twin is the teacher's bytes: its results are the teacher's, copied, not evaluated a second time
+    assert "eval: twin: " in out.stdout and "[reused (same files and settings as teacher)]" in out.stdout
+    assert per_doc(tmp_path, "twin", "distill_cloze") == per_doc(tmp_path, "teacher", "distill_cloze")
     gate = gate_of(tmp_path)
     assert gate["passed"] and [c["margin"] for c in gate["checks"]] == [0, 0, 0]
     assert {c["noise"] for c in gate["checks"]} == {"paired (30 documents)"}
@@ -114,6 +123,7 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, hf
     vllm_runs = tmp_path / "vllm"
     out = distill_eval(*STRICT, "eval.backend=vllm", f"--model=twin={models['twin']}", runs=vllm_runs)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[reused (same files and settings as teacher)]" in out.stdout  # one engine: the teacher's
     for task, metric in (("distill_cloze", "acc"), ("distill_nextword", "exact_match")):
         hf, vl = per_doc(tmp_path, "teacher", task), per_doc(vllm_runs, "teacher", task)
         assert [r["doc_hash"] for r in hf] == [r["doc_hash"] for r in vl]
@@ -127,14 +137,16 @@ def test_the_teacher_passes_against_itself_and_a_random_student_fails(models, hf
 def test_local_completions_against_running_servers_and_servers_it_starts(
     models, hf_eval, teacher_server, tmp_path
 ):
-    """The teacher is the session's running `vllm serve` (eval.servers); distill starts the twin's."""
+    """The teacher is the session's running `vllm serve` (eval.servers); distill starts the random
+    student's (which the gate then fails, as through transformers)."""
     requests = teacher_server.log_path.read_text().count("POST /v1/completions")
     out = distill_eval(
         *STRICT, "eval.backend=local-completions", f"eval.servers.teacher={teacher_server.url}",
-        f"--model=twin={models['twin']}", runs=tmp_path,
+        f"--model=random={models['random']}", runs=tmp_path,
     )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (tmp_path / "tiny" / "eval" / "server-twin.log").exists()  # the one distill started
+    assert out.returncode == 3 and "gate: FAILED" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "random: distill_ppl bits_per_byte" in out.stdout
+    assert (tmp_path / "tiny" / "eval" / "server-random.log").exists()  # the one distill started
     assert not (tmp_path / "tiny" / "eval" / "server-teacher.log").exists()
     assert teacher_server.log_path.read_text().count("POST /v1/completions") > requests + 30
     # the same documents score as through transformers
@@ -161,14 +173,15 @@ def test_a_model_that_crashes_fails_the_gate_closed(models, tmp_path):
 
 @pytest.mark.slow
 def test_full_vocabulary_kl_and_top1_agreement_are_measured_and_gated(models, tmp_path):
-    """distill_match_<source>: the teacher's twin has KL 0 and agrees everywhere; a random student does
-    not, and a gate on them fails it. distill_outside_ppl scores text from outside the corpus."""
+    """distill_match_<source>: the teacher's weights in other files (measured, not copied) have KL 0 and
+    agree everywhere; a random student does not, and a gate on them fails it. distill_outside_ppl scores
+    text from outside the corpus."""
     criteria = (
         "eval.gate.criteria=[{task: distill_match_outside, metric: kl, min_value: 0.3},"
         " {task: distill_match_test, metric: top1_agreement, min_value: 0.5}]"
     )
     out = run_cli(*eval_argv("eval.limit=20", "eval.backend=hf", "eval.tasks=[distill_outside_ppl]",
-                             "eval.teacher_match_documents=20", criteria, f"--model=twin={models['twin']}",
+                             "eval.teacher_match_documents=20", criteria, f"--model=twin={models['resaved']}",
                              f"--model=random={models['random']}", runs=tmp_path))  # fmt: skip
     assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
     gate = gate_of(tmp_path)

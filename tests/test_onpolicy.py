@@ -89,50 +89,30 @@ def test_on_policy_training_raises_the_expected_acceptance(server, micro):
     assert manifest["stages"]["train"]["outputs"]["val_acceptance"] == result.val_acceptance
 
 
+def greedy_gaps(model, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+    """For each completion token, how far below transformers' most likely token (at that position, on the
+    same prefix) its log-probability is: 0 where the engine chose transformers' argmax."""
+    gaps = []
+    for prompt, tokens in zip(prompts, completions, strict=True):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt + tokens])).logits[0].double().log_softmax(-1)
+        rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+        gaps += (rows.max(-1).values - rows[torch.arange(len(tokens)), torch.tensor(tokens)]).tolist()
+    return gaps
+
+
 @pytest.mark.slow
-def test_the_vllm_sampler_samples_with_the_trainers_latest_weights(micro, tmp_path):
-    """Greedy completions from the engine equal transformers' greedy ones, before and after an in-place
-    weight reload: the engine really samples with the weights the trainer hands it."""
+def test_on_policy_training_with_the_vllm_sampler(server, micro, monkeypatch):
+    """Training samples from the student in a vLLM engine whose weights are reloaded in place; after the
+    run the same engine (kept open here) samples greedily what transformers' forward of the trained
+    student picks, and again after the weights are perturbed and handed over: it really samples with the
+    weights the trainer hands it."""
     from transformers import AutoModelForCausalLM
 
     from distill.training.onpolicy import VllmSampler
 
-    recipe = micro(*ON_POLICY)
-    path = teacher_of(recipe)  # a trained model: greedy choices are not near-ties
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    greedy = recipe.train.on_policy.model_copy(update={"temperature": 0.0, "max_new_tokens": 16})
-    prompts = np.random.default_rng(0).integers(5, 4000, (8, 12)).tolist()
-
-    def hf_greedy():
-        ids = torch.tensor(prompts)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=16,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return out[:, 12:].tolist()
-
-    sampler = VllmSampler(model, path, tmp_path / "sampler", greedy, 64, eos_id=None)
-    try:
-        before = sampler.sample(prompts, seed=0)
-        assert before == hf_greedy()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        sampler.refresh(model, step=5)
-        after = sampler.sample(prompts, seed=0)
-        assert sampler.refreshed_at == 5
-        assert after == hf_greedy() and after != before
-    finally:
-        sampler.close()
-
-
-@pytest.mark.slow
-def test_on_policy_training_with_the_vllm_sampler(server, micro):
-
+    kept = []
+    monkeypatch.setattr(VllmSampler, "close", lambda self: kept.append(self))  # closed below instead
     recipe = micro(
         *ON_POLICY,
         "train.max_steps=30",
@@ -142,10 +122,31 @@ def test_on_policy_training_with_the_vllm_sampler(server, micro):
         f"train.on_policy.teacher_url={server.url}",
     )
     result = train_run(recipe, progress=False)
-    rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")[1:]
-    # the engine's weights are at most refresh_every - 1 steps behind the step that sampled
-    assert [r["sampler_step"] for r in rows] == [4 * ((r["step"] - 1) // 4) for r in rows]
-    assert result.val_acceptance > result.start_acceptance + 0.1
+    (sampler,) = kept
+    try:
+        rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")[1:]
+        # the engine's weights are at most refresh_every - 1 steps behind the step that sampled
+        assert [r["sampler_step"] for r in rows] == [4 * ((r["step"] - 1) // 4) for r in rows]
+        assert result.val_acceptance > result.start_acceptance + 0.1
+
+        model = AutoModelForCausalLM.from_pretrained(result.final_dir, torch_dtype=torch.float32)
+        sampler.cfg = sampler.cfg.model_copy(update={"temperature": 0.0, "max_new_tokens": 16})
+        prompts = np.random.default_rng(0).integers(5, 4000, (8, 12)).tolist()
+        sampler.refresh(model, step=30)
+        before = sampler.sample(prompts, seed=0)
+        assert sampler.refreshed_at == 30 and all(len(c) == 16 for c in before)
+        # every token is transformers' argmax, or within fp32 noise of it (a near-tie)
+        assert max(greedy_gaps(model, prompts, before)) < 1e-4
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sampler.refresh(model, step=31)
+        after = sampler.sample(prompts, seed=0)
+        assert sampler.refreshed_at == 31 and after != before
+        assert max(greedy_gaps(model, prompts, after)) < 1e-4
+    finally:
+        monkeypatch.undo()
+        sampler.close()
 
 
 def test_the_lambda_coin_is_deterministic_and_fair():

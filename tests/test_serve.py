@@ -11,10 +11,12 @@ import urllib.request
 
 import psutil
 import pytest
+import torch
 
-from .conftest import MICRO, TEACHER, TINY, run_cli, started_for_port, teacher_of
+from .conftest import MICRO, TEACHER, TINY, run_cli, started_for_port, teacher_of, train_run
 
 LOAD = ["serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16"]  # short requests: many of them
+LORA = ["train.loss=ce", "train.max_steps=2", "train.batch_size=2", "student.lora.r=4"]
 
 
 def free_port() -> int:
@@ -28,7 +30,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(cache_dir, tmp_path_factory):
     """Two runs on the micro teacher: one whose student is a byte copy of the teacher, one whose student
-    is random weights of the same shape (same tokenizer, so both can draft)."""
+    is random weights of the same shape (same tokenizer, so both can draft); and a run whose student was
+    trained with LoRA (final/ is the adapter merged into the weights), served with an API key below."""
     from distill.config import load_recipe, recipe_to_yaml
     from distill.models import build_tiny_llama
     from distill.tokenizer import load_tokenizer
@@ -45,7 +48,15 @@ def runs(cache_dir, tmp_path_factory):
         (root / name / "tiny" / "recipe.yaml").write_text(
             recipe_to_yaml(recipe.model_copy(update={"runs_dir": str(root / name)}))
         )
-    return {"copy": root / "copy", "random": root / "random", "teacher": teacher, "root": root}
+    lora = load_recipe(TINY, [*MICRO, *LORA, f"runs_dir={root / 'lora'}", f"cache_dir={cache_dir}"])
+    train_run(lora, progress=False)
+    return {
+        "copy": root / "copy",
+        "random": root / "random",
+        "lora": root / "lora",
+        "teacher": teacher,
+        "root": root,
+    }
 
 
 def command(runs_dir, *args, verb=("serve",)):
@@ -128,23 +139,48 @@ def test_a_wrong_or_unreachable_running_server_for_a_setup_is_one_line(runs):
 
 @pytest.mark.slow
 def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
+    """A LoRA-trained student (its final/ the adapter merged into the weights) behind `distill serve
+    --student` with an API key: the openai client gets completions whose log-probabilities are
+    transformers' on the same model, a wrong key is refused, and a load test passes through."""
     import openai
 
-    with Server(runs["copy"], "--student", key="sekret") as server:
+    from distill.models import load_causal_lm
+
+    final = runs["lora"] / "tiny" / "student" / "final"
+    assert (final.parent / "adapter" / "adapter_config.json").exists()  # LoRA trained; final/ is merged
+    with Server(runs["lora"], "--student", key="sekret") as server:
         assert server.banner == f"serving: {server.url}/v1 models student (API key required)"
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret")
         reply = client.completions.create(model="student", prompt="The function", max_tokens=8, temperature=0)
         assert reply.choices[0].text and reply.usage.completion_tokens == 8
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
+        # vLLM loaded what distill exported: each generated token's log-probability is transformers', and
+        # greedy picks transformers' argmax (or a token within fp32 noise of it)
+        model = load_causal_lm(final, "student.model", torch.float32)
+        for prompt in ([5, 60, 70, 80], [9, 400, 41, 3000, 7], [100, 200, 300]):
+            choice = client.completions.create(
+                model="student", prompt=prompt, max_tokens=12, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+            ).choices[0]  # fmt: skip
+            tokens = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+            assert len(tokens) == 12  # ignore_eos: exactly max_tokens
+            with torch.no_grad():
+                logprobs = torch.log_softmax(
+                    model(input_ids=torch.tensor([prompt + tokens])).logits[0].float(), -1
+                )
+            rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+            expected = [rows[i, t].item() for i, t in enumerate(tokens)]
+            assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=2e-3)
+            assert all((row.max() - row[t]).item() < 1e-4 for row, t in zip(rows, tokens, strict=True))
         # a bounded load test through `distill bench serve --url`: hundreds of streamed requests, 16 at a time
         load = [*LOAD, "serve.bench.concurrency=[16]", "serve.bench.requests=240"]
         bench = subprocess.run(
-            command(runs["copy"], "--url", f"{server.url}/v1", *load, verb=["bench", "serve"]),
+            command(runs["lora"], "--url", f"{server.url}/v1", *load, verb=["bench", "serve"]),
             capture_output=True, text=True, timeout=600, env={**os.environ, "DISTILL_API_KEY": "sekret"},
         )  # fmt: skip
         assert bench.returncode == 0, bench.stderr[-3000:]
-        row = json.loads((runs["copy"] / "tiny" / "serve" / "bench.json").read_text())["setups"]["server"]
+        row = json.loads((runs["lora"] / "tiny" / "serve" / "bench.json").read_text())["setups"]["server"]
         level = row["levels"]["16"]
         assert level["requests"] == 240 and level["errors"] == 0 and level["output_tokens"] == 240 * 8
         assert (

@@ -574,15 +574,11 @@ def evaluate_model(
     from distill.models import model_fingerprint
 
     fingerprint = model_fingerprint(model.path, cache_dir)
-    key = hash_json(
-        {"config": fingerprint["config_hash"], "weights": fingerprint["weights_hash"], **settings}
-    )
+    key = results_key(fingerprint, settings)
     out = out_root / model.name
-    if (out / "results.json").exists():
-        done = read_json(out / "results.json")
-        if done.get("key") == key:
-            done["reused"] = True
-            return done
+    done = reusable(out, key)
+    if done is not None:
+        return done
     started = time.perf_counter()
     lm = make_lm(cfg, model, url)
     try:
@@ -616,6 +612,36 @@ def evaluate_model(
     atomic_write_json(out / "results.json", record)
     record["reused"] = False
     return record
+
+
+def results_key(fingerprint: dict, settings: dict) -> str:
+    """What a model's results depend on: its config and weights (by content, not path) and the settings."""
+    return hash_json(
+        {"config": fingerprint["config_hash"], "weights": fingerprint["weights_hash"], **settings}
+    )
+
+
+def reusable(out: Path, key: str) -> dict | None:
+    """The results written to `out` for `key` (marked reused), or None."""
+    if (out / "results.json").exists():
+        done = read_json(out / "results.json")
+        if done.get("key") == key:
+            return {**done, "reused": True}
+    return None
+
+
+def copy_results(source: Path, model: EvalModel, out: Path) -> dict:
+    """The results of a model with the same files evaluated in this call (a byte-identical copy under
+    another name), written as `model`'s: the same documents scored by the same weights score the same."""
+    record = read_json(source / "results.json")
+    record["model"] = {**record["model"], "name": model.name, "role": model.role, "base": model.base,
+                       "path": str(model.path)}  # fmt: skip
+    record["seconds"] = 0.0
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for path in (source / "samples").glob("*.jsonl"):
+        atomic_write_text(out / "samples" / path.name, path.read_text())
+    atomic_write_json(out / "results.json", record)
+    return {**record, "reused": True, "same_as": source.name}
 
 
 def _jsonable_tree(obj):
@@ -729,6 +755,7 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
         if match.pairs:  # the teacher's greedy continuations depend on its weights, already keyed above
             settings["teacher_match"]["byte_agreement"] = hash_json(match.pairs)
     records: dict[str, dict] = {}
+    evaluated: dict[str, str] = {}  # results key: the model evaluated with it in this call
     samples: dict[str, dict[str, list[dict]]] = {}
     crashed = []
     for model in models:
@@ -743,11 +770,17 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
                 crashed.append(f"{model.name}: {problem}")
                 log(f"eval: {crashed[-1]}")
                 continue
+        key = None
         try:
-            with model_server(cfg, model, out) as url:
-                record = evaluate_model(
-                    model, cfg, settings, manager, tasks, out / "models", recipe.cache_path, url, match
-                )
+            key = results_key(model_fingerprint(model.path, recipe.cache_path), settings)
+            record = reusable(out / "models" / model.name, key)
+            if record is None and key in evaluated:  # a byte-identical copy of a model evaluated above
+                record = copy_results(out / "models" / evaluated[key], model, out / "models" / model.name)
+            if record is None:
+                with model_server(cfg, model, out) as url:
+                    record = evaluate_model(
+                        model, cfg, settings, manager, tasks, out / "models", recipe.cache_path, url, match
+                    )
         except Exception as exc:  # fail closed: the gate cannot pass on a model it could not evaluate
             crashed.append(
                 f"{model.name}: evaluation failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -755,10 +788,15 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
             log(f"eval: {crashed[-1]}")
             continue
         records[model.name] = record
+        if record["key"] == key:  # complete (a failed teacher match is retried, so never copied)
+            evaluated.setdefault(key, model.name)
         if record.get("teacher_match_error"):
             log(f"eval: {model.name}: no teacher match: {record['teacher_match_error']}")
         samples[model.name] = read_samples(out / "models" / model.name)
-        how = "reused (same files and settings)" if record["reused"] else f"{record['seconds']:.0f}s"
+        how = f"{record['seconds']:.0f}s"
+        if record["reused"]:
+            same = f" as {record['same_as']}" if "same_as" in record else ""
+            how = f"reused (same files and settings{same})"
         log(f"eval: {model.name}: {_headline(record)} [{how}]")
     decision = gate.decide(cfg.gate, records, samples)
     decision["errors"] = crashed + decision["errors"]
