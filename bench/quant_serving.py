@@ -73,7 +73,7 @@ def head_run(run: Path) -> Path:
     sibling = run.with_name(f"{run.name}-lm-head")
     (sibling / "student").mkdir(parents=True, exist_ok=True)
     for part in ("student/final", "teacher"):
-        if not (sibling / part).exists():
+        if not (sibling / part).is_symlink() and not (sibling / part).exists():
             (sibling / part).symlink_to(run / part, target_is_directory=True)
     cmd = [str(ROOT / ".venv" / "bin" / "distill"), "quantize", str(run), f"name={sibling.name}",
            f"runs_dir={run.parent}", "quantize.lm_head=[w8a8]", "--scheme", "w8a8"]  # fmt: skip
@@ -84,7 +84,7 @@ def head_run(run: Path) -> Path:
 
 def linear_shapes(model_dir: Path) -> tuple[list[tuple[str, int, int]], tuple[int, int], int]:
     """The (name, K, N) of one decoder layer's linear layers as vLLM fuses them (qkv, o, gate_up, down),
-    the output layer's (K, N) (fp32 in both: distill's W8A8 recipe leaves lm_head out), and the layer
+    the output layer's (K, N) (fp32 unless `quantize.lm_head` lists w8a8), and the layer
     count."""
     c = json.loads((model_dir / "config.json").read_text())
     h, inter = c["hidden_size"], c["intermediate_size"]
@@ -100,7 +100,7 @@ def profile_linear(model_dir: Path, levels=LEVELS, calls: int = 50) -> dict:
     of M = the concurrency tokens: fp32 oneDNN matmul (`onednn_mm` on prepacked weights) against W8A8
     (`onednn_scaled_int8_quant`, dynamic per token, then `onednn_scaled_mm` on int8 weights). Every layer
     has its own weights and a pass calls them in order, as a step does, so they stream from memory rather
-    than sit in cache; the output layer (fp32 either way) is timed apart."""
+    than sit in cache; the output layer is timed apart, in fp32 and in W8A8."""
     import torch
     from vllm import _custom_ops as ops
 

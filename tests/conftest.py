@@ -247,6 +247,29 @@ def train_run(recipe, **kwargs):
     return train(open_run(recipe, train_teacher(recipe), progress=False), **kwargs)
 
 
+def greedy_gaps(model, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+    """For each completion token, how far below transformers' most likely token (at that position, on the
+    same prefix) its log-probability is: 0 where an engine's greedy choice is transformers' argmax."""
+    import torch
+
+    gaps = []
+    for prompt, tokens in zip(prompts, completions, strict=True):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt + tokens])).logits[0].double().log_softmax(-1)
+        rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+        gaps += (rows.max(-1).values - rows[torch.arange(len(tokens)), torch.tensor(tokens)]).tolist()
+    return gaps
+
+
+def token_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
+    """transformers' log-probability of each of `tokens` after `prompt` and the tokens before it."""
+    import torch
+
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt + tokens])).logits[0].double().log_softmax(-1)
+    return [logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
     """`distill ARGV` through the CLI's own `main`, in this process: the same parsing, checks, one-line
     errors and exit status as the real command, without a new interpreter importing torch and lm-eval

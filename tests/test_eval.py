@@ -204,6 +204,14 @@ def test_full_vocabulary_kl_and_top1_agreement_are_measured_and_gated(models, tm
     }
     rows = per_doc(tmp_path, "random", "distill_match_outside")
     assert len(rows) == 20 and all(r["kl"] > 0 for r in rows)
+    # the resaved twin was evaluated, not copied (its config.json differs), and scores as the teacher does
+    assert "as teacher)]" not in out.stdout
+    pairs = zip(
+        per_doc(tmp_path, "twin", "distill_outside_ppl"),
+        per_doc(tmp_path, "teacher", "distill_outside_ppl"),
+        strict=True,
+    )
+    assert all(a["bits_per_byte"][0] == pytest.approx(b["bits_per_byte"][0], rel=1e-6) for a, b in pairs)
     assert len(per_doc(tmp_path, "teacher", "distill_outside_ppl")) == 20
     report = (tmp_path / "tiny" / "report" / "report.md").read_text()
     assert "distill_match_outside" in report and "distill_outside_ppl" in report

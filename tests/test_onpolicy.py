@@ -10,7 +10,7 @@ import torch
 from distill.errors import DistillError
 from distill.tracking import read_metrics
 
-from .conftest import started_for_port, teacher_of, train_run
+from .conftest import greedy_gaps, started_for_port, teacher_of, train_run
 from .test_student import STRONGER_TEACHER
 
 ON_POLICY = [
@@ -89,18 +89,6 @@ def test_on_policy_training_raises_the_expected_acceptance(server, micro):
     assert manifest["stages"]["train"]["outputs"]["val_acceptance"] == result.val_acceptance
 
 
-def greedy_gaps(model, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
-    """For each completion token, how far below transformers' most likely token (at that position, on the
-    same prefix) its log-probability is: 0 where the engine chose transformers' argmax."""
-    gaps = []
-    for prompt, tokens in zip(prompts, completions, strict=True):
-        with torch.no_grad():
-            logprobs = model(torch.tensor([prompt + tokens])).logits[0].double().log_softmax(-1)
-        rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-        gaps += (rows.max(-1).values - rows[torch.arange(len(tokens)), torch.tensor(tokens)]).tolist()
-    return gaps
-
-
 @pytest.mark.slow
 def test_on_policy_training_with_the_vllm_sampler(server, micro, monkeypatch):
     """Training samples from the student in a vLLM engine whose weights are reloaded in place; after the
@@ -121,9 +109,9 @@ def test_on_policy_training_with_the_vllm_sampler(server, micro, monkeypatch):
         "train.on_policy.refresh_every=4",
         f"train.on_policy.teacher_url={server.url}",
     )
-    result = train_run(recipe, progress=False)
-    (sampler,) = kept
     try:
+        result = train_run(recipe, progress=False)
+        (sampler,) = kept
         rows = read_metrics(recipe.run_dir / "student" / "metrics.jsonl")[1:]
         # the engine's weights are at most refresh_every - 1 steps behind the step that sampled
         assert [r["sampler_step"] for r in rows] == [4 * ((r["step"] - 1) // 4) for r in rows]
@@ -146,7 +134,8 @@ def test_on_policy_training_with_the_vllm_sampler(server, micro, monkeypatch):
         assert max(greedy_gaps(model, prompts, after)) < 1e-4
     finally:
         monkeypatch.undo()
-        sampler.close()
+        for sampler in kept:  # whatever the run left open, also when it failed
+            sampler.close()
 
 
 def test_the_lambda_coin_is_deterministic_and_fair():

@@ -13,7 +13,17 @@ import psutil
 import pytest
 import torch
 
-from .conftest import MICRO, TEACHER, TINY, run_cli, started_for_port, teacher_of, train_run
+from .conftest import (
+    MICRO,
+    TEACHER,
+    TINY,
+    greedy_gaps,
+    run_cli,
+    started_for_port,
+    teacher_of,
+    token_logprobs,
+    train_run,
+)
 
 LOAD = ["serve.bench.max_tokens=8", "serve.bench.prompt_tokens=16"]  # short requests: many of them
 LORA = ["train.loss=ce", "train.max_steps=2", "train.batch_size=2", "student.lora.r=4"]
@@ -30,8 +40,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(cache_dir, tmp_path_factory):
     """Two runs on the micro teacher: one whose student is a byte copy of the teacher, one whose student
-    is random weights of the same shape (same tokenizer, so both can draft); and a run whose student was
-    trained with LoRA (final/ is the adapter merged into the weights), served with an API key below."""
+    is random weights of the same shape (same tokenizer, so both can draft)."""
     from distill.config import load_recipe, recipe_to_yaml
     from distill.models import build_tiny_llama
     from distill.tokenizer import load_tokenizer
@@ -48,15 +57,19 @@ def runs(cache_dir, tmp_path_factory):
         (root / name / "tiny" / "recipe.yaml").write_text(
             recipe_to_yaml(recipe.model_copy(update={"runs_dir": str(root / name)}))
         )
-    lora = load_recipe(TINY, [*MICRO, *LORA, f"runs_dir={root / 'lora'}", f"cache_dir={cache_dir}"])
-    train_run(lora, progress=False)
-    return {
-        "copy": root / "copy",
-        "random": root / "random",
-        "lora": root / "lora",
-        "teacher": teacher,
-        "root": root,
-    }
+    return {"copy": root / "copy", "random": root / "random", "teacher": teacher, "root": root}
+
+
+@pytest.fixture(scope="module")
+def lora_run(cache_dir, tmp_path_factory):
+    """A run whose student was trained with LoRA (final/ is the adapter merged into the weights)."""
+    from distill.config import load_recipe
+
+    runs = tmp_path_factory.mktemp("lora")
+    train_run(
+        load_recipe(TINY, [*MICRO, *LORA, f"runs_dir={runs}", f"cache_dir={cache_dir}"]), progress=False
+    )
+    return runs
 
 
 def command(runs_dir, *args, verb=("serve",)):
@@ -138,7 +151,7 @@ def test_a_wrong_or_unreachable_running_server_for_a_setup_is_one_line(runs):
 
 
 @pytest.mark.slow
-def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
+def test_the_student_server_answers_the_openai_client_and_wants_the_key(lora_run):
     """A LoRA-trained student (its final/ the adapter merged into the weights) behind `distill serve
     --student` with an API key: the openai client gets completions whose log-probabilities are
     transformers' on the same model, a wrong key is refused, and a load test passes through."""
@@ -146,9 +159,9 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
 
     from distill.models import load_causal_lm
 
-    final = runs["lora"] / "tiny" / "student" / "final"
+    final = lora_run / "tiny" / "student" / "final"
     assert (final.parent / "adapter" / "adapter_config.json").exists()  # LoRA trained; final/ is merged
-    with Server(runs["lora"], "--student", key="sekret") as server:
+    with Server(lora_run, "--student", key="sekret") as server:
         assert server.banner == f"serving: {server.url}/v1 models student (API key required)"
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret")
         reply = client.completions.create(model="student", prompt="The function", max_tokens=8, temperature=0)
@@ -165,22 +178,17 @@ def test_the_student_server_answers_the_openai_client_and_wants_the_key(runs):
             ).choices[0]  # fmt: skip
             tokens = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
             assert len(tokens) == 12  # ignore_eos: exactly max_tokens
-            with torch.no_grad():
-                logprobs = torch.log_softmax(
-                    model(input_ids=torch.tensor([prompt + tokens])).logits[0].float(), -1
-                )
-            rows = logprobs[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-            expected = [rows[i, t].item() for i, t in enumerate(tokens)]
+            expected = token_logprobs(model, prompt, tokens)
             assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=2e-3)
-            assert all((row.max() - row[t]).item() < 1e-4 for row, t in zip(rows, tokens, strict=True))
+            assert max(greedy_gaps(model, [prompt], [tokens])) < 1e-4
         # a bounded load test through `distill bench serve --url`: hundreds of streamed requests, 16 at a time
         load = [*LOAD, "serve.bench.concurrency=[16]", "serve.bench.requests=240"]
         bench = subprocess.run(
-            command(runs["lora"], "--url", f"{server.url}/v1", *load, verb=["bench", "serve"]),
+            command(lora_run, "--url", f"{server.url}/v1", *load, verb=["bench", "serve"]),
             capture_output=True, text=True, timeout=600, env={**os.environ, "DISTILL_API_KEY": "sekret"},
         )  # fmt: skip
         assert bench.returncode == 0, bench.stderr[-3000:]
-        row = json.loads((runs["lora"] / "tiny" / "serve" / "bench.json").read_text())["setups"]["server"]
+        row = json.loads((lora_run / "tiny" / "serve" / "bench.json").read_text())["setups"]["server"]
         level = row["levels"]["16"]
         assert level["requests"] == 240 and level["errors"] == 0 and level["output_tokens"] == 240 * 8
         assert (

@@ -621,6 +621,15 @@ def results_key(fingerprint: dict, settings: dict) -> str:
     )
 
 
+def tokenizer_files_hash(path: Path) -> str:
+    """What lm-eval reads from a model directory besides config and weights: its tokenizer files."""
+    from distill.artifacts import sha256_file
+
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens"))
+                   or p.suffix in (".jinja", ".model", ".tiktoken") or p.name in ("vocab.json", "merges.txt")))  # fmt: skip
+    return hash_json({p.name: sha256_file(p) for p in files})
+
+
 def reusable(out: Path, key: str) -> dict | None:
     """The results written to `out` for `key` (marked reused), or None."""
     if (out / "results.json").exists():
@@ -631,8 +640,8 @@ def reusable(out: Path, key: str) -> dict | None:
 
 
 def copy_results(source: Path, model: EvalModel, out: Path) -> dict:
-    """The results of a model with the same files evaluated in this call (a byte-identical copy under
-    another name), written as `model`'s: the same documents scored by the same weights score the same."""
+    """The results of a model evaluated in this call with the same config, weights and tokenizer files (a
+    copy under another name), written as `model`'s: the same documents scored the same way score the same."""
     record = read_json(source / "results.json")
     record["model"] = {**record["model"], "name": model.name, "role": model.role, "base": model.base,
                        "path": str(model.path)}  # fmt: skip
@@ -755,7 +764,7 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
         if match.pairs:  # the teacher's greedy continuations depend on its weights, already keyed above
             settings["teacher_match"]["byte_agreement"] = hash_json(match.pairs)
     records: dict[str, dict] = {}
-    evaluated: dict[str, str] = {}  # results key: the model evaluated with it in this call
+    first_by_key: dict[str, str] = {}  # results key + tokenizer files: the model evaluated with them here
     samples: dict[str, dict[str, list[dict]]] = {}
     crashed = []
     for model in models:
@@ -774,8 +783,9 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
         try:
             key = results_key(model_fingerprint(model.path, recipe.cache_path), settings)
             record = reusable(out / "models" / model.name, key)
-            if record is None and key in evaluated:  # a byte-identical copy of a model evaluated above
-                record = copy_results(out / "models" / evaluated[key], model, out / "models" / model.name)
+            same = hash_json([key, tokenizer_files_hash(model.path)])
+            if record is None and same in first_by_key:  # a copy of a model evaluated above
+                record = copy_results(out / "models" / first_by_key[same], model, out / "models" / model.name)
             if record is None:
                 with model_server(cfg, model, out) as url:
                     record = evaluate_model(
@@ -789,7 +799,7 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
             continue
         records[model.name] = record
         if record["key"] == key:  # complete (a failed teacher match is retried, so never copied)
-            evaluated.setdefault(key, model.name)
+            first_by_key.setdefault(same, model.name)
         if record.get("teacher_match_error"):
             log(f"eval: {model.name}: no teacher match: {record['teacher_match_error']}")
         samples[model.name] = read_samples(out / "models" / model.name)

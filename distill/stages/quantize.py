@@ -72,6 +72,12 @@ def calibration(run: Run) -> tuple[list[list[int]], dict]:
     return rows, {"source": "corpus train blocks", "corpus": data.corpus.content_hash, "sequences": n}
 
 
+def settings(q) -> dict:
+    """The quantize section as a stage input: an empty `lm_head` is left out, so runs made before the
+    option existed are not redone."""
+    return {k: v for k, v in q.model_dump().items() if k != "lm_head" or v}
+
+
 def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str, Path]:
     """Quantize the run's student with each scheme (default: `quantize.schemes`); reuse an output whose
     student, scheme and calibration are unchanged. Returns {scheme: directory}."""
@@ -95,7 +101,8 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
                 "scheme": scheme,
                 "calibration": hash_json(rows),
                 "seq_len": recipe.quantize.calibration_seq_len,
-                "lm_head": scheme in recipe.quantize.lm_head,
+                # only when set: outputs quantized before the option existed keep their key
+                **({"lm_head": True} if scheme in recipe.quantize.lm_head else {}),
             }
         )
         if (out / QUANT_RECORD).exists() and read_json(out / QUANT_RECORD).get("key") == key:
@@ -139,7 +146,7 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
     run.manifest.record(
         "quantize",
         "done",
-        hash_json({"schemes": schemes, "quantize": recipe.quantize.model_dump()}),
+        hash_json({"schemes": schemes, "quantize": settings(recipe.quantize)}),
         {scheme: str(path) for scheme, path in done.items()},
         time.perf_counter() - started,
     )
@@ -148,14 +155,14 @@ def quantize(run: Run, schemes: list[str] | None = None, log=print) -> dict[str,
 
 def pipeline_stages(recipe: RecipeConfig) -> list:
     """How `distill run` drives this stage (see distill.stages.Stage)."""
-    from distill.stages import Stage, dump
+    from distill.stages import Stage
 
     layout = RunDir(recipe.run_dir)
     on = recipe.pipeline.quantize and recipe.quantize.schemes
     return [
         Stage(
             "quantize",
-            {"quantize": dump(recipe.quantize)},
+            {"quantize": settings(recipe.quantize)},
             run=lambda ctx, redo: {
                 s: str(p) for s, p in quantize(ctx.run(teacher=None), log=ctx.log).items()
             },
