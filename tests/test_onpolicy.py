@@ -122,7 +122,7 @@ def test_on_policy_training_with_the_vllm_sampler(server, micro, monkeypatch):
         prompts = np.random.default_rng(0).integers(5, 4000, (8, 12)).tolist()
         sampler.refresh(model, step=30)
         before = sampler.sample(prompts, seed=0)
-        assert sampler.refreshed_at == 30 and all(len(c) == 16 for c in before)
+        assert sampler.refreshed_at == 30 and all(0 < len(c) <= 16 for c in before)  # EOS may end one
         # every token is transformers' argmax, or within fp32 noise of it (a near-tie)
         assert max(greedy_gaps(model, prompts, before)) < 1e-4
         with torch.no_grad():
