@@ -60,6 +60,14 @@ def tokenizer_hash(path: Path) -> str:
     return sha256_file(Path(path) / "tokenizer.json")
 
 
+def tokenizer_files_hash(path: Path) -> str:
+    """Every tokenizer file of a model directory (what lm-eval reads besides config and weights), hashed;
+    unlike tokenizer_hash, also for slow tokenizers and with the tokenizer config and chat template."""
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens"))
+                   or p.suffix in (".jinja", ".model", ".tiktoken") or p.name in ("vocab.json", "merges.txt")))  # fmt: skip
+    return hash_json({p.name: sha256_file(p) for p in files})
+
+
 def vocabulary(path: Path | str) -> dict[str, int]:
     """A tokenizer.json's token -> id map, added tokens included (whatever the file's layout)."""
     import json

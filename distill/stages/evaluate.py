@@ -621,15 +621,6 @@ def results_key(fingerprint: dict, settings: dict) -> str:
     )
 
 
-def tokenizer_files_hash(path: Path) -> str:
-    """What lm-eval reads from a model directory besides config and weights: its tokenizer files."""
-    from distill.artifacts import sha256_file
-
-    files = sorted(p for p in Path(path).iterdir() if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens"))
-                   or p.suffix in (".jinja", ".model", ".tiktoken") or p.name in ("vocab.json", "merges.txt")))  # fmt: skip
-    return hash_json({p.name: sha256_file(p) for p in files})
-
-
 def reusable(out: Path, key: str) -> dict | None:
     """The results written to `out` for `key` (marked reused), or None."""
     if (out / "results.json").exists():
@@ -783,6 +774,8 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
         try:
             key = results_key(model_fingerprint(model.path, recipe.cache_path), settings)
             record = reusable(out / "models" / model.name, key)
+            from distill.tokenizer import tokenizer_files_hash
+
             same = hash_json([key, tokenizer_files_hash(model.path)])
             if record is None and same in first_by_key:  # a copy of a model evaluated above
                 record = copy_results(out / "models" / first_by_key[same], model, out / "models" / model.name)
@@ -805,8 +798,8 @@ def evaluate(run: Run, extra: dict[str, str] | None = None, log=print) -> dict:
         samples[model.name] = read_samples(out / "models" / model.name)
         how = f"{record['seconds']:.0f}s"
         if record["reused"]:
-            same = f" as {record['same_as']}" if "same_as" in record else ""
-            how = f"reused (same files and settings{same})"
+            source = f" as {record['same_as']}" if "same_as" in record else ""
+            how = f"reused (same files and settings{source})"
         log(f"eval: {model.name}: {_headline(record)} [{how}]")
     decision = gate.decide(cfg.gate, records, samples)
     decision["errors"] = crashed + decision["errors"]
